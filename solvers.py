@@ -1,0 +1,168 @@
+"""
+Fixed-point solvers for the implicit layer of a Fixed Point Diffusion Model (FPDM).
+
+Both solvers look for z* with f(z*) = z* (paper Sec. 3.1, Eq. 3) and share one accounting rule: every call of
+`f` is one iteration, i.e. one transformer-block forward pass of the fixed-point block (paper Sec. 4.2 measures
+sampling cost in block forward passes). After each evaluation the per-sample relative residual
+
+    r = ||f(z) - z|| / (||f(z)|| + 1e-8)        (norms over all non-batch dimensions)
+
+is computed; its batch mean is recorded in `SolverStats.residuals`, and with a tolerance `tol` the solver stops
+as soon as the *largest* residual in the batch is <= tol (so every sample meets the tolerance).
+
+- `fixed_point_iteration` works in any grad mode: with gradients enabled the iterations are simply unrolled
+  (that is how S-JFB backpropagates through its last m iterations, Sec. 3.4).
+- `anderson` (Anderson acceleration, type II) is a no-grad solver: call it under `torch.no_grad()`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+FixedPointMap = Callable[[Tensor], Tensor]
+
+RESIDUAL_EPS = 1e-8
+
+
+@dataclass
+class SolverStats:
+    """What a solver did: number of f evaluations and the batch-mean relative residual after each one."""
+
+    num_iters: int = 0
+    residuals: list[float] = field(default_factory=list)
+
+
+#################################################################################
+#                                   Helpers                                     #
+#################################################################################
+
+def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
+    """Per-sample relative residual ||f(z) - z|| / (||f(z)|| + 1e-8), computed without gradient; shape (N,)."""
+    with torch.no_grad():
+        fz_flat = fz.detach().flatten(1).float()  # (N, d)
+        z_flat = z.detach().flatten(1).float()    # (N, d)
+        return (fz_flat - z_flat).norm(dim=1) / (fz_flat.norm(dim=1) + RESIDUAL_EPS)  # (N,)
+
+
+def _check_solver_args(max_iters: int, tol: Optional[float]) -> None:
+    if max_iters < 0:
+        raise ValueError(f"max_iters must be >= 0 (got {max_iters})")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0 or None (got {tol})")
+
+
+class _ResidualLog:
+    """Collects per-evaluation residuals; only synchronises with the device when a tolerance must be checked."""
+
+    def __init__(self, tol: Optional[float]):
+        self.tol = tol
+        self.batch_means: list[Tensor] = []  # 0-d tensors, converted to floats once at the end
+
+    def record(self, residual: Tensor) -> bool:
+        """Store the batch mean of `residual` (N,); return True when the tolerance is met for every sample."""
+        self.batch_means.append(residual.mean())
+        return self.tol is not None and residual.max().item() <= self.tol
+
+    def stats(self) -> SolverStats:
+        values = torch.stack(self.batch_means).tolist() if self.batch_means else []
+        return SolverStats(num_iters=len(values), residuals=values)
+
+
+#################################################################################
+#                            Plain Fixed-Point Iteration                        #
+#################################################################################
+
+def fixed_point_iteration(
+    f: FixedPointMap, z0: Tensor, max_iters: int, tol: Optional[float] = None
+) -> tuple[Tensor, SolverStats]:
+    """Iterate z <- f(z) from z0 for at most max_iters evaluations (early stop at tol); returns (z, stats)."""
+    _check_solver_args(max_iters, tol)
+    log = _ResidualLog(tol)
+    z = z0
+    for _ in range(max_iters):
+        fz = f(z)
+        converged = log.record(relative_residual(fz, z))
+        z = fz
+        if converged:
+            break
+    return z, log.stats()
+
+
+#################################################################################
+#                              Anderson Acceleration                            #
+#################################################################################
+
+def anderson(
+    f: FixedPointMap,
+    z0: Tensor,
+    max_iters: int,
+    tol: Optional[float] = None,
+    memory: int = 5,
+    beta: float = 1.0,
+    lam: float = 1e-4,
+) -> tuple[Tensor, SolverStats]:
+    """Anderson acceleration (type II, no-grad only) for z = f(z), batched per sample; returns (z, stats).
+
+    With iterates x_k, residuals g_k = f(x_k) - x_k and the differences of the last `memory` pairs stacked as
+    columns dX = [x_{i+1} - x_i], dG = [g_{i+1} - g_i], each step solves the per-sample ridge least-squares problem
+
+        gamma = argmin_gamma ||g_k - dG gamma||^2 + lam * s * ||gamma||^2,   s = mean(diag(dG^T dG))
+
+    (the Tikhonov weight is relative to the scale of dG, so `lam` is unit-free), and moves to
+
+        x_{k+1} = x_k + beta * g_k - (dX + beta * dG) gamma.
+
+    With an empty history (the first step) this is a damped plain step x_1 = x_0 + beta * g_0 (= f(x_0) for
+    beta = 1). The returned z is the next Anderson iterate after the last evaluation (a combination of evaluated
+    f values, no extra block pass).
+    """
+    _check_solver_args(max_iters, tol)
+    if memory < 1:
+        raise ValueError(f"memory must be >= 1 (got {memory})")
+    if torch.is_grad_enabled():
+        raise ValueError(
+            "anderson() runs without gradients: call it under torch.no_grad() "
+            "(use fixed_point_iteration for iterations that must be backpropagated through)"
+        )
+    log = _ResidualLog(tol)
+    batch_size = z0.shape[0]
+    work_dtype = torch.promote_types(z0.dtype, torch.float32)  # mixing in >= float32, the small solve in float64
+    x = z0.flatten(1)                          # (N, d)
+    dx_history: list[Tensor] = []              # each (N, d)
+    dg_history: list[Tensor] = []              # each (N, d)
+    x_prev: Optional[Tensor] = None
+    g_prev: Optional[Tensor] = None
+
+    for _ in range(max_iters):
+        fx = f(x.reshape(z0.shape)).flatten(1)  # (N, d)
+        g = fx - x                             # (N, d)
+        converged = log.record(relative_residual(fx, x))
+
+        if x_prev is not None:
+            dx_history.append(x - x_prev)
+            dg_history.append(g - g_prev)
+            if len(dx_history) > memory:
+                dx_history.pop(0)
+                dg_history.pop(0)
+        x_prev, g_prev = x, g
+
+        if dg_history:
+            dX = torch.stack(dx_history, dim=-1).to(work_dtype)                  # (N, d, m)
+            dG = torch.stack(dg_history, dim=-1).to(work_dtype)                  # (N, d, m)
+            gram = (dG.transpose(1, 2) @ dG).double()                           # (N, m, m)
+            rhs = (dG.transpose(1, 2) @ g.to(work_dtype).unsqueeze(-1)).double()  # (N, m, 1)
+            scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)  # (N,)
+            eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+            gamma = torch.linalg.solve(gram + lam * scale.view(batch_size, 1, 1) * eye, rhs)  # (N, m, 1)
+            correction = ((dX + beta * dG) @ gamma.to(work_dtype)).squeeze(-1)  # (N, d)
+            x = (x.to(work_dtype) + beta * g.to(work_dtype) - correction).to(z0.dtype)
+        else:
+            x = x + beta * g
+        if converged:
+            break
+    return x.reshape(z0.shape), log.stats()
+
+
+SOLVERS = {"iteration": fixed_point_iteration, "anderson": anderson}
