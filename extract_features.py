@@ -1,0 +1,85 @@
+"""Encode an image folder into VAE latents for --dataset latents (the paper's ImageNet setting, Sec. 4.1).
+
+    python extract_features.py --data_path /data/imagenet/train --features_path features/imagenet256 --image_size 256
+    accelerate launch --num_processes 8 extract_features.py --data_path ... --features_path ... --flip True
+
+Each process encodes chunks chunk_id % world_size == rank of the sorted image list; every chunk file is written
+atomically, so an interrupted run resumes by rerunning the same command (finished chunks are skipped). The main
+process writes manifest.json once all chunks exist; the format is described in data.py.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+from config import parse_bool
+from data import (MANIFEST_NAME, ImageFolderDataset, extract_latent_chunks, extraction_settings,
+                  find_complete_chunks, load_vae, plan_chunks, remove_stale_temp_files,
+                  write_latents_manifest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of extract_features.py (abbreviations and unknown flags are rejected)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data_path", "--data-path", required=True,
+                        help="Folder of class sub-folders of images (sorted names -> labels 0, 1, ...).")
+    parser.add_argument("--features_path", "--features-path", "--feature_path", dest="features_path", required=True,
+                        help="Output folder (pass it to train.py as --feature_path).")
+    parser.add_argument("--vae", default="ema", help="AutoencoderKL: local folder or hub name (ema, mse shortcuts).")
+    parser.add_argument("--image_size", "--image-size", type=int, default=256, help="Centre-crop size in pixels.")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=32, help="Images per encoder batch.")
+    parser.add_argument("--flip", type=parse_bool, nargs="?", const=True, default=False, metavar="True|False",
+                        help="Also store latents of the horizontally mirrored images (served as extra items).")
+    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=256, help="Images per chunk file.")
+    parser.add_argument("--num_workers", "--num-workers", type=int, default=0, help="DataLoader worker processes.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the posterior draws (chunk c uses [seed, c]).")
+    parser.add_argument("--sample_posterior", "--sample-posterior", type=parse_bool, nargs="?", const=True,
+                        default=True, metavar="True|False",
+                        help="Sample latents from the encoder's Gaussian as DiT does (False: its mean).")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="Stored latent dtype.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Run the extraction; returns the manifest on the main process (None on the others)."""
+    from accelerate import Accelerator
+    args = build_parser().parse_args(argv)
+    accelerator = Accelerator()
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+
+    # Everything that can be wrong with the inputs fails here, on every process, before any work.
+    dataset = ImageFolderDataset(args.data_path, args.image_size, random_flip=False)
+    settings = extraction_settings(args.vae, args.image_size, args.flip, args.chunk_size, args.seed,
+                                   args.sample_posterior, args.dtype)
+    folder = Path(args.features_path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--features_path {str(folder)!r} exists and is not a folder")
+    complete = find_complete_chunks(folder, dataset, settings)
+    num_chunks = len(plan_chunks(dataset.num_images, args.chunk_size))
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST_NAME).unlink(missing_ok=True)  # the folder reads as complete only once rewritten
+        remove_stale_temp_files(folder)  # safe: the other processes wait at the barrier below
+        accelerator.print(f"{dataset.num_images} images, {dataset.num_classes} classes -> {num_chunks} chunks "
+                          f"({len(complete)} already done) in {folder}, {world_size} process(es)")
+    accelerator.wait_for_everyone()
+
+    vae = load_vae(args.vae, accelerator.device)
+    my_chunks = range(rank, num_chunks, world_size)
+    extract_latent_chunks(dataset, folder, vae, settings, my_chunks, batch_size=args.batch_size,
+                          num_workers=args.num_workers, progress=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+
+    manifest = None
+    if accelerator.is_main_process:
+        manifest = write_latents_manifest(folder, dataset, vae, settings)
+        accelerator.print(f"wrote {folder / MANIFEST_NAME}: latents {manifest['latent_shape']}, "
+                          f"scaling factor {manifest['scaling_factor']}, flips {manifest['flip']}")
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
