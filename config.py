@@ -103,7 +103,7 @@ class TrainConfig:
     lr: float = _flag(1e-4, "AdamW learning rate (paper: 1e-4, no weight decay).")
     weight_decay: float = _flag(0.0, "AdamW weight decay.")
     epochs: int = _flag(1400, "Epochs over the dataset (training also stops at --max_steps).")
-    max_steps: int = _flag(2000, "Stop after this many optimizer steps (0: no cap).")
+    max_steps: int = _flag(1000, "Stop after this many optimizer steps (0: no cap; the default keeps a CPU run to minutes).")
     ema_decay: float = _flag(0.9999, "EMA decay of the weights (paper: 0.9999).")
     ema_warmup: bool = _flag(True, "Use decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA.")
     global_seed: int = _flag(0, "Seed; each process uses global_seed * world_size + rank.")
