@@ -14,7 +14,6 @@ number of processes (except under the adaptive schedule, whose stopping rule loo
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -116,14 +115,6 @@ def parse_cfg_channels(value: str | int) -> int | str:
     return channels
 
 
-def _model_forward_accepts(model: Any, name: str) -> bool:
-    forward = getattr(model, "forward", model)
-    try:
-        return name in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def validate_sample_config(model_config: ModelConfig, config: SampleConfig, given: Optional[set[str]] = None,
                            model: Any = None) -> tuple[SampleConfig, list[str]]:
     """Check sampling flags against the model; returns the effective config and notes for the record.
@@ -156,9 +147,6 @@ def validate_sample_config(model_config: ModelConfig, config: SampleConfig, give
                          f"(got {config.fixed_point_solver!r})")
     if config.anderson_memory < 1:
         raise ValueError(f"--anderson_memory must be >= 1 (got {config.anderson_memory})")
-    if "anderson_memory" in given and model is not None and not _model_forward_accepts(model, "anderson_memory"):
-        raise ValueError("--anderson_memory: this model's forward takes no Anderson memory argument "
-                         "(its solver uses its built-in memory); drop the flag")
     if config.timestep_spacing not in TIMESTEP_SPACINGS:
         raise ValueError(f"--timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)} "
                          f"(got {config.timestep_spacing!r})")
@@ -314,7 +302,7 @@ def sample_batch(model: Callable, model_config: ModelConfig, plan: IterationPlan
     solver_kwargs: dict[str, Any] = {}
     if model_config.fixed_point:
         solver_kwargs["fixed_point_solver"] = config.fixed_point_solver
-        if config.fixed_point_solver == "anderson" and _model_forward_accepts(model, "anderson_memory"):
+        if config.fixed_point_solver == "anderson":
             solver_kwargs["anderson_memory"] = config.anderson_memory
 
     x = _draw(generators, shape, device)                 # (N, C, H, W): x_T
