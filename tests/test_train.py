@@ -152,3 +152,29 @@ def test_two_process_cpu_run_keeps_replicas_identical(tmp_path):
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").glob("*.pt")) == ["0000003.pt", "latest.pt"]
     assert load_weights(tmp_path / "ddp")["step"] == 3
+
+
+# The training commands of the authors' README (shared/paper/original-readme.txt), flags exactly as written;
+# on CPU we add a step cap and a small batch ("add flags, change none").
+ORIGINAL_README_COMMANDS = [
+    [],
+    ["--fixed_point", "True", "--deq_pre_depth", "1", "--deq_post_depth", "1"],
+    ["--output_subdir", "v_pred_exp", "--predict_v", "True", "--use_zero_terminal_snr", "True",
+     "--fixed_point", "True", "--deq_pre_depth", "1", "--deq_post_depth", "1"],
+    ["--output_subdir", "v_pred_exp", "--predict_v", "True", "--use_zero_terminal_snr", "True",
+     "--fixed_point", "True", "--deq_pre_depth", "4", "--deq_post_depth", "4"],
+]
+
+
+@pytest.mark.parametrize("flags", ORIGINAL_README_COMMANDS, ids=["dit", "fpdm", "fpdm-v-zsnr", "fpdm-4-4"])
+def test_original_readme_training_commands_run(tmp_path, flags):
+    run = train.main([*flags, "--max_steps", "1", "--global_batch_size", "8", "--sample_grid", "False",
+                      "--output_dir", str(tmp_path)])
+    payload = load_weights(run)
+    assert payload["step"] == 1
+    saved = payload["config"]["model"]
+    assert saved["fixed_point"] == ("--fixed_point" in flags)
+    if "--deq_pre_depth" in flags:
+        depth = int(flags[flags.index("--deq_pre_depth") + 1])
+        assert saved["fixed_point_pre_depth"] == saved["fixed_point_post_depth"] == depth
+        assert len([k for k in payload["model"] if k.startswith("blocks_pre.") and k.endswith("attn.qkv.weight")]) == depth
