@@ -4,7 +4,7 @@ Same call as DiT's ``create_diffusion``, plus v-prediction, zero terminal SNR an
 FPDM paper (Sec. 4.1: linear schedule rescaled to zero terminal SNR, v-prediction, learned variance).
 """
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, V_LOSS_WEIGHTINGS
 from .respace import SpacedDiffusion, space_timesteps
@@ -33,6 +33,9 @@ def create_diffusion(
     timestep_respacing: None/"" (all steps), "250", "ddim50", "trailing50" or section counts "10,15,20"
     (see ``space_timesteps``). learn_sigma -> LEARNED_RANGE (the model outputs 2C channels), else sigma_small picks
     FIXED_SMALL over FIXED_LARGE. use_kl -> RESCALED_KL loss; rescale_learned_sigmas -> RESCALED_MSE.
+    v_loss_weighting (v-prediction only): "v_mse" (plain MSE on v) or "authors" (the authors' released loss,
+    mean(snr_t * sqrt(1 - abar_t) * (x_0 - x0_pred)^2); its weight is 0 at the zero-SNR step t = T-1, which therefore
+    gets no training signal from the mean loss).
     """
     if predict_v and predict_xstart:
         raise ValueError("--predict_v and --predict_xstart are mutually exclusive")

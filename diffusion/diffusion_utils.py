@@ -17,9 +17,9 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
 
 def discretized_gaussian_log_likelihood(x: Tensor, *, means: Tensor, log_scales: Tensor,
                                         num_bins: int = 256) -> Tensor:
-    """Elementwise log-probability (nats) of data x in [-1, 1], quantised into ``num_bins`` bins, under N(means, e^{2 log_scales}).
+    """Elementwise log-probability (nats) of data x in [-1, 1], quantised into ``num_bins`` bins, under a Gaussian.
 
-    Each value owns the interval x +- 1/(num_bins - 1); the two outermost bins extend to -inf and +inf (Ho et al. 2020,
+    The Gaussian is N(means, exp(2 * log_scales)). Each value owns the interval x +- 1/(num_bins - 1); the two outermost bins extend to -inf and +inf (Ho et al. 2020,
     Eq. 13). Log-CDFs are computed with ``log_ndtr`` so the tails stay finite.
     """
     half_bin = 1.0 / (num_bins - 1)

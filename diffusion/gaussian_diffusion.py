@@ -328,11 +328,11 @@ class GaussianDiffusion:
                     model_kwargs: Optional[Dict[str, Any]] = None, eta: float = 0.0,
                     generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None) -> Dict[str, Any]:
         """One DDIM step x_t -> x_{t-1} (Song et al. Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like.
-        ``noise`` (shape of x) is the step noise to use instead of drawing it.
 
         x_{t-1} = a_{t-1} x_0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z,
         sigma = eta * sqrt((1 - abar_{t-1}) / (1 - abar_t)) * sqrt(1 - abar_t / abar_{t-1}).
         eps is re-derived from the (possibly clipped) x_0 as (x_t - a_t x_0) / s_t: finite at abar_t = 0.
+        ``noise`` (shape of x) is the step noise z to use instead of drawing it from ``generator``.
         """
         if eta < 0:
             raise ValueError(f"--ddim_eta must be >= 0, got {eta}")

@@ -5,7 +5,7 @@ beta_i = 1 - abar_{k_i} / abar_{k_{i-1}}. The network is always called with the 
 """
 
 import re
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Set, Union
+from typing import Any, Callable, Iterable, List, Sequence, Set, Union
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ _RESPACING_HELP = ("expected '' (all steps), 'N' (N evenly spread steps), 'ddimN
 #################################################################################
 
 def _section_timesteps(num_timesteps: int, section_counts: Sequence[int]) -> List[int]:
-    """Split [0, T) into len(section_counts) near-equal sections and take evenly spaced steps (ends included) in each."""
+    """Split [0, T) into len(section_counts) near-equal sections; take evenly spaced steps (ends included) in each."""
     num_sections = len(section_counts)
     base_size, remainder = divmod(num_timesteps, num_sections)
     kept: List[int] = []

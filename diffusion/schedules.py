@@ -46,9 +46,9 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
         betas = betas_for_alpha_bar(num_diffusion_timesteps, cosine_alpha_bar)
     else:
         raise ValueError(f"--noise_schedule must be one of {NOISE_SCHEDULES}, got {schedule_name!r}")
-    if not (np.all(betas > 0) and np.all(betas <= 1)):
-        raise ValueError(f"--diffusion_steps={num_diffusion_timesteps} gives betas outside (0, 1] for the "
-                         f"{schedule_name} schedule (the linear schedule needs T >= 20)")
+    if not (np.all(betas > 0) and np.all(betas < 1)):
+        raise ValueError(f"--diffusion_steps={num_diffusion_timesteps} gives betas outside (0, 1) for the "
+                         f"{schedule_name} schedule (the linear schedule needs T > 20)")
     return betas
 
 

@@ -139,8 +139,8 @@ def test_posterior_matches_bayes(respacing, zero_snr):
     # log variance is clipped at t = 0 (beta~_0 = 0) to the value of t = 1; elsewhere it is log beta~_t.
     positive = t > 0
     torch.testing.assert_close(log_variance[positive], var.expand_as(x_t)[positive].log(), rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(log_variance[~positive], torch.full_like(log_variance[~positive],
-                                                                        math.log(bayes_posterior(kept_prev, kept)[2][1])))
+    clipped = math.log(bayes_posterior(kept_prev, kept)[2][1])
+    torch.testing.assert_close(log_variance[~positive], torch.full_like(log_variance[~positive], clipped))
     assert torch.isfinite(mean).all() and torch.isfinite(log_variance).all()
 
 
@@ -332,7 +332,7 @@ def expected_moments(kept: np.ndarray, sampler: str, var_type: str, eta: float =
             c_xt = math.sqrt(max(s_prev ** 2 - sigma ** 2, 0.0)) / s
             noise_var = sigma ** 2 if i > 0 else 0.0
         else:
-            c_x0, c_xt, posterior_var = (float(c) for c in bayes_posterior(np.array(kept_prev[i]), np.array(kept[i])))
+            c_x0, c_xt, posterior_var = (float(c) for c in bayes_posterior(kept_prev[i], kept[i]))
             beta = 1 - kept[i] / kept_prev[i]
             if var_type == "fixed_small":
                 noise_var = posterior_var
@@ -397,8 +397,22 @@ def test_generator_makes_sampling_reproducible_and_progress_bar_runs():
                                                      **kw)
     first = run(0)
     assert torch.equal(first, run(0, progress=True)) and not torch.equal(first, run(1))
-    ddim = lambda seed: diffusion.ddim_sample_loop(model, (5, 1), eta=1.0, generator=torch.Generator().manual_seed(seed))
+    ddim = lambda seed: diffusion.ddim_sample_loop(model, (5, 1), eta=1.0,
+                                                   generator=torch.Generator().manual_seed(seed))
     assert torch.equal(ddim(0), ddim(0)) and not torch.equal(ddim(0), ddim(1))
+
+
+def test_explicit_step_noise_equals_generator_noise():
+    diffusion = create_diffusion("10", predict_v=True, use_zero_terminal_snr=True, learn_sigma=True)
+    model = gaussian_oracle(reference_alpha_bar(zero_snr=True), "v", True)
+    x = torch.randn(6, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    t = torch.full((6,), 5)
+    z = torch.randn(6, 1, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for step, kwargs in ((diffusion.p_sample, {}), (diffusion.ddim_sample, {"eta": 0.7})):
+        drawn = step(model, x, t, generator=torch.Generator().manual_seed(9), **kwargs)["sample"]
+        given = step(model, x, t, noise=z, **kwargs)["sample"]
+        assert torch.equal(drawn, given)
+        assert not torch.equal(given, step(model, x, t, noise=-z, **kwargs)["sample"])
 
 
 def test_clip_and_denoised_fn_apply_to_pred_xstart():
@@ -416,6 +430,16 @@ def test_clip_and_denoised_fn_apply_to_pred_xstart():
 #                                   Bad input                                   #
 #################################################################################
 
+def test_flags_map_to_parameterisation():
+    d = create_diffusion("")
+    assert (d.model_mean_type, d.model_var_type) == (ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE)
+    d = create_diffusion("", predict_v=True, learn_sigma=False)
+    assert (d.model_mean_type, d.model_var_type) == (ModelMeanType.VELOCITY, ModelVarType.FIXED_LARGE)
+    d = create_diffusion("", predict_xstart=True, learn_sigma=False, sigma_small=True)
+    assert (d.model_mean_type, d.model_var_type) == (ModelMeanType.START_X, ModelVarType.FIXED_SMALL)
+    assert create_diffusion("", diffusion_steps=21).num_timesteps == 21
+
+
 def test_zero_snr_with_epsilon_prediction_is_refused():
     with pytest.raises(ValueError, match=r"--use_zero_terminal_snr.*--predict_v"):
         create_diffusion("", use_zero_terminal_snr=True)
@@ -429,6 +453,7 @@ def test_zero_snr_with_epsilon_prediction_is_refused():
     (dict(v_loss_weighting="authors"), "--v_loss_weighting"),      # needs v-prediction
     (dict(predict_v=True, predict_xstart=True), "--predict_v"),
     (dict(diffusion_steps=0), "--diffusion_steps"),
+    (dict(diffusion_steps=20), "--diffusion_steps"),               # linear betas would reach 1
 ])
 def test_bad_options_raise(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
