@@ -33,7 +33,7 @@ class ModelConfig:
     num_classes: int = _flag(10, "Number of classes; 0 trains an unconditional model.")
     class_dropout_prob: float = _flag(0.1, "Label dropout for classifier-free guidance.")
     learn_sigma: bool = _flag(True, "Learn the variance (learned-range, improved DDPM / DiT).")
-    fixed_point: bool = _flag(False, "Build an FPDM: pre blocks, one implicit fixed-point block, post blocks (Sec. 3.2).")
+    fixed_point: bool = _flag(True, "FPDM (pre blocks, one implicit fixed-point block, post blocks; Sec. 3.2); False: a DiT.")
     fixed_point_pre_depth: int = _flag(1, "Explicit blocks before the fixed-point block (alias --deq_pre_depth).")
     fixed_point_post_depth: int = _flag(1, "Explicit blocks after the fixed-point block (alias --deq_post_depth).")
     fixed_point_no_grad_min_iters: int = _flag(0, "S-JFB: lower bound of n, the iterations run without gradient.")

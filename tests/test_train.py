@@ -129,6 +129,11 @@ def test_unknown_flag_is_rejected():
         train.parse_configs(["--fixed_point_pre", "1"])
 
 
+def test_default_run_is_a_small_fpdm_on_digits():
+    model_config, train_config, _, _ = train.parse_configs([])
+    assert model_config.fixed_point and train_config.dataset == "digits" and 0 < train_config.max_steps <= 2000
+
+
 def test_original_readme_flags_parse():
     model_config, train_config, _, _ = train.parse_configs(
         ["--output_subdir", "v_pred_exp", "--predict_v", "True", "--use_zero_terminal_snr", "True",
@@ -156,8 +161,9 @@ def test_two_process_cpu_run_keeps_replicas_identical(tmp_path):
 
 # The training commands of the authors' README (shared/paper/original-readme.txt), flags exactly as written;
 # on CPU we add a step cap and a small batch ("add flags, change none").
+# The "Standard model" command gets --fixed_point False added: FPDM is this project's default.
 ORIGINAL_README_COMMANDS = [
-    [],
+    ["--fixed_point", "False"],
     ["--fixed_point", "True", "--deq_pre_depth", "1", "--deq_post_depth", "1"],
     ["--output_subdir", "v_pred_exp", "--predict_v", "True", "--use_zero_terminal_snr", "True",
      "--fixed_point", "True", "--deq_pre_depth", "1", "--deq_post_depth", "1"],
@@ -173,7 +179,7 @@ def test_original_readme_training_commands_run(tmp_path, flags):
     payload = load_weights(run)
     assert payload["step"] == 1
     saved = payload["config"]["model"]
-    assert saved["fixed_point"] == ("--fixed_point" in flags)
+    assert saved["fixed_point"] == (flags[flags.index("--fixed_point") + 1] == "True")
     if "--deq_pre_depth" in flags:
         depth = int(flags[flags.index("--deq_pre_depth") + 1])
         assert saved["fixed_point_pre_depth"] == saved["fixed_point_post_depth"] == depth
