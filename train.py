@@ -5,6 +5,7 @@ number of steps on CPU. The paper's ImageNet recipe is in the README (extract_fe
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -308,7 +309,10 @@ class RunLogger:
         self.log_file = open(run_dir / "log.txt", "a") if self.active else None
         self.metrics_path = run_dir / "metrics.jsonl"
         self.tracking = False
-        if config.log_with != "none":
+        if config.log_with == "tensorboard" and importlib.util.find_spec("tensorboard") is None \
+                and importlib.util.find_spec("tensorboardX") is None:
+            self.info("warning: --log_with tensorboard needs `pip install tensorboard`; logging to files only")
+        elif config.log_with != "none":
             if config.log_with == "wandb":
                 os.environ.setdefault("WANDB_MODE", "offline")  # no network here: log locally, sync later
                 os.environ.setdefault("WANDB_DIR", str(run_dir))

@@ -184,3 +184,12 @@ def test_original_readme_training_commands_run(tmp_path, flags):
         depth = int(flags[flags.index("--deq_pre_depth") + 1])
         assert saved["fixed_point_pre_depth"] == saved["fixed_point_post_depth"] == depth
         assert len([k for k in payload["model"] if k.startswith("blocks_pre.") and k.endswith("attn.qkv.weight")]) == depth
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
+def test_trackers_never_crash_a_run(tmp_path, tracker, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # no network here: train.py must choose offline by itself
+    monkeypatch.chdir(tmp_path)
+    run = run_train(tmp_path, "--max_steps", "2", "--log_with", tracker, "--output_subdir", tracker)
+    assert load_weights(run)["step"] == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
