@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,8 +29,11 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "fpdm-digi
 #                               Writing atomically                              #
 #################################################################################
 
-def atomic_write(path: str | os.PathLike, write_fn) -> None:
-    """Call write_fn(tmp_path), then rename onto `path`: a crash never leaves a half-written file at `path`."""
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any]) -> None:
+    """Call write_fn(tmp_path), then rename onto `path`: a crash never leaves a half-written file at `path`.
+
+    The one way this project writes files that others read (checkpoints, chunks, PNGs, statistics, manifests).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,6 +42,9 @@ def atomic_write(path: str | os.PathLike, write_fn) -> None:
         write_fn(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates files readable by their owner only
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -27,14 +27,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable
+from typing import Any, Collection, Iterable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from checkpoint import atomic_write
 from config import ModelConfig, TrainConfig
 
 LATENTS_FORMAT = "fpdm-latents"
@@ -255,32 +255,17 @@ def plan_chunks(num_images: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, num_images)) for start in range(0, num_images, chunk_size)]
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    """Write `path` atomically: `write(file)` into a temp file in the same folder, fsync, then rename over it."""
-    handle, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, mode) as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; use the usual permissions
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def write_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write one chunk .npz atomically (a crash never leaves a half-written chunk under its final name)."""
-    _atomic_write(path, lambda file: np.savez(file, **arrays), "wb")
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as file:  # a file object: np.savez would append .npz to a path
+            np.savez(file, **arrays)
+    atomic_write(path, write)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write a JSON file atomically (temp file + rename)."""
-    _atomic_write(path, lambda file: json.dump(payload, file, indent=2), "w")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
 
 
 def read_chunk_meta(path: Path) -> tuple[dict[str, Any], list[str]] | None:

@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 
+from checkpoint import atomic_write
+
 
 SAMPLE_SETUP_FILE = "setup.json"  # written by sample_ddp.py next to the samples .npz
 FID_REFERENCE_NUM_SAMPLES = 50_000  # paper Sec. 4.1: "all evaluations were performed using 50000 images (FID-50K)"
@@ -144,12 +146,11 @@ class FeatureStats:
 
     def save(self, path: str) -> None:
         """Write to `.npz` atomically (keys mu, sigma, n, feature_extractor, source)."""
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        temporary = path + ".tmp.npz"
-        np.savez(temporary, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
-                 feature_extractor=np.str_(self.feature_extractor), source=np.str_(self.source))
-        os.replace(temporary, path)
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as handle:  # a file object: np.savez would append .npz to a path
+                np.savez(handle, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
+                         feature_extractor=np.str_(self.feature_extractor), source=np.str_(self.source))
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str, flag: str = "--ref_stats") -> "FeatureStats":
@@ -407,12 +408,10 @@ def load_or_train_digits_classifier(
     if path is None or not os.path.exists(path):
         model, accuracy = train_digits_classifier(seed=seed, steps=steps)
         if path is not None:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             metadata = {"format": DIGITS_CLASSIFIER_FORMAT, "seed": str(seed), "steps": str(steps),
                         "test_accuracy": f"{accuracy:.6f}", "split_seed": str(DIGITS_SPLIT_SEED)}
-            temporary = path + ".tmp"
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, temporary, metadata=metadata)
-            os.replace(temporary, path)
+            tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         return model, accuracy
 
     try:

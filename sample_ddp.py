@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 import sampling
+from checkpoint import atomic_write
 from config import SampleDDPConfig, parse_bool
 from sample import parse_args
 
@@ -104,7 +105,7 @@ def pack_npz(sample_dir: Path, num_samples: int, labels: Any) -> Path:
     def save(tmp: str) -> None:
         with open(tmp, "wb") as handle:
             np.savez(handle, **payload)
-    sampling.atomic_save(path, save)
+    atomic_write(path, save)
     return path
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from allocation import IterationPlan, plan_for_model
+from checkpoint import BUNDLED_CHECKPOINT, atomic_write, load_model_for_sampling
 from config import ModelConfig, SampleConfig, config_diff
 
 SOLVER_NAMES = ("iteration", "anderson")
@@ -50,7 +50,6 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_checkpoint(ckpt: str) -> Path:
     """--ckpt as a path; empty -> the bundled digits FPDM if it exists, else an error saying to pass --ckpt."""
-    from checkpoint import BUNDLED_CHECKPOINT
     if ckpt:
         return Path(ckpt)
     if Path(BUNDLED_CHECKPOINT).is_file():
@@ -74,7 +73,6 @@ def load_sampling_model(ckpt: str, device: torch.device, use_ema: bool = True,
                         given_model_flags: Optional[dict[str, Any]] = None
                         ) -> tuple[torch.nn.Module, ModelConfig, Path]:
     """Resolve --ckpt, load the model in eval mode and check command-line model flags against its config."""
-    from checkpoint import load_model_for_sampling
     path = resolve_checkpoint(ckpt)
     if str(path).endswith(".safetensors") and not use_ema:
         raise ValueError(f"--use_ema False: {str(path)!r} holds published EMA weights only (no raw weights)")
@@ -381,18 +379,6 @@ def decode_to_uint8(samples: Tensor, model_config: ModelConfig, vae: Any = None)
     return to_uint8(pixels)
 
 
-def atomic_save(path: Path, save: Callable[[str], None]) -> None:
-    """save(tmp) then rename onto path: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_png(image: np.ndarray, path: str | Path) -> None:
     """Write one (H, W, C) uint8 image as PNG (grayscale for C = 1), atomically."""
     from PIL import Image
@@ -400,7 +386,7 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
         pil = Image.fromarray(image[..., 0], mode="L")
     else:
         pil = Image.fromarray(np.ascontiguousarray(image[..., :3]), mode="RGB")
-    atomic_save(Path(path), lambda tmp: pil.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def load_png_rgb(path: str | Path) -> np.ndarray:
@@ -426,7 +412,7 @@ def make_grid(images: np.ndarray, nrow: Optional[int] = None, padding: int = 2) 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     """Write indented JSON atomically."""
     text = json.dumps(payload, indent=2, default=str)
-    atomic_save(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 #################################################################################

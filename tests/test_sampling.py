@@ -257,8 +257,7 @@ def test_flag_checks_name_the_flag():
 
 
 def test_missing_bundled_checkpoint_says_to_pass_ckpt(monkeypatch, tmp_path):
-    import checkpoint
-    monkeypatch.setattr(checkpoint, "BUNDLED_CHECKPOINT", tmp_path / "nothing.safetensors")
+    monkeypatch.setattr(sampling, "BUNDLED_CHECKPOINT", tmp_path / "nothing.safetensors")
     with pytest.raises(FileNotFoundError, match="--ckpt"):
         sampling.resolve_checkpoint("")
 

@@ -12,7 +12,6 @@ import torch
 
 import checkpoint
 import train
-from config import ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
