@@ -1,0 +1,85 @@
+"""Shared helpers for the benchmark scripts: repo import path, one-thread torch, machine description, tables, JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+if str(REPO) not in sys.path:  # scripts run as `python benchmarks/x.py` from the repo root
+    sys.path.insert(0, str(REPO))
+
+
+#################################################################################
+#                                Process setup                                  #
+#################################################################################
+
+def limit_threads(num_threads: int = 1) -> None:
+    """Use `num_threads` intra-op threads (the machines are shared: one thread by default)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(num_threads))
+    import torch
+    torch.set_num_threads(num_threads)
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """A short description of where the numbers were measured."""
+    import torch
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "device": device,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+#################################################################################
+#                                   Output                                      #
+#################################################################################
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table (also readable in a terminal)."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
+        return "-" if value is None else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` as indented JSON (creating the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Median and spread (min, max, relative half-range) of repeated measurements."""
+    values = sorted(float(v) for v in values)
+    median = statistics.median(values)
+    return {"median": median, "min": values[0], "max": values[-1],
+            "spread_pct": 100.0 * (values[-1] - values[0]) / (2 * median) if median else 0.0, "n": len(values)}

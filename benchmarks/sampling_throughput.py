@@ -1,0 +1,229 @@
+"""Sampling throughput (transformer-block forwards per second) of DiT and FPDM, and the sampler's overhead.
+
+For each size, a DiT and an FPDM of the same width are sampled through the library's pipeline
+(sampling.sample_batch at an allocation.plan_for_model plan) at EQUAL cost per step: the FPDM runs
+depth - pre - post fixed-point iterations per step, so both spend `depth` blocks per step and the same blocks per
+image. Throughput = block forwards per image x images / seconds. The sampler's overhead is
+
+    (sampling seconds / blocks per image) / (seconds of one bare block forward on the same batch shape)
+
+where the bare block is a DiTBlock called directly in a loop (DiT: blocks[0]; FPDM: block_fixed_point; the FPDM
+fixed-point map, block + input-injection MLP, is timed too). It covers embeddings, the final layer, the FPDM's
+injection MLP and residuals, and the diffusion step. DiT and FPDM are measured interleaved in the same process,
+repeated; medians and spreads are reported. Shared CPUs are noisy: trust ratios, not absolute numbers. Weights are
+random (speed does not depend on their values); no classifier-free guidance (cfg_scale 1), DDPM steps.
+
+    python benchmarks/sampling_throughput.py             # Ti/2 digits (batch 64) and S/2 latents (batch 4)
+    python benchmarks/sampling_throughput.py --quick     # Ti/2 digits, tiny (CI)
+    python benchmarks/sampling_throughput.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable, Sequence
+
+from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info, summarize, write_json
+
+# name -> (registry model, data kwargs for ModelConfig, default batch, default steps)
+SIZES = {
+    "Ti/2-digits": ("DiT-Ti/2", dict(image_size=8, in_channels=1, latent=False, num_classes=10), 64, 50),
+    "S/2-latents": ("DiT-S/2", dict(image_size=256, in_channels=4, latent=True, num_classes=1000), 4, 10),
+    "XL/2-latents": ("DiT-XL/2", dict(image_size=256, in_channels=4, latent=True, num_classes=1000), 2, 4),
+}
+
+
+#################################################################################
+#                                   Timing                                      #
+#################################################################################
+
+def synchronize(device) -> None:
+    """Wait for queued device work (no-op on the CPU)."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device) -> tuple[float, Any]:
+    """Seconds taken by fn() (device-synchronised) and its result."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def bare_forward_seconds(fn: Callable, args: tuple, iters: int, device) -> float:
+    """Seconds per call of fn(*args) in a plain loop under no_grad (after one warm-up call)."""
+    import torch
+    with torch.no_grad():
+        fn(*args)
+        seconds, _ = timed(lambda: [fn(*args) for _ in range(iters)], device)
+    return seconds / iters
+
+
+#################################################################################
+#                                 Benchmark                                     #
+#################################################################################
+
+def build_pair(size: str, steps: int, device):
+    """DiT and FPDM (pre = post = 1) of one size, with their plans at equal blocks per step."""
+    import torch
+    from allocation import plan_for_model
+    from config import ModelConfig, SampleConfig
+
+    model_name, data, _, _ = SIZES[size]
+    pair = {}
+    for label, fixed_point in (("DiT", False), ("FPDM", True)):
+        model_config = ModelConfig(model=model_name, fixed_point=fixed_point, **data)
+        torch.manual_seed(0)
+        model = model_config.create_model().to(device).eval()
+        depth = ModelConfig(model=model_name, fixed_point=False, **data).blocks_per_step(0)  # explicit DiT depth
+        iters = depth - model_config.fixed_point_pre_depth - model_config.fixed_point_post_depth
+        sample_config = SampleConfig(cfg_scale=1.0, num_sampling_steps=steps,
+                                     fixed_point_iters=iters if fixed_point else 0)
+        plan = plan_for_model(model_config, sample_config)
+        block = model.block_fixed_point if fixed_point else model.blocks[0]
+        pair[label] = dict(model=model, model_config=model_config, sample_config=sample_config, plan=plan,
+                           block=block, iters_per_step=iters if fixed_point else 0)
+    return pair
+
+
+def measure_size(size: str, batch: int, steps: int, repeats: int, bare_iters: int, device) -> dict[str, Any]:
+    """Interleaved repeated measurements of sampling time and bare block time for DiT and FPDM of one size."""
+    import torch
+    from sampling import make_sampling_diffusion, sample_batch
+
+    pair = build_pair(size, steps, device)
+    samples: dict[str, dict[str, list[float]]] = {k: {"sample_s": [], "block_s": [], "map_s": []} for k in pair}
+    blocks_per_image = {}
+    for label, entry in pair.items():
+        model, mc = entry["model"], entry["model_config"]
+        entry["diffusion"] = make_sampling_diffusion(mc, entry["plan"].num_steps)
+        entry["labels"] = torch.arange(batch) % mc.num_classes
+        tokens = model.x_embedder.num_patches if hasattr(model.x_embedder, "num_patches") else model.pos_embed.shape[1]
+        gen = torch.Generator().manual_seed(0)
+        entry["x"] = torch.randn(batch, tokens, model.hidden_size, generator=gen).to(device)  # (N, T, D)
+        entry["c"] = torch.randn(batch, model.hidden_size, generator=gen).to(device)          # (N, D)
+
+    def run_sampling(entry):
+        return sample_batch(entry["model"], entry["model_config"], entry["plan"], entry["sample_config"],
+                            list(range(batch)), entry["labels"], seed=0, device=device,
+                            diffusion=entry["diffusion"])
+
+    for entry in pair.values():  # warm-up (allocator, kernels)
+        run_sampling(entry)
+    for _ in range(repeats):
+        for label, entry in pair.items():
+            samples[label]["block_s"].append(bare_forward_seconds(entry["block"], (entry["x"], entry["c"]),
+                                                                  bare_iters, device))
+            if label == "FPDM":
+                injection = entry["x"]
+                samples[label]["map_s"].append(bare_forward_seconds(
+                    entry["model"].fixed_point_map, (entry["x"], injection, entry["c"]), bare_iters, device))
+            seconds, result = timed(lambda: run_sampling(entry), device)
+            samples[label]["sample_s"].append(seconds)
+            blocks_per_image[label] = result.stats.blocks_per_image
+
+    models = {}
+    for label, entry in pair.items():
+        s = samples[label]
+        per_block = [t / blocks_per_image[label] for t in s["sample_s"]]
+        overhead = [pb / b for pb, b in zip(per_block, s["block_s"])]
+        throughput = [blocks_per_image[label] * batch / t for t in s["sample_s"]]
+        models[label] = {
+            "model": entry["model_config"].model, "fixed_point": entry["model_config"].fixed_point,
+            "params": sum(p.numel() for p in entry["model"].parameters()),
+            "num_steps": entry["plan"].num_steps, "iters_per_step": entry["iters_per_step"],
+            "blocks_per_image": blocks_per_image[label],
+            "sample_s": summarize(s["sample_s"]), "bare_block_s": summarize(s["block_s"]),
+            "per_block_in_sampling_s": summarize(per_block),
+            "block_forwards_per_s": summarize(throughput),
+            "overhead_ratio": summarize(overhead),
+            "raw": s,
+        }
+        if s["map_s"]:
+            models[label]["bare_fixed_point_map_s"] = summarize(s["map_s"])
+            models[label]["map_over_block"] = summarize([m / b for m, b in zip(s["map_s"], s["block_s"])])
+    fpdm_over_dit = [f / d for f, d in zip(samples["FPDM"]["sample_s"], samples["DiT"]["sample_s"])]
+    return {"size": size, "batch": batch, "device": str(device), "repeats": repeats, "bare_iters": bare_iters,
+            "models": models, "sample_time_fpdm_over_dit": summarize(fpdm_over_dit)}
+
+
+#################################################################################
+#                                     CLI                                       #
+#################################################################################
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Ti/2 digits, batch 8, 4 steps, 2 repeats (CI).")
+    parser.add_argument("--sizes", default="", help=f"Comma-separated sizes from {', '.join(SIZES)} "
+                                                    "(default: Ti/2-digits,S/2-latents).")
+    parser.add_argument("--batch", type=int, default=0, help="Images per batch (0: the size's default).")
+    parser.add_argument("--steps", type=int, default=0, help="Sampling steps (0: the size's default).")
+    parser.add_argument("--repeats", type=int, default=5, help="Interleaved repetitions (median and spread).")
+    parser.add_argument("--bare_iters", type=int, default=50, help="Calls per bare block timing.")
+    parser.add_argument("--device", default="auto", help="auto (CPU, and CUDA too when available), cpu or cuda.")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "sampling_throughput.json"), help="JSON output path.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Measure, print tables, write JSON; returns the payload."""
+    args = build_parser().parse_args(argv)
+    limit_threads(1)
+    import torch
+
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()] or (
+        ["Ti/2-digits"] if args.quick else ["Ti/2-digits", "S/2-latents"])
+    for size in sizes:
+        if size not in SIZES:
+            raise ValueError(f"--sizes: unknown size {size!r}; valid: {', '.join(SIZES)}")
+    if args.device == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    elif args.device in ("cpu", "cuda"):
+        devices = [args.device]
+    else:
+        raise ValueError(f"--device must be auto, cpu or cuda (got {args.device!r})")
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available")
+    repeats, bare_iters = (2, 10) if args.quick else (args.repeats, args.bare_iters)
+
+    started = time.perf_counter()
+    runs = []
+    for device_name in devices:
+        for size in sizes:
+            _, _, default_batch, default_steps = SIZES[size]
+            batch = args.batch or (8 if args.quick else default_batch)
+            steps = args.steps or (4 if args.quick else default_steps)
+            print(f"[{time.perf_counter() - started:6.1f}s] {size} on {device_name}: batch {batch}, {steps} steps, "
+                  f"{repeats} repeats", flush=True)
+            runs.append(measure_size(size, batch, steps, repeats, bare_iters, torch.device(device_name)))
+
+    rows = []
+    for run in runs:
+        for label, m in run["models"].items():
+            rows.append([run["size"], run["device"], label, run["batch"], m["num_steps"], m["blocks_per_image"],
+                         m["block_forwards_per_s"]["median"], m["block_forwards_per_s"]["spread_pct"],
+                         m["bare_block_s"]["median"] * 1e3, m["per_block_in_sampling_s"]["median"] * 1e3,
+                         m["overhead_ratio"]["median"], m["overhead_ratio"]["min"], m["overhead_ratio"]["max"]])
+    print(format_table(["size", "device", "model", "batch", "steps", "blocks/image", "block fwd/s (median)",
+                        "spread %", "bare block ms", "block in sampling ms", "overhead (median)", "min", "max"],
+                       rows))
+    for run in runs:
+        r = run["sample_time_fpdm_over_dit"]
+        fp = run["models"]["FPDM"]
+        print(f"{run['size']} {run['device']}: sampling time FPDM/DiT at equal blocks = {r['median']:.3f} "
+              f"[{r['min']:.3f}, {r['max']:.3f}]; FPDM fixed-point map / bare block = "
+              f"{fp['map_over_block']['median']:.3f}")
+    payload = {"benchmark": "sampling_throughput", "quick": args.quick, "runs": runs,
+               "machine": machine_info(devices[-1]), "total_runtime_s": time.perf_counter() - started}
+    write_json(args.out, payload)
+    print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The benchmark scripts' --quick modes run and write JSON with the expected keys and sane values."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import param_counts  # noqa: E402
+import sampling_throughput  # noqa: E402
+
+
+def test_param_counts_quick_fpdm_is_87_percent_smaller_at_xl2(tmp_path):
+    out = tmp_path / "params.json"
+    param_counts.main(["--quick", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    rows = {r["model"]: r for r in payload["rows"]}
+    assert set(rows) == {"DiT-XL/2", "DiT-Ti/2"}
+    xl = rows["DiT-XL/2"]
+    assert 670e6 < xl["dit_params"] < 680e6          # paper: 674M (DiT's 675M)
+    assert 80e6 < xl["fpdm_params"] < 90e6           # paper: 86M
+    assert xl["ratio_fpdm_over_dit"] < 1 and round(xl["reduction_pct"]) == 87
+    assert rows["DiT-Ti/2"]["ratio_fpdm_over_dit"] < 1
+
+
+def test_param_counts_rejects_unknown_model(tmp_path):
+    with pytest.raises(ValueError, match="--model"):
+        param_counts.main(["--models", "DiT-XXL/2", "--out", str(tmp_path / "p.json")])
+
+
+def test_train_memory_quick_fresh_processes(tmp_path):
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_memory.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert {"pairs", "comparisons", "n_sweep", "paper", "machine"} <= set(payload)
+    dit, fpdm = payload["pairs"]
+    assert not dit["fixed_point"] and fpdm["fixed_point"] and dit["batch"] == fpdm["batch"] == 64
+    for r in payload["pairs"] + payload["n_sweep"]:
+        assert r["peak_rss_mb"] >= r["post_build_rss_mb"] > 0 and r["saved_activation_mb"] > 0
+        assert r["step_time_s"] > 0 and all(loss == loss for loss in r["losses"])  # finite (not NaN)
+    comparison = payload["comparisons"][0]
+    assert comparison["params_ratio"] < 1
+    assert comparison["memory_ratio"] > 0 and comparison["step_time_ratio"] > 0
+    # The n no-grad iterations store nothing for backward: activation bytes do not depend on n.
+    sweep = payload["n_sweep"]
+    assert sorted(r["n"] for r in sweep) == [0, 12] and len({r["m"] for r in sweep}) == 1
+    assert len({r["saved_activation_mb"] for r in sweep}) == 1
+
+
+def test_sampling_throughput_quick(tmp_path):
+    out = tmp_path / "throughput.json"
+    sampling_throughput.main(["--quick", "--device", "cpu", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    (run,) = payload["runs"]
+    assert run["size"] == "Ti/2-digits" and set(run["models"]) == {"DiT", "FPDM"}
+    dit, fpdm = run["models"]["DiT"], run["models"]["FPDM"]
+    assert dit["blocks_per_image"] == fpdm["blocks_per_image"] == 4 * 8   # equal cost: 4 steps x 8 blocks
+    assert fpdm["iters_per_step"] == 6 and fpdm["params"] < dit["params"]
+    for m in (dit, fpdm):
+        assert m["block_forwards_per_s"]["median"] > 0
+        assert m["overhead_ratio"]["n"] == 2 and 0.3 < m["overhead_ratio"]["median"] < 20
+        assert m["overhead_ratio"]["min"] <= m["overhead_ratio"]["median"] <= m["overhead_ratio"]["max"]
+    assert run["sample_time_fpdm_over_dit"]["median"] > 0
+
+
+def test_sampling_throughput_rejects_unknown_size(tmp_path):
+    with pytest.raises(ValueError, match="--sizes"):
+        sampling_throughput.main(["--sizes", "Z/9", "--out", str(tmp_path / "t.json")])
