@@ -1,0 +1,108 @@
+"""experiments/: every script's --quick mode runs end to end into a temporary folder and writes sane JSON + PNG.
+
+The quick models (3 training steps each) are trained once into a shared session folder and reused by every script;
+the digits classifier is copied from experiments/results/ when it is committed (else trained once, ~10 s).
+"""
+import importlib
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+import common  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def quick_dir(tmp_path_factory):
+    """A shared --out_dir (quick models trained once) with a private copy of the digits classifier."""
+    folder = tmp_path_factory.mktemp("experiments")
+    if common.CLASSIFIER_PATH.is_file():
+        shutil.copyfile(common.CLASSIFIER_PATH, folder / "classifier.safetensors")
+    return folder
+
+
+def run_quick(name: str, folder: Path, *extra: str) -> dict:
+    """Run experiments/<name>.py --quick in-process and return its JSON."""
+    module = importlib.import_module(name)
+    module.main(["--quick", "--out_dir", str(folder), "--classifier", str(folder / "classifier.safetensors"),
+                 *extra])
+    assert (folder / f"{name}.png").is_file(), f"{name}.png not written"
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+def assert_fid_record(record: dict) -> None:
+    """A digits-FID evaluation: finite non-negative FID, accuracy in [0, 1], never over budget."""
+    assert math.isfinite(record["fid_mean"]) and record["fid_mean"] >= 0
+    assert 0.0 <= record["accuracy_mean"] <= 1.0
+    assert record["within_budget"] and record["blocks_per_image_max"] <= record["planned_blocks_per_image"]
+
+
+def test_training_units_count_forward_and_backward():
+    dit = common.config_from_flags(common.model_flags(False))
+    fpdm = common.config_from_flags(common.model_flags(True, (0, 3, 1, 3)))
+    assert common.training_units_per_step(dit) == 24.0            # 8 blocks x (1 fwd + 2 bwd)
+    assert common.training_units_per_step(fpdm) == 6 + 1.5 + 6.0  # 3 x (pre + post) + E[n] + 3 E[m]
+    assert common.steps_for_units(24.0 * 9, fpdm) == 16
+
+
+def test_exp1_equal_compute(quick_dir):
+    result = run_quick("exp1_equal_compute", quick_dir)
+    dit, fpdm = result["models"]["dit"], result["models"]["fpdm"]
+    assert fpdm["num_params"] < dit["num_params"]
+    assert abs(dit["total_units"] - fpdm["total_units"]) <= fpdm["units_per_step"]  # equal compute up to a step
+    assert all(math.isfinite(m["final_loss"]) for m in (dit, fpdm))
+    assert (quick_dir / "pretrained" / "fpdm-digits.safetensors").is_file()  # quick mode never touches pretrained/
+
+
+def test_exp2_table1(quick_dir):
+    result = run_quick("exp2_table1", quick_dir)
+    assert {r["sampler"] for r in result["rows"]} == {"ddpm", "ddim"}
+    for row in result["rows"]:
+        assert_fid_record(row["DiT"])
+        assert_fid_record(row["FPDM"])
+        assert row["FPDM"]["planned_blocks_per_image"] == row["budget"]
+        assert row["FPDM"]["best_iters"] in [s["iters"] for s in row["fpdm_search"]]
+
+
+def test_exp3_smoothing(quick_dir):
+    result = run_quick("exp3_smoothing", quick_dir)
+    steps = [p["num_steps"] for p in result["fpdm"]]
+    assert steps == sorted(steps, reverse=True) and len(steps) >= 2  # more iterations -> fewer timesteps
+    for point in result["fpdm"]:
+        assert_fid_record(point)
+    assert_fid_record(result["dit"])
+
+
+def test_exp4_reuse(quick_dir):
+    result = run_quick("exp4_reuse", quick_dir)
+    for row in result["sweep"]:
+        assert_fid_record(row["reuse"])
+        assert_fid_record(row["no_reuse"])
+    for key in ("reuse", "no_reuse"):
+        assert len(result["diagnostics"][key]["delta_mean"]) == len(result["diagnostics"][key]["timesteps"])
+    assert 0.0 <= result["fraction_timesteps_reuse_lowers_delta"] <= 1.0
+    assert (quick_dir / "exp4_reuse_delta_reuse.json").is_file()
+
+
+def test_exp5_sjfb(quick_dir):
+    result = run_quick("exp5_sjfb", quick_dir)
+    variants = result["variants"]
+    assert len(variants) == 3
+    units = [v["train"]["steps"] * v["units_per_step"] for v in variants.values()]
+    assert max(units) - min(units) <= max(v["units_per_step"] for v in variants.values())
+    for variant in variants.values():
+        assert_fid_record(variant)
+
+
+def test_exp6_anderson(quick_dir):
+    result = run_quick("exp6_anderson", quick_dir)
+    for row in result["rows"]:
+        assert_fid_record(row["iteration"])
+        assert_fid_record(row["anderson"])
+        assert row["iteration"]["blocks_per_image_max"] == row["anderson"]["blocks_per_image_max"]  # equal budget
