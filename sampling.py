@@ -396,8 +396,14 @@ def load_png_rgb(path: str | Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def make_grid(images: np.ndarray, nrow: Optional[int] = None, padding: int = 2) -> np.ndarray:
-    """Tile (N, H, W, C) uint8 images into one (rows*(H+p)+p, nrow*(W+p)+p, C) image on a black background."""
+def make_grid(images: np.ndarray, nrow: Optional[int] = None, padding: int = 2, min_cell: int = 64) -> np.ndarray:
+    """Tile (N, H, W, C) uint8 images into one (rows*(H+p)+p, nrow*(W+p)+p, C) image on a black background.
+
+    Images smaller than `min_cell` pixels are enlarged by an integer factor (nearest neighbour) so that a grid of
+    8x8 digits can be seen; the individual PNGs keep the model's resolution.
+    """
+    scale = max(1, math.ceil(min_cell / max(images.shape[1], images.shape[2])))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)   # (N, H*s, W*s, C)
     num, height, width, channels = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(num)))
     rows = math.ceil(num / nrow)

@@ -362,7 +362,7 @@ def test_latent_models_decode_with_the_vae_and_train_grid(fpdm, tmp_path):
     assert batch.samples.shape == (2, 4, 4, 4) and pixels.shape == (2, 32, 32, 3) and pixels.dtype == np.uint8
     grid = sampling.sample_grid_png(fpdm, TINY_FPDM, tmp_path / "grid.png", num_images=4, num_sampling_steps=3)
     from PIL import Image
-    assert Image.open(grid).size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    assert Image.open(grid).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)  # 8x8 images shown 8x larger
 
 
 #################################################################################

@@ -1,0 +1,51 @@
+"""The shipped digits models (pretrained/): a new user's first command draws recognisable digits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fid
+import sample
+from checkpoint import BUNDLED_CHECKPOINT, load_model_for_sampling
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSIFIER = REPO / "experiments" / "results" / "digits_classifier.safetensors"
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    model, accuracy = fid.load_or_train_digits_classifier(str(CLASSIFIER))
+    assert accuracy > 0.95
+    return model
+
+
+def read_samples(folder: Path, count: int) -> np.ndarray:
+    return np.stack([np.array(Image.open(folder / f"{i:06d}.png").convert("RGB")) for i in range(count)])
+
+
+def test_bundled_checkpoint_is_the_shipped_fpdm():
+    model, config = load_model_for_sampling(BUNDLED_CHECKPOINT)
+    assert config.fixed_point and config.predict_v and config.use_zero_terminal_snr
+    assert config.image_size == 8 and config.num_classes == 10
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+
+
+def test_sample_py_without_arguments_draws_recognisable_digits(tmp_path, monkeypatch, classifier):
+    monkeypatch.chdir(tmp_path)
+    record = sample.main([])                     # exactly `python sample.py`
+    images = read_samples(tmp_path / "samples", 16)
+    labels = np.arange(16) % 10                  # sample.py cycles the classes 0..9
+    assert fid.classifier_accuracy(classifier, images, labels) >= 0.75
+    assert record["stats"]["blocks_per_image_max"] == record["setup"]["plan"]["blocks_per_image"]
+    assert Image.open(tmp_path / "samples" / "grid.png").size[0] >= 4 * 64  # grid enlarged to be seen
+
+
+def test_shipped_dit_draws_digits_at_a_small_budget(tmp_path, classifier):
+    out = tmp_path / "dit"
+    sample.main(["--ckpt", str(REPO / "pretrained" / "dit-digits.safetensors"), "--budget", "80",
+                 "--cfg_scale", "1.0", "--output_dir", str(out), "--num_samples", "20"])
+    images = read_samples(out, 20)
+    assert fid.classifier_accuracy(classifier, images, np.arange(20) % 10) >= 0.7
