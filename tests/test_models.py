@@ -12,14 +12,6 @@ import torch.nn.functional as F
 from models import DiT, DiT_models, FixedPointState, draw_sjfb_iters, get_2d_sincos_pos_embed, get_model_class
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids thread contention on shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 # A tiny class-conditional FPDM: 8x8 latents, patch 2 -> T = 16 tokens, D = 32.
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, num_heads=4, num_classes=10,
             class_dropout_prob=0.1, learn_sigma=True)

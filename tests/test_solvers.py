@@ -7,15 +7,6 @@ import torch
 from solvers import SolverStats, anderson, fixed_point_iteration, relative_residual
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids thread contention on shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def linear_contraction(batch: int = 3, dim: int = 40, max_eig: float = 0.95, seed: int = 0):
     """f(z) = A z + b per sample, A symmetric with eigenvalues in [-max_eig, max_eig]; returns f, z0, z*."""
     gen = torch.Generator().manual_seed(seed)
