@@ -113,7 +113,7 @@ class TrainConfig:
     output_dir: str = _flag("results", "Folder holding the run folders.")
     output_subdir: str = _flag("", "Run folder name inside --output_dir (default: derived from the model and a counter).")
     resume: str = _flag("", "Checkpoint to resume from (a .pt file, or a run folder: its checkpoints/latest.pt).")
-    compile: bool = _flag(False, "Compile the model with torch.compile.")
+    compile: bool = _flag(False, "torch.compile each transformer block (the fixed-point loop reuses one graph).")
     grad_checkpointing: bool = _flag(False, "Non-reentrant gradient checkpointing of the explicit blocks.")
     num_workers: int = _flag(0, "DataLoader worker processes.")
     sample_grid: bool = _flag(True, "Write a grid of EMA samples to the run folder at the end of training.")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+from config import ModelConfig
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,3 +193,11 @@ def test_trackers_never_crash_a_run(tmp_path, tracker, monkeypatch):
     run = run_train(tmp_path, "--max_steps", "2", "--log_with", tracker, "--output_subdir", tracker)
     assert load_weights(run)["step"] == 2
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_compile_keeps_plain_state_dict_keys(tmp_path):
+    run = run_train(tmp_path, "--max_steps", "2", "--compile", "True", "--output_subdir", "compiled")
+    payload = load_weights(run)
+    assert payload["step"] == 2 and all(torch.isfinite(v).all() for v in payload["model"].values())
+    fresh = ModelConfig(**payload["config"]["model"]).create_model()
+    assert set(payload["model"]) == set(fresh.state_dict())  # no _orig_mod. / module. prefixes
