@@ -287,7 +287,7 @@ def train(model_config: ModelConfig, config: TrainConfig, resume_payload: dict[s
         (run_dir / "summary.json").write_text(json.dumps(
             {"step": step, "num_params": num_params, "rank_weight_checksums": checksums}, indent=2))
         if config.sample_grid:
-            write_sample_grid(ema, model_config, run_dir / "samples.png", device)
+            write_sample_grid(ema, model_config, run_dir / "samples.png", device, vae, dataset, logger)
     logger.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -302,10 +302,20 @@ def collate(dataset, indices: list[int], device: torch.device) -> tuple[torch.Te
     return x, y
 
 
-def write_sample_grid(ema: torch.nn.Module, model_config: ModelConfig, path: Path, device: torch.device) -> None:
-    """Draw a small grid from the EMA model at the end of training (DDIM, 50 steps, no guidance)."""
+def write_sample_grid(ema: torch.nn.Module, model_config: ModelConfig, path: Path, device: torch.device,
+                      vae: Any, dataset: Any, logger: "RunLogger") -> None:
+    """Draw a small grid from the EMA model at the end of training (DDIM, 50 steps, no guidance).
+
+    Latent models are decoded with the training VAE, or the one named in the latents' manifest; when that cannot
+    be loaded (a hub name without network) the grid previews the latents and the log says so.
+    """
     from sampling import sample_grid_png
-    sample_grid_png(ema.eval(), model_config, path, device=device)
+    if model_config.latent and vae is None and hasattr(dataset, "manifest"):
+        try:
+            vae = load_vae(dataset.manifest["vae"], device)
+        except (OSError, ValueError) as error:
+            logger.info(f"samples.png shows raw latents: the VAE could not be loaded ({error})")
+    sample_grid_png(ema.eval(), model_config, path, device=device, vae=vae)
 
 
 #################################################################################
