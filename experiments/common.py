@@ -95,12 +95,15 @@ def pick(args: argparse.Namespace, name: str, full: Any, quick: Any) -> Any:
 #                                   Training                                    #
 #################################################################################
 
-def model_flags(fixed_point: bool, sjfb: Sequence[int] = DEFAULT_SJFB, model: str = "DiT-Ti/2") -> list[str]:
-    """train.py flags of a digits DiT (8 blocks) or FPDM (1 pre + fixed-point block + 1 post) with S-JFB bounds."""
+def model_flags(fixed_point: bool, sjfb: Sequence[int] = DEFAULT_SJFB, model: str = "DiT-Ti/2",
+                pre_post: int = 1) -> list[str]:
+    """train.py flags of a digits DiT (8 blocks) or FPDM (`pre_post` pre + fixed-point block + `pre_post` post
+    blocks, 1 by default) with S-JFB bounds."""
     flags = ["--model", model, "--dataset", "digits", *DIFFUSION_FLAGS]
     if fixed_point:
         n_lo, n_hi, m_lo, m_hi = sjfb
-        flags += ["--fixed_point", "True", "--fixed_point_pre_depth", "1", "--fixed_point_post_depth", "1",
+        flags += ["--fixed_point", "True", "--fixed_point_pre_depth", str(pre_post),
+                  "--fixed_point_post_depth", str(pre_post),
                   "--fixed_point_no_grad_min_iters", str(n_lo), "--fixed_point_no_grad_max_iters", str(n_hi),
                   "--fixed_point_with_grad_min_iters", str(m_lo), "--fixed_point_with_grad_max_iters", str(m_hi)]
     else:

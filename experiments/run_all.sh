@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Run the six miniature reproductions (issue 5) with their full settings on the CPU (about 30 min on 2 cores).
+# Run the seven miniature reproductions (issue 5 + exp7) with their full settings on the CPU (about 30 min on 2 cores,
+# plus about 12.5 min for exp7).
 # Two lanes of one-thread processes, as RESULTS.md was produced:
 #   stage 1: exp1 (trains + exports pretrained/*.safetensors)  ||  exp5 (trains its own three FPDMs)
 #   stage 2: exp2                                                ||  exp3 -> exp4 -> exp6   (use pretrained/)
+#   stage 3: exp7 (trains two FPDMs, then evaluates three; itself runs two 1-thread worker processes, --jobs 2)
 # Each script writes experiments/results/<name>.{json,png}; logs go to experiments/results/runs/logs/.
 # THREADS=2 (and running the lanes one after the other) is faster only on an otherwise idle machine.
 set -euo pipefail
@@ -26,4 +28,6 @@ wait $lane_a && wait $lane_b
 run exp2_table1 & lane_a=$!
 (run exp3_smoothing && run exp4_reuse && run exp6_anderson) & lane_b=$!
 wait $lane_a && wait $lane_b
+
+run exp7_prepost
 "$PYTHON" experiments/summarize.py

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -111,6 +112,38 @@ def exp6(data: dict) -> list[str]:
     return lines
 
 
+def exp7(data: dict) -> list[str]:
+    """Pre/post depth comparison (DDPM, each model's own allocation search)."""
+    depths = list(data["models"])
+    lines = ["| pre = post | params | training steps | units/step | total units | final loss | "
+             + " | ".join(f"FID @ {b}" for b in data["budgets"]) + " |", "|---|---|---|---|---|---|"
+             + "---|" * len(data["budgets"])]
+    for depth in depths:
+        m = data["models"][depth]
+        cells = [f"{fid(r)} (k={r['best_iters']}{'+R' if r['best_reuse'] else ''}, {r['num_steps']} steps)"
+                 for r in m["rows"]]
+        train = m.get("train", {})
+        loss = f"{train['final_loss']:.4f}" if "final_loss" in train else "-"
+        lines.append(f"| {depth} | {m['num_params']:,} | {train.get('steps', '-')} | {m['units_per_step']:g} | "
+                     f"{m.get('total_units', math.nan):,.0f} | {loss} | " + " | ".join(cells) + " |")
+    lines.append("\nBest pre = post per budget: " + ", ".join(
+        f"{b}: {d}" for b, d in data["best_pre_post_per_budget"].items()))
+    lines.append(f"\nSearch (seed {data['search_seed']}, {data['search_samples']} samples each):")
+    lines.append("\n| pre = post | budget | " + " | ".join(
+        f"k={k}{'+R' if r else ''}" for k in data["candidate_iters"] for r in (False, True)) + " |")
+    lines.append("|---|---|" + "---|" * (2 * len(data["candidate_iters"])))
+    for depth in depths:
+        for r in data["models"][depth]["rows"]:
+            by_key = {(s["iters"], s["reuse"]): s["search_fid"] for s in r["search"]}
+            cells = [f"{by_key[(k, reuse)]:.1f}" if (k, reuse) in by_key else "-"
+                     for k in data["candidate_iters"] for reuse in (False, True)]
+            lines.append(f"| {depth} | {r['budget']} | " + " | ".join(cells) + " |")
+    for depth in depths:
+        if "source" not in data["models"][depth].get("train", {"source": None}):
+            lines.append(f"\npre = post = {depth} command: `{data['models'][depth]['train']['command']}`")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print every available table with the command that produced it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -118,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     for name, table in (("exp1_equal_compute", exp1), ("exp2_table1", exp2), ("exp3_smoothing", exp3),
-                        ("exp4_reuse", exp4), ("exp5_sjfb", exp5), ("exp6_anderson", exp6)):
+                        ("exp4_reuse", exp4), ("exp5_sjfb", exp5), ("exp6_anderson", exp6),
+                        ("exp7_prepost", exp7)):
         data = load(out_dir, name)
         if data is None:
             print(f"## {name}: not run\n")

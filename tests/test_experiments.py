@@ -106,3 +106,21 @@ def test_exp6_anderson(quick_dir):
         assert_fid_record(row["iteration"])
         assert_fid_record(row["anderson"])
         assert row["iteration"]["blocks_per_image_max"] == row["anderson"]["blocks_per_image_max"]  # equal budget
+
+
+def test_exp7_prepost(quick_dir):
+    result = run_quick("exp7_prepost", quick_dir)
+    models = result["models"]
+    assert set(models) == {"0", "1", "2"}
+    params = [models[d]["num_params"] for d in ("0", "1", "2")]
+    assert params == sorted(params) and len(set(params)) == 3  # each pre/post pair adds two blocks
+    units = [models[d]["total_units"] for d in ("0", "2")]  # equal training compute up to a step
+    assert abs(units[0] - units[1]) <= max(models[d]["units_per_step"] for d in ("0", "2"))
+    command = models["0"]["train"]["command"]
+    assert command.startswith("python train.py") and "--fixed_point_pre_depth 0" in command
+    for depth, model in models.items():
+        for row in model["rows"]:
+            assert_fid_record(row)
+            assert row["planned_blocks_per_image"] == row["budget"]
+            assert row["best_iters"] in [s["iters"] for s in row["search"]]
+    assert set(result["best_pre_post_per_budget"].values()) <= {0, 1, 2}
