@@ -236,11 +236,16 @@ def given_fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
             if f.name in vars(args) and getattr(args, f.name) is not None}
 
 
-def config_diff(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two config dicts, one 'field: a != b' per differing field."""
-    keys = sorted(set(expected) | set(actual))
-    return [f"{k}: {expected.get(k, '<absent>')!r} != {actual.get(k, '<absent>')!r}"
-            for k in keys if expected.get(k, "<absent>") != actual.get(k, "<absent>")]
+def config_diff(expected: dict[str, Any], actual: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two (possibly nested) config dicts, one 'field: a != b' per field."""
+    differences = []
+    for key in sorted(set(expected) | set(actual)):
+        a, b = expected.get(key, "<absent>"), actual.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}: {a!r} != {b!r}")
+    return differences
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 import sampling
 from checkpoint import atomic_write
-from config import SampleDDPConfig, parse_bool
+from config import SampleDDPConfig, config_diff, parse_bool
 from sample import parse_args
 
 SETUP_FILE = "setup.json"
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     recorded = _read_setup(sample_dir)
     if recorded is not None and recorded.get("setup") != _jsonable(setup):
         raise ValueError(f"--sample_dir {sample_dir} holds samples from a different setup "
-                         f"({', '.join(_differences(recorded.get('setup', {}), _jsonable(setup)))}); "
+                         f"(recorded != now: {'; '.join(config_diff(recorded.get('setup', {}), _jsonable(setup))[:8])}); "
                          "use a new --sample_dir or the same flags")
     if rank == 0:
         print(sampling.describe_plan(plan))
@@ -220,18 +220,6 @@ def _read_setup(sample_dir: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"--sample_dir {sample_dir}: {path.name} is not valid JSON ({error})") from error
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    out = []
-    for key in keys:
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out[:8]
 
 
 def _image_shape(sample_dir: Path) -> tuple[int, ...]:

@@ -421,5 +421,5 @@ def test_sample_ddp_refuses_a_different_setup_in_the_same_folder(fpdm_ckpt, tmp_
     common = ["--ckpt", str(fpdm_ckpt), "--sample_dir", str(sample_dir), "--num_fid_samples", "2",
               "--num_sampling_steps", "2", "--fixed_point_iters", "1", "--cfg_scale", "1"]
     assert sample_ddp.main(common) == sample_dir / "samples_2.npz"
-    with pytest.raises(ValueError, match="different setup"):
+    with pytest.raises(ValueError, match=r"different setup.*fixed_point_iters: 1 != 2"):
         sample_ddp.main([*common, "--fixed_point_iters", "2"])
