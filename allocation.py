@@ -10,8 +10,10 @@ Everything here is plain integer arithmetic on arguments: no model, no state. Li
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
+
+from config import DEFAULT_FIXED_POINT_TOL, DEFAULT_SAMPLING_STEPS
 
 SCHEDULES = ("fixed", "increasing", "decreasing", "adaptive")
 
@@ -209,7 +211,7 @@ def _plan_dit(depth: int, steps: Optional[int], iters: Optional[int], budget: Op
         raise ValueError(f"--iteration_schedule {schedule} applies to FPDM checkpoints only (this one is a DiT)")
     notes = []
     if budget is None:
-        steps = 250 if steps is None else steps
+        steps = DEFAULT_SAMPLING_STEPS if steps is None else steps
         return IterationPlan(steps, [0] * steps, "dit", dit_sampling_blocks(depth, steps), fixed_point=False,
                              depth=depth)
     if budget < depth:
@@ -240,7 +242,7 @@ def _plan_fpdm(pre: int, post: int, steps: Optional[int], iters: Optional[int], 
     k = default_iters if iters is None else iters
 
     if budget is None:
-        steps = 250 if steps is None else steps
+        steps = DEFAULT_SAMPLING_STEPS if steps is None else steps
         budget_blocks = steps * fpdm_step_blocks(pre, k, post)
     elif steps is None:
         step_cost = fpdm_step_blocks(pre, k, post)
@@ -275,22 +277,19 @@ def _plan_fpdm(pre: int, post: int, steps: Optional[int], iters: Optional[int], 
     return IterationPlan(steps, per_step, schedule, blocks, pre_depth=pre, post_depth=post, budget=budget)
 
 
-def plan_for_model(model_config: Any, sample_config: Any, given: Optional[set[str]] = None) -> IterationPlan:
-    """Plan from a ModelConfig and a SampleConfig; `given` names the SampleConfig flags set on the command line.
+def plan_for_model(model_config: Any, sample_config: Any) -> IterationPlan:
+    """Plan from a ModelConfig and a SampleConfig; its None fields (steps, iterations, budget) are derived.
 
-    `given` None (library callers) counts the fields that differ from SampleConfig's defaults as given. With a
-    --budget, --num_sampling_steps is used only when given (else derived); --fixed_point_iters 0 means 'not
-    given' (the model default: its training maximum n + m iterations).
+    --fixed_point_iters None is the model default (its training maximum n + m iterations); --num_sampling_steps
+    None is 250 without a --budget and derived from it with one.
     """
-    if given is None:
-        given = {f.name for f in fields(sample_config) if getattr(sample_config, f.name) != f.default}
-    steps = sample_config.num_sampling_steps if ("num_sampling_steps" in given or not sample_config.budget) else None
-    common = dict(num_sampling_steps=steps, fixed_point_iters=sample_config.fixed_point_iters or None,
-                  budget=sample_config.budget or None, schedule=sample_config.iteration_schedule,
-                  max_steps=model_config.diffusion_steps)
+    common = dict(num_sampling_steps=sample_config.num_sampling_steps,
+                  fixed_point_iters=sample_config.fixed_point_iters, budget=sample_config.budget,
+                  schedule=sample_config.iteration_schedule, max_steps=model_config.diffusion_steps)
     if not model_config.fixed_point:
         return plan_iterations(fixed_point=False, depth=model_config.blocks_per_step(0), **common)
     default_iters = model_config.fixed_point_with_grad_max_iters + model_config.fixed_point_no_grad_max_iters
     return plan_iterations(fixed_point=True, pre_depth=model_config.fixed_point_pre_depth,
                            post_depth=model_config.fixed_point_post_depth, default_iters=max(1, default_iters),
-                           fixed_point_tol=sample_config.fixed_point_tol, **common)
+                           fixed_point_tol=DEFAULT_FIXED_POINT_TOL if sample_config.fixed_point_tol is None
+                           else sample_config.fixed_point_tol, **common)

@@ -8,15 +8,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+TRACKERS = ("none", "wandb", "tensorboard")
+DEFAULT_SAMPLING_STEPS = 250     # DiT's default number of denoising steps
+DEFAULT_CFG_SCALE = 4.0          # guidance of the paper's qualitative figures (class-conditional models)
+DEFAULT_FIXED_POINT_TOL = 1e-3   # relative residual at which --iteration_schedule adaptive stops a timestep
 
 
-def _flag(default: Any, help: str) -> Any:
-    """A dataclass field carrying its command-line help text."""
-    return field(default=default, metadata={"help": help})
+class UserError(ValueError):
+    """A user mistake (bad flag value, bad file): scripts print its message on one line and exit 2 (cli.py)."""
+
+
+def _flag(default: Any, help: str, *, aliases: Sequence[str] = (), choices: Sequence[Any] = (),
+          required: bool = False) -> Any:
+    """A dataclass field that is one command-line flag: help text, extra spellings, allowed values."""
+    return field(default=default, metadata={"help": help, "aliases": tuple(aliases), "choices": tuple(choices),
+                                            "required": required})
+
+
+def _check(condition: bool, flag: str, message: str, value: Any) -> None:
+    """Raise UserError('--flag: message (got value)') unless `condition` holds."""
+    if not condition:
+        raise UserError(f"--{flag}: {message} (got {value!r})")
 
 
 #################################################################################
@@ -33,9 +52,10 @@ class ModelConfig:
     num_classes: int = _flag(10, "Number of classes; 0 trains an unconditional model.")
     class_dropout_prob: float = _flag(0.1, "Label dropout for classifier-free guidance.")
     learn_sigma: bool = _flag(True, "Learn the variance (learned-range, improved DDPM / DiT).")
-    fixed_point: bool = _flag(True, "FPDM (pre blocks, one implicit fixed-point block, post blocks; Sec. 3.2); False: a DiT.")
-    fixed_point_pre_depth: int = _flag(1, "Explicit blocks before the fixed-point block (alias --deq_pre_depth).")
-    fixed_point_post_depth: int = _flag(1, "Explicit blocks after the fixed-point block (alias --deq_post_depth).")
+    fixed_point: bool = _flag(False, "True: FPDM (pre blocks, one implicit fixed-point block, post blocks; Sec. 3.2); "
+                                     "False: a DiT (the authors' 'standard model').")
+    fixed_point_pre_depth: int = _flag(1, "Explicit blocks before the fixed-point block.", aliases=["--deq_pre_depth"])
+    fixed_point_post_depth: int = _flag(1, "Explicit blocks after the fixed-point block.", aliases=["--deq_post_depth"])
     fixed_point_no_grad_min_iters: int = _flag(0, "S-JFB: lower bound of n, the iterations run without gradient.")
     fixed_point_no_grad_max_iters: int = _flag(12, "S-JFB: upper bound N of the iterations run without gradient.")
     fixed_point_with_grad_min_iters: int = _flag(1, "S-JFB: lower bound of m, the iterations backpropagated through.")
@@ -45,9 +65,29 @@ class ModelConfig:
     predict_v: bool = _flag(False, "Predict velocity v instead of noise (Salimans & Ho).")
     predict_xstart: bool = _flag(False, "Predict x0 instead of noise.")
     use_zero_terminal_snr: bool = _flag(False, "Rescale the schedule to zero terminal SNR (Lin et al. 2023).")
-    noise_schedule: str = _flag("linear", "Beta schedule: linear or cosine.")
+    noise_schedule: str = _flag("linear", "Beta schedule.", choices=["linear", "cosine"])
     diffusion_steps: int = _flag(1000, "Number of diffusion timesteps T.")
-    v_loss_weighting: str = _flag("v_mse", "v-prediction loss: v_mse (plain MSE on v) or authors (their released loss).")
+    v_loss_weighting: str = _flag("v_mse", "v-prediction loss: v_mse (plain MSE on v) or authors (their released loss).",
+                                  choices=["v_mse", "authors"])
+
+    def validate(self) -> "ModelConfig":
+        """Refuse impossible depths and S-JFB bounds (0 <= n_min <= N, 1 <= m_min <= M); returns self."""
+        for name in ("image_size", "in_channels", "diffusion_steps"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.num_classes >= 0, "num_classes", "must be >= 0", self.num_classes)
+        _check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", "must be in [0, 1)", self.class_dropout_prob)
+        _check_choices(self)
+        if not self.fixed_point:
+            return self
+        for name in ("fixed_point_pre_depth", "fixed_point_post_depth", "fixed_point_no_grad_min_iters"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        _check(self.fixed_point_with_grad_min_iters >= 1, "fixed_point_with_grad_min_iters", "must be >= 1",
+               self.fixed_point_with_grad_min_iters)
+        for kind in ("no_grad", "with_grad"):
+            low, high = getattr(self, f"fixed_point_{kind}_min_iters"), getattr(self, f"fixed_point_{kind}_max_iters")
+            _check(high >= low, f"fixed_point_{kind}_max_iters", f"must be >= --fixed_point_{kind}_min_iters {low}",
+                   high)
+        return self
 
     @property
     def input_size(self) -> int:
@@ -95,7 +135,9 @@ def _registry_depth(constructor: Any) -> int:
 @dataclass
 class TrainConfig:
     """Training run: data, optimisation, logging and checkpointing."""
-    dataset: str = _flag("digits", "digits (built-in), latents (from extract_features.py) or imagefolder.")
+    config: str = _flag("", "YAML preset (configs/*.yaml) of model and training fields; flags given override it.")
+    dataset: str = _flag("digits", "digits (built-in), latents (from extract_features.py) or imagefolder.",
+                         choices=["digits", "latents", "imagefolder"])
     feature_path: str = _flag("", "Folder written by extract_features.py (--dataset latents).")
     data_path: str = _flag("", "Folder of class sub-folders of images (--dataset imagefolder).")
     vae: str = _flag("", "AutoencoderKL path or hub name for --dataset imagefolder in latent space ('' = pixel space).")
@@ -103,68 +145,169 @@ class TrainConfig:
     lr: float = _flag(1e-4, "AdamW learning rate (paper: 1e-4, no weight decay).")
     weight_decay: float = _flag(0.0, "AdamW weight decay.")
     epochs: int = _flag(1400, "Epochs over the dataset (training also stops at --max_steps).")
-    max_steps: int = _flag(1000, "Stop after this many optimizer steps (0: no cap; the default keeps a CPU run to minutes).")
+    max_steps: Optional[int] = _flag(1000, "Stop after this many optimizer steps (None: no cap; the default keeps a "
+                                           "CPU run to minutes).")
     ema_decay: float = _flag(0.9999, "EMA decay of the weights (paper: 0.9999).")
     ema_warmup: bool = _flag(True, "Use decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA.")
     global_seed: int = _flag(0, "Seed; each process uses global_seed * world_size + rank.")
     ckpt_every: int = _flag(1000, "Write a checkpoint every this many steps (and at the end).")
     log_every: int = _flag(100, "Log metrics every this many steps.")
-    log_with: str = _flag("none", "Tracker: none, wandb or tensorboard.")
+    log_with: str = _flag("none", "Experiment tracker.", choices=TRACKERS)
     output_dir: str = _flag("results", "Folder holding the run folders.")
-    output_subdir: str = _flag("", "Run folder name inside --output_dir (default: derived from the model and a counter).")
+    output_subdir: str = _flag("", "Run folder name inside --output_dir ('': derived from the model and a counter).")
     resume: str = _flag("", "Checkpoint to resume from (a .pt file, or a run folder: its checkpoints/latest.pt).")
     compile: bool = _flag(False, "torch.compile each transformer block (the fixed-point loop reuses one graph).")
     grad_checkpointing: bool = _flag(False, "Non-reentrant gradient checkpointing of the explicit blocks.")
     num_workers: int = _flag(0, "DataLoader worker processes.")
     sample_grid: bool = _flag(True, "Write a grid of EMA samples to the run folder at the end of training.")
 
+    def validate(self) -> "TrainConfig":
+        """Refuse bad values of single flags (the process count is checked by train.py); returns self."""
+        _check_choices(self)
+        for name in ("global_batch_size", "lr", "ckpt_every", "log_every", "epochs"):
+            _check(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 (None: no cap)",
+               self.max_steps)
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)", self.ema_decay)
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0", self.num_workers)
+        return self
+
 
 @dataclass
 class SampleConfig:
     """Sampling: checkpoint, sampler, compute allocation across timesteps (Sec. 3.3) and outputs."""
-    ckpt: str = _flag("", "Checkpoint (.pt from train.py, or .safetensors); default: the bundled digits FPDM.")
+    ckpt: str = _flag("", "Checkpoint (.pt from train.py, or .safetensors); '': the bundled digits FPDM.")
     use_ema: bool = _flag(True, "Use the EMA weights of a training checkpoint.")
     vae: str = _flag("ema", "AutoencoderKL for latent models: a local path or hub name (ema/mse: stabilityai/sd-vae-ft-*).")
-    cfg_scale: float = _flag(4.0, "Classifier-free guidance scale (1.0: no guidance).")
+    cfg_scale: Optional[float] = _flag(None, f"Classifier-free guidance scale (1.0: no guidance). None: "
+                                             f"{DEFAULT_CFG_SCALE} for class-conditional models, 1.0 for unconditional.")
     cfg_channels: str = _flag("3", "Guide the first k mean channels as DiT/FPDM do (3), or 'all' for the standard form.")
-    num_sampling_steps: int = _flag(250, "Denoising steps (timesteps visited).")
+    num_sampling_steps: Optional[int] = _flag(None, f"Denoising steps (timesteps visited). None: {DEFAULT_SAMPLING_STEPS}"
+                                                    ", or derived from --budget when one is given.")
     ddim: bool = _flag(False, "Sample with DDIM instead of DDPM.")
     ddim_eta: float = _flag(0.0, "DDIM eta (0: deterministic).")
     timestep_spacing: str = _flag("default", "default (DiT's even spacing) or trailing (always visits t = T-1).")
     seed: int = _flag(0, "Global seed: image i uses seed + i, whatever the batch size or number of processes.")
-    num_samples: int = _flag(16, "Number of images to draw (sample.py).")
-    class_labels: str = _flag("", "Comma-separated class labels, cycled over images (default: image i gets class i mod num_classes).")
-    output_dir: str = _flag("samples", "Folder for individual PNGs and the grid (sample.py).")
-    batch_size: int = _flag(32, "Images per forward batch (sample.py).")
-    fixed_point_iters: int = _flag(0, "Fixed-point iterations per timestep (0: the model's training maximum n+m).")
+    num_samples: int = _flag(16, "Number of images to draw.")
+    class_labels: str = _flag("", "Comma-separated class labels, cycled over images ('': image i gets class i mod "
+                                  "num_classes with sample.py, a random class with sample_ddp.py).")
+    output_dir: str = _flag("samples", "Folder for the PNGs and the record.")
+    batch_size: int = _flag(32, "Images per forward batch (on each process).")
+    fixed_point_iters: Optional[int] = _flag(None, "Fixed-point iterations per timestep. None: the model's default "
+                                                   "(derived from --budget and the steps when both are given).")
     fixed_point_reuse_solution: bool = _flag(False, "Start each timestep's iteration from the previous solution (Sec. 3.3).")
-    budget: int = _flag(0, "Total transformer-block forward passes per image (0: derived from steps and iterations).")
-    iteration_schedule: str = _flag("fixed", "Iterations across timesteps: fixed, increasing, decreasing or adaptive.")
-    fixed_point_tol: float = _flag(1e-3, "adaptive schedule: stop a timestep when the relative residual is below this.")
+    budget: Optional[int] = _flag(None, "Total transformer-block forward passes per image. None: derived from the "
+                                        "steps and iterations.")
+    iteration_schedule: str = _flag("fixed", "Iterations across timesteps.",
+                                    choices=["fixed", "increasing", "decreasing", "adaptive"])
+    fixed_point_tol: Optional[float] = _flag(None, "adaptive schedule: stop a timestep when the relative residual is "
+                                                   f"below this. None: {DEFAULT_FIXED_POINT_TOL}.")
     fixed_point_solver: str = _flag("iteration", "iteration (plain fixed-point iteration) or anderson.")
     anderson_memory: int = _flag(5, "Anderson acceleration: number of past iterates mixed.")
     diagnostics: str = _flag("", "Write per-timestep residuals (the paper's delta_t, Fig. 6) to this JSON file.")
-    device: str = _flag("auto", "auto, cpu or cuda.")
+    device: str = _flag("auto", "auto, cpu, cuda or cuda:N.")
+
+    def validate(self) -> "SampleConfig":
+        """Refuse bad values of single flags (checks against the checkpoint live in sampling.py); returns self."""
+        _check_choices(self)
+        for name in ("num_samples", "batch_size", "num_sampling_steps", "fixed_point_iters", "budget",
+                     "anderson_memory"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, "must be >= 1", value)
+        _check(self.cfg_scale is None or math.isfinite(self.cfg_scale), "cfg_scale", "must be a finite number",
+               self.cfg_scale)
+        _check(self.cfg_channels == "all" or (self.cfg_channels.isdigit() and int(self.cfg_channels) >= 1),
+               "cfg_channels", "must be a positive integer or 'all'", self.cfg_channels)
+        _check(self.ddim_eta >= 0, "ddim_eta", "must be >= 0", self.ddim_eta)
+        _check(self.fixed_point_tol is None or self.fixed_point_tol > 0, "fixed_point_tol", "must be > 0",
+               self.fixed_point_tol)
+        return self
 
 
 @dataclass
 class SampleDDPConfig(SampleConfig):
-    """Many-sample generation for FID: per-image seeds across processes, resumable, packed to an ADM .npz."""
-    num_fid_samples: int = _flag(50_000, "Number of images to generate across all processes.")
-    sample_dir: str = _flag("samples", "Folder holding the run's PNGs and the packed .npz.")
-    per_proc_batch_size: int = _flag(32, "Images per forward batch on each process.")
-    global_seed: int = _flag(0, "Global seed: image i uses global_seed + i.")
+    """Many-sample generation for FID: per-image seeds across processes, resumable, packed to an ADM .npz.
+
+    The same fields as SampleConfig; the official DiT spellings of sample_ddp.py are aliases of them.
+    """
+    seed: int = _flag(0, "Global seed: image i uses seed + i, whatever the batch size or number of processes.",
+                      aliases=["--global_seed"])
+    num_samples: int = _flag(50_000, "Number of images to generate across all processes.",
+                             aliases=["--num_fid_samples"])
+    output_dir: str = _flag("samples", "Folder holding the run's PNGs, setup.json and the packed .npz.",
+                            aliases=["--sample_dir"])
+    batch_size: int = _flag(32, "Images per forward batch on each process.", aliases=["--per_proc_batch_size"])
+    tf32: Optional[bool] = _flag(None, "Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less exact). "
+                                       "None: PyTorch's own setting.")
+
+
+@dataclass
+class EvaluateConfig:
+    """evaluate.py: FID (digits-FID or Inception FID) and classifier accuracy of a sample archive."""
+    samples: str = _flag("", "ADM-format .npz: arr_0 uint8 (N, H, W, 3) RGB, optional arr_1 labels.", required=True)
+    features: Optional[str] = _flag(None, "Feature extractor. None: inception if --inception is given, else digits.",
+                                    choices=["digits", "inception"])
+    ref_stats: str = _flag("", "Reference statistics .npz (mu, sigma); with --ref_npz/--dataset it is the cache path.")
+    ref_npz: str = _flag("", "ADM-format .npz of real images (arr_0); excludes --dataset.")
+    dataset: str = _flag("", "Built-in reference dataset ('': digits for --features digits).", choices=["", "digits"])
+    ref_split: str = _flag("all", "Which real digits form the reference (all = 1797 images).",
+                           choices=["all", "train", "test"])
+    inception: str = _flag("", "TorchScript FID Inception file (inception-2015-12-05.pt); never downloaded.")
+    classifier: str = _flag("", "safetensors cache of the digits classifier (trained and written if absent).")
+    classifier_seed: int = _flag(0, "Seed of the digits classifier's training.")
+    setup: str = _flag("", "JSON file with the sampling setup ('': setup.json beside --samples, as sample_ddp.py "
+                           "writes it).")
+    out: str = _flag("results/eval.jsonl", "JSON-lines file the record is appended to.")
+    batch_size: int = _flag(100, "Images per feature batch.")
+    device: str = _flag("cpu", "cpu, cuda or cuda:N.")
+
+    def validate(self) -> "EvaluateConfig":
+        """Refuse bad values of single flags; returns self."""
+        _check_choices(self)
+        _check(not (self.ref_npz and self.dataset), "ref_npz", "excludes --dataset", self.dataset)
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        return self
+
+
+@dataclass
+class ExtractConfig:
+    """extract_features.py: encode an image folder into VAE latent chunks."""
+    data_path: str = _flag("", "Folder of class sub-folders of images (sorted names -> labels 0, 1, ...).",
+                           required=True)
+    features_path: str = _flag("", "Output folder (pass it to train.py as --feature_path).", required=True,
+                               aliases=["--feature_path"])
+    vae: str = _flag("ema", "AutoencoderKL: local folder or hub name (ema, mse shortcuts).")
+    image_size: int = _flag(256, "Centre-crop size in pixels.")
+    batch_size: int = _flag(32, "Images per encoder batch.")
+    flip: bool = _flag(False, "Also store latents of the horizontally mirrored images (served as extra items).")
+    chunk_size: int = _flag(256, "Images per chunk file.")
+    num_workers: int = _flag(0, "DataLoader worker processes.")
+    seed: int = _flag(0, "Seed of the posterior draws (chunk c uses [seed, c]).")
+    sample_posterior: bool = _flag(True, "Sample latents from the encoder's Gaussian as DiT does (False: its mean).")
+    dtype: str = _flag("float32", "Stored latent dtype.", choices=["float32", "float16"])
+
+    def validate(self) -> "ExtractConfig":
+        """Refuse bad values of single flags; returns self."""
+        _check_choices(self)
+        for name in ("image_size", "batch_size", "chunk_size"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.num_workers >= 0, "num_workers", "must be >= 0", self.num_workers)
+        return self
+
+
+def _check_choices(config: Any) -> None:
+    """Every field with `choices` metadata holds one of them."""
+    for f in fields(config):
+        choices = f.metadata.get("choices", ())
+        value = getattr(config, f.name)
+        if choices and value is not None and value not in choices:
+            raise UserError(f"--{f.name}: must be one of {', '.join(map(str, choices))} (got {value!r})")
 
 
 #################################################################################
 #                                Flag parsing                                   #
 #################################################################################
-
-FLAG_ALIASES = {
-    "fixed_point_pre_depth": ["--deq_pre_depth"],
-    "fixed_point_post_depth": ["--deq_post_depth"],
-}
-
 
 def parse_bool(value: str | bool) -> bool:
     """Parse True/False spellings used on command lines (True, false, 1, 0, yes, no)."""
@@ -178,62 +321,96 @@ def parse_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def _field_type(cls: type, f: dataclasses.Field) -> type:
-    """Resolve a field's annotation (string annotations under `from __future__ import annotations`)."""
+def _field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
+    """A field's value type and whether it is Optional (string annotations resolved)."""
     hint = typing.get_type_hints(cls)[f.name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+        return next(a for a in typing.get_args(hint) if a is not type(None)), True
+    return hint, False
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, *, defaults_from_config: bool = True,
-                    skip: Sequence[str] = ()) -> None:
-    """Add one flag per field of dataclass `cls`; defaults_from_config=False makes every default None ('not given')."""
-    group = parser.add_argument_group(cls.__name__)
+def _value_parser(kind: type, optional: bool) -> Any:
+    """The string -> value parser of a flag; Optional fields also accept None ('derive it')."""
+    base = parse_bool if kind is bool else kind
+
+    def parse(text: str) -> Any:
+        if optional and isinstance(text, str) and text.strip().lower() == "none":
+            return None
+        return base(text)
+    parse.__name__ = getattr(base, "__name__", "value")  # argparse names the type in 'invalid ... value' errors
+    return parse
+
+
+def flag_names(f: dataclasses.Field) -> list[str]:
+    """Every spelling of a field's flag: --a_b, --a-b and its aliases (each also with dashes)."""
+    names = []
+    for name in [f"--{f.name}", *f.metadata.get("aliases", ())]:
+        for spelling in (name, "--" + name[2:].replace("_", "-")):
+            if spelling not in names:
+                names.append(spelling)
+    return names
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    """Help text with the allowed values and the real default (None defaults are explained in the text)."""
+    text = f.metadata.get("help", "")
+    choices = [c for c in f.metadata.get("choices", ()) if c != ""]
+    if choices:
+        text += f" One of: {', '.join(map(str, choices))}."
+    if f.metadata.get("required"):
+        text += " Required."
+    elif f.default is not None:
+        text += f" (default: {f.default!r})" if isinstance(f.default, str) else f" (default: {f.default})"
+    return text.replace("%", "%%")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
+                    note: str = "") -> None:
+    """Add one flag per field of dataclass `cls`. Defaults are SUPPRESSed: the namespace holds only given flags."""
+    group = parser.add_argument_group(cls.__name__, note or (cls.__doc__ or "").splitlines()[0])
     for f in fields(cls):
         if f.name in skip:
             continue
-        names = [f"--{f.name}"]
-        if "_" in f.name:
-            names.append(f"--{f.name.replace('_', '-')}")
-        names += FLAG_ALIASES.get(f.name, [])
-        kind = _field_type(cls, f)
-        default = f.default if defaults_from_config else None
-        kwargs: dict[str, Any] = dict(dest=f.name, default=default, help=f.metadata.get("help", "").replace("%", "%%"))
+        kind, optional = _field_type(cls, f)
+        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=_help_text(f),
+                                      type=_value_parser(kind, optional))
+        if f.metadata.get("required"):
+            kwargs["required"] = True
         if kind is bool:
-            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="True|False")
-        else:
-            kwargs.update(type=kind)
-        group.add_argument(*names, **kwargs)
+            kwargs.update(nargs="?", const=True, metavar="True|False")
+        elif optional:
+            kwargs["metavar"] = f"{kind.__name__.upper()}|None"
+        group.add_argument(*flag_names(f), **kwargs)
 
 
-def make_parser(description: str, *configs: type, partial: Sequence[type] = ()) -> argparse.ArgumentParser:
-    """A parser with flags for each config class; classes in `partial` default to None so 'given' is detectable."""
+def make_parser(description: str, *configs: type, notes: dict[type, str] | None = None) -> argparse.ArgumentParser:
+    """One parser with the flags of each config class (a field name shared by two classes is one flag); `notes`
+    replaces a class's group description in --help."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     seen: set[str] = set()
     for cls in configs:
-        add_config_args(parser, cls, skip=seen)
-        seen |= {f.name for f in fields(cls)}
-    for cls in partial:
-        add_config_args(parser, cls, defaults_from_config=False, skip=seen)
+        add_config_args(parser, cls, skip=seen, note=(notes or {}).get(cls, ""))
         seen |= {f.name for f in fields(cls)}
     return parser
 
 
-def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
-    """Build `cls` from parsed flags; fields left None (not given) keep their value in `base` (or the default)."""
+def parse_flags(description: str, configs: Sequence[type], argv: Sequence[str] | None = None,
+                notes: dict[type, str] | None = None) -> dict[str, Any]:
+    """Parse `argv` against the flags of `configs`: {field name: value} for exactly the flags given."""
+    return vars(make_parser(description, *configs, notes=notes).parse_args(argv))
+
+
+def given_fields(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `given` (from parse_flags) that are fields of `cls`."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in given.items() if k in names}
+
+
+def build_config(cls: type, given: dict[str, Any], base: Any = None) -> Any:
+    """`cls` from `base` (or the dataclass defaults) with the given fields of `cls` replaced."""
     values = asdict(base) if base is not None else {}
-    for f in fields(cls):
-        if f.name in vars(args) and getattr(args, f.name) is not None:
-            values[f.name] = getattr(args, f.name)
-    return cls(**values)
-
-
-def given_fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The fields of `cls` that were given on the command line (parsed with defaults_from_config=False)."""
-    return {f.name: getattr(args, f.name) for f in fields(cls)
-            if f.name in vars(args) and getattr(args, f.name) is not None}
+    return cls(**{**values, **given_fields(cls, given)})
 
 
 def config_diff(expected: dict[str, Any], actual: dict[str, Any], prefix: str = "") -> list[str]:
@@ -253,5 +430,53 @@ def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"checkpoint config has fields this code does not know: {unknown}")
-    return ModelConfig(**values)
+        raise UserError(f"checkpoint config has fields this code does not know: {unknown}")
+    return ModelConfig(**values).validate()
+
+
+#################################################################################
+#                                   Presets                                     #
+#################################################################################
+
+def load_preset(path: str | Path, *configs: type) -> dict[str, Any]:
+    """Read a YAML preset of flat `field: value` pairs for the fields of `configs`, each parsed as its flag would be.
+
+    An unknown key or a value of the wrong type is a UserError naming the file and the key.
+    """
+    import yaml  # PyYAML (requirements.txt)
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"--config {path}: not valid YAML ({error})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
+    known = {f.name: (cls, f) for cls in reversed(configs) for f in fields(cls)}
+    parsed = {}
+    for key, value in values.items():
+        if key not in known or key == "config":
+            raise UserError(f"--config {path}: unknown key {key!r} (keys are the flag names, e.g. lr, fixed_point)")
+        cls, f = known[key]
+        kind, optional = _field_type(cls, f)
+        parsed[key] = _preset_value(path, key, value, kind, optional)
+    return parsed
+
+
+def _preset_value(path: Path, key: str, value: Any, kind: type, optional: bool) -> Any:
+    """One preset value converted to the field's type (YAML reads 1e-4 as a string, so strings are parsed)."""
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"--config {path}: {key} may not be null")
+    try:
+        if kind is bool:
+            return parse_bool(value if isinstance(value, (bool, str)) else str(value))
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
+        return kind(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise UserError(f"--config {path}: {key}: expected {kind.__name__} (got {value!r})") from None

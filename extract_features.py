@@ -9,43 +9,30 @@ process writes manifest.json once all chunks exist; the format is described in d
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from config import parse_bool
+import cli
+from config import ExtractConfig, UserError, build_config, make_parser
 from data import (MANIFEST_NAME, ImageFolderDataset, extract_latent_chunks, extraction_settings,
                   find_complete_chunks, load_vae, plan_chunks, remove_stale_temp_files,
                   write_latents_manifest)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags of extract_features.py (abbreviations and unknown flags are rejected)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data_path", "--data-path", required=True,
-                        help="Folder of class sub-folders of images (sorted names -> labels 0, 1, ...).")
-    parser.add_argument("--features_path", "--features-path", "--feature_path", dest="features_path", required=True,
-                        help="Output folder (pass it to train.py as --feature_path).")
-    parser.add_argument("--vae", default="ema", help="AutoencoderKL: local folder or hub name (ema, mse shortcuts).")
-    parser.add_argument("--image_size", "--image-size", type=int, default=256, help="Centre-crop size in pixels.")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=32, help="Images per encoder batch.")
-    parser.add_argument("--flip", type=parse_bool, nargs="?", const=True, default=False, metavar="True|False",
-                        help="Also store latents of the horizontally mirrored images (served as extra items).")
-    parser.add_argument("--chunk_size", "--chunk-size", type=int, default=256, help="Images per chunk file.")
-    parser.add_argument("--num_workers", "--num-workers", type=int, default=0, help="DataLoader worker processes.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the posterior draws (chunk c uses [seed, c]).")
-    parser.add_argument("--sample_posterior", "--sample-posterior", type=parse_bool, nargs="?", const=True,
-                        default=True, metavar="True|False",
-                        help="Sample latents from the encoder's Gaussian as DiT does (False: its mean).")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="Stored latent dtype.")
-    return parser
+def build_parser():
+    """Command-line flags of extract_features.py (one per ExtractConfig field; abbreviations are rejected)."""
+    return make_parser(__doc__.splitlines()[0], ExtractConfig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ExtractConfig:
+    """The validated ExtractConfig of `argv`."""
+    return build_config(ExtractConfig, vars(build_parser().parse_args(argv))).validate()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run the extraction; returns the manifest on the main process (None on the others)."""
     from accelerate import Accelerator
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     accelerator = Accelerator()
     rank, world_size = accelerator.process_index, accelerator.num_processes
 
@@ -55,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                                    args.sample_posterior, args.dtype)
     folder = Path(args.features_path)
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--features_path {str(folder)!r} exists and is not a folder")
+        raise UserError(f"--features_path {str(folder)!r} exists and is not a folder")
     complete = find_complete_chunks(folder, dataset, settings)
     num_chunks = len(plan_chunks(dataset.num_images, args.chunk_size))
     if accelerator.is_main_process:
@@ -82,4 +69,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

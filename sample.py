@@ -9,41 +9,35 @@ transformer-block forward passes actually spent) to --output_dir, and prints the
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+import cli
 import sampling
-from config import ModelConfig, SampleConfig, config_from_args, given_fields, make_parser
+from config import ModelConfig, SampleConfig, build_config, given_fields, parse_flags
 
 DESCRIPTION = "Sample images from an FPDM or DiT checkpoint (architecture read from --ckpt)."
 
 
 def parse_args(argv: Sequence[str] | None, config_cls: type = SampleConfig,
-               extra: Sequence[tuple[str, dict[str, Any]]] = ()) -> tuple[Any, dict[str, Any], set[str], Any]:
-    """Parse flags: (sampling config, model flags given, names of sampling flags given, raw namespace)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser(DESCRIPTION, config_cls, partial=[ModelConfig])
-    probe = make_parser(DESCRIPTION, partial=[config_cls, ModelConfig])  # every default None: tells what was given
-    for name, kwargs in extra:
-        parser.add_argument(name, **kwargs)
-        probe.add_argument(name, **kwargs)
-    args = parser.parse_args(argv)
-    given = set(given_fields(config_cls, probe.parse_args(argv)))
-    return config_from_args(config_cls, args), given_fields(ModelConfig, args), given, args
+               description: str = DESCRIPTION) -> tuple[Any, dict[str, Any]]:
+    """Parse flags: (validated sampling config, the model flags given, to be checked against the checkpoint)."""
+    note = "Read from --ckpt; a flag given here must agree with the checkpoint (the defaults shown are train.py's)."
+    given = parse_flags(description, [config_cls, ModelConfig], argv, notes={ModelConfig: note})
+    return build_config(config_cls, given).validate(), given_fields(ModelConfig, given)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the recorded setup and statistics."""
-    config, model_flags, given, _ = parse_args(argv)
+    config, model_flags = parse_args(argv)
     device = sampling.resolve_device(config.device)
 
     # Everything that can fail does so before anything is written.
     model, model_config, ckpt = sampling.load_sampling_model(config.ckpt, device, config.use_ema, model_flags)
-    config, plan, notes = sampling.prepare_sampling(model_config, config, given, model=model)
+    config, plan, notes = sampling.prepare_sampling(model_config, config, model=model)
     class_labels = sampling.parse_class_labels(config.class_labels, model_config.num_classes)
     indices = list(range(config.num_samples))
     labels = sampling.image_labels(indices, config.seed, model_config.num_classes, class_labels, label_mode="cycle")
@@ -87,4 +81,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -12,17 +12,17 @@ whose setup differs from the one recorded in --sample_dir/setup.json is refused.
 0..N-1 into --sample_dir/samples_N.npz: arr_0 uint8 (N, H, W, 3) RGB (grayscale repeated to 3 channels) and, for
 class-conditional models, arr_1 int64 labels; setup.json records the setup and the blocks spent.
 
-The default --cfg_scale is SampleConfig's 4.0 (the guidance of the paper's qualitative figures); FID is commonly
-reported both without guidance (--cfg_scale 1) and with a low scale (DiT: 1.5): pass the one you mean.
+The default --cfg_scale is 4.0 for class-conditional models (the guidance of the paper's qualitative figures); FID
+is commonly reported both without guidance (--cfg_scale 1) and with a low scale (DiT: 1.5): pass the one you mean.
 The official DiT spellings (--num-fid-samples, --per-proc-batch-size, --sample-dir, --global-seed, --cfg-scale,
---num-sampling-steps, --tf32) are accepted.
+--num-sampling-steps, --tf32) are accepted; they set the same fields as sample.py's --num_samples, --batch_size,
+--output_dir and --seed (config.SampleDDPConfig).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,18 +31,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cli
 import sampling
 from checkpoint import atomic_write
-from config import SampleDDPConfig, config_diff, parse_bool
+from config import SampleDDPConfig, UserError, config_diff
 from sample import parse_args
 
 SETUP_FILE = "setup.json"
-# Flags of sample.py that mean the same here (used when the sample_ddp.py spelling is not given).
-ALIASES = {"num_samples": "num_fid_samples", "batch_size": "per_proc_batch_size", "output_dir": "sample_dir",
-           "seed": "global_seed"}
-# Flags that change only how the work is split, not the images: a resumed run may change them.
-NOT_IN_SETUP = {"num_fid_samples", "per_proc_batch_size", "device", "diagnostics", "num_samples", "batch_size", "seed",
-                "output_dir", "sample_dir"}
+# Flags that change only how the work is split or where it goes, not the images: a resumed run may change them.
+NOT_IN_SETUP = {"num_samples", "batch_size", "device", "diagnostics", "output_dir", "tf32"}
 
 
 #################################################################################
@@ -115,15 +112,7 @@ def pack_npz(sample_dir: Path, num_samples: int, labels: Any) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> Path | None:
     """Command-line entry point; rank 0 returns the .npz path."""
-    tf32_flag = ("--tf32", dict(type=parse_bool, nargs="?", const=True, default=None, metavar="True|False",
-                                help="Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less exact)."))
-    config, model_flags, given, args = parse_args(argv, SampleDDPConfig, extra=[tf32_flag])
-    for old, new in ALIASES.items():
-        if old in given and new not in given:
-            config = replace(config, **{new: getattr(config, old)})
-            given.add(new)
-    if config.num_fid_samples < 1 or config.per_proc_batch_size < 1:
-        raise ValueError("--num_fid_samples and --per_proc_batch_size must be >= 1")
+    config, model_flags = parse_args(argv, SampleDDPConfig, __doc__.splitlines()[0])
 
     rank, world_size, local_rank = init_distributed()
     if config.device == "auto" and torch.cuda.is_available():
@@ -131,21 +120,21 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         torch.cuda.set_device(device)
     else:
         device = sampling.resolve_device(config.device)
-    if args.tf32 is not None and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    if config.tf32 is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
 
     # Everything that can fail does so before anything is written (identically on every rank).
     model, model_config, ckpt = sampling.load_sampling_model(config.ckpt, device, config.use_ema, model_flags)
-    config, plan, notes = sampling.prepare_sampling(model_config, config, given, model=model)
+    config, plan, notes = sampling.prepare_sampling(model_config, config, model=model)
     class_labels = sampling.parse_class_labels(config.class_labels, model_config.num_classes)
     vae = sampling.load_vae_for(model_config, config.vae, device)
-    sample_dir = Path(config.sample_dir)
+    sample_dir = Path(config.output_dir)
     setup = sampling.sampling_setup(
         ckpt=ckpt, model_config=model_config, config=config, plan=plan, notes=notes, exclude=NOT_IN_SETUP,
         label_mode="random" if not class_labels else "given", vae=config.vae if model_config.latent else None)
     recorded = _read_setup(sample_dir)
     if recorded is not None and recorded.get("setup") != _jsonable(setup):
-        raise ValueError(f"--sample_dir {sample_dir} holds samples from a different setup "
+        raise UserError(f"--sample_dir {sample_dir} holds samples from a different setup "
                          f"(recorded != now: {'; '.join(config_diff(recorded.get('setup', {}), _jsonable(setup))[:8])}); "
                          "use a new --sample_dir or the same flags")
     if rank == 0:
@@ -157,14 +146,14 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
             sampling.write_json(sample_dir / SETUP_FILE, {"setup": setup, "runs": []})
     barrier()
 
-    todo = [i for i in rank_indices(config.num_fid_samples, rank, world_size)
+    todo = [i for i in rank_indices(config.num_samples, rank, world_size)
             if not image_path(sample_dir, i).is_file()]
-    labels = sampling.image_labels(todo, config.global_seed, model_config.num_classes, class_labels,
+    labels = sampling.image_labels(todo, config.seed, model_config.num_classes, class_labels,
                                    label_mode="random")
     start = time.time()
     trajectories, counts = [], []
     for batch, pixels in sampling.sample_images(model, model_config, config, plan, todo, labels,
-                                                seed=config.global_seed, batch_size=config.per_proc_batch_size,
+                                                seed=config.seed, batch_size=config.batch_size,
                                                 device=device, vae=vae):
         for index, image in zip(batch.indices, pixels):
             sampling.save_png(image, image_path(sample_dir, index))
@@ -183,22 +172,22 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     all_trajectories = [s for part in everything for s in part[0]]
     all_counts = [c for part in everything for c in part[1]]
     stats = sampling.summarize_stats(plan, all_trajectories, all_counts)
-    all_labels = sampling.image_labels(range(config.num_fid_samples), config.global_seed, model_config.num_classes,
+    all_labels = sampling.image_labels(range(config.num_samples), config.seed, model_config.num_classes,
                                        class_labels, label_mode="random")
-    npz = pack_npz(sample_dir, config.num_fid_samples, all_labels)
+    npz = pack_npz(sample_dir, config.num_samples, all_labels)
     record = _read_setup(sample_dir) or {"setup": setup, "runs": []}
-    record["runs"].append({"num_fid_samples": config.num_fid_samples, "generated_now": sum(all_counts),
-                           "world_size": world_size, "per_proc_batch_size": config.per_proc_batch_size,
+    record["runs"].append({"num_fid_samples": config.num_samples, "generated_now": sum(all_counts),
+                           "world_size": world_size, "per_proc_batch_size": config.batch_size,
                            "device": str(device), "seconds_max_rank": max(part[2] for part in everything),
                            "stats": stats, "npz": str(npz)})
     sampling.write_json(sample_dir / SETUP_FILE, record)
     if config.diagnostics and all_trajectories:
         sampling.write_diagnostics(config.diagnostics, plan, all_trajectories, setup)
     blocks = stats.get("blocks_per_image_max", 0)
-    print(f"Generated {sum(all_counts)} new images ({config.num_fid_samples - sum(all_counts)} already on disk) on "
+    print(f"Generated {sum(all_counts)} new images ({config.num_samples - sum(all_counts)} already on disk) on "
           f"{world_size} process(es); transformer-block forward passes per image: {blocks} "
           f"(planned {plan.blocks_per_image})")
-    print(f"Saved {npz} (arr_0 {config.num_fid_samples}x{'x'.join(map(str, _image_shape(sample_dir)))} uint8)")
+    print(f"Saved {npz} (arr_0 {config.num_samples}x{'x'.join(map(str, _image_shape(sample_dir)))} uint8)")
     _shutdown()
     return npz
 
@@ -219,7 +208,7 @@ def _read_setup(sample_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"--sample_dir {sample_dir}: {path.name} is not valid JSON ({error})") from error
+        raise UserError(f"--sample_dir {sample_dir}: {path.name} is not valid JSON ({error})") from error
 
 
 def _image_shape(sample_dir: Path) -> tuple[int, ...]:
@@ -227,4 +216,4 @@ def _image_shape(sample_dir: Path) -> tuple[int, ...]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from allocation import IterationPlan, plan_for_model
 from checkpoint import BUNDLED_CHECKPOINT, atomic_write, load_model_for_sampling
-from config import ModelConfig, SampleConfig, config_diff
+from config import DEFAULT_CFG_SCALE, ModelConfig, SampleConfig, UserError, config_diff
 
 SOLVER_NAMES = ("iteration", "anderson")
 TIMESTEP_SPACINGS = ("default", "trailing")
@@ -113,31 +113,26 @@ def parse_cfg_channels(value: str | int) -> int | str:
     return channels
 
 
-def validate_sample_config(model_config: ModelConfig, config: SampleConfig, given: Optional[set[str]] = None,
+def validate_sample_config(model_config: ModelConfig, config: SampleConfig,
                            model: Any = None) -> tuple[SampleConfig, list[str]]:
     """Check sampling flags against the model; returns the effective config and notes for the record.
 
-    `given` names the flags set on the command line (None: fields differing from the defaults). An unconditional
-    model's default --cfg_scale becomes 1.0; a --cfg_scale given to it is an error.
+    A --cfg_scale left None becomes 4.0 for class-conditional models and 1.0 for unconditional ones; a --cfg_scale
+    other than 1 given to an unconditional model is an error.
     """
-    if given is None:
-        given = {f.name for f in fields(config) if getattr(config, f.name) != f.default}
+    config.validate()
     notes: list[str] = []
-    for name in ("num_samples", "batch_size", "num_sampling_steps"):
-        if hasattr(config, name) and getattr(config, name) < 1:
-            raise ValueError(f"--{name} must be >= 1 (got {getattr(config, name)})")
-    if not math.isfinite(config.cfg_scale):
-        raise ValueError(f"--cfg_scale must be a finite number (got {config.cfg_scale})")
+    if config.cfg_scale is None:
+        config = replace(config, cfg_scale=DEFAULT_CFG_SCALE if model_config.num_classes else 1.0)
+        if not model_config.num_classes:
+            notes.append("unconditional checkpoint: --cfg_scale defaulted to 1.0 (no guidance)")
     if config.cfg_scale != 1.0:
         if model_config.num_classes == 0:
-            if "cfg_scale" in given:
-                raise ValueError(f"--cfg_scale {config.cfg_scale}: classifier-free guidance needs a class-conditional "
-                                 "model and this checkpoint is unconditional (num_classes 0); pass --cfg_scale 1")
-            notes.append("unconditional checkpoint: --cfg_scale defaulted to 1.0 (no guidance)")
-            config = replace(config, cfg_scale=1.0)
-        elif model_config.class_dropout_prob <= 0:
-            raise ValueError(f"--cfg_scale {config.cfg_scale}: the checkpoint was trained without label dropout "
-                             "(class_dropout_prob 0), so it has no null class to guide with; pass --cfg_scale 1")
+            raise UserError(f"--cfg_scale {config.cfg_scale}: classifier-free guidance needs a class-conditional "
+                            "model and this checkpoint is unconditional (num_classes 0); pass --cfg_scale 1")
+        if model_config.class_dropout_prob <= 0:
+            raise UserError(f"--cfg_scale {config.cfg_scale}: the checkpoint was trained without label dropout "
+                            "(class_dropout_prob 0), so it has no null class to guide with; pass --cfg_scale 1")
     parse_cfg_channels(config.cfg_channels)
     parse_class_labels(config.class_labels, model_config.num_classes)
     if config.fixed_point_solver not in SOLVER_NAMES:
@@ -156,7 +151,7 @@ def validate_sample_config(model_config: ModelConfig, config: SampleConfig, give
         if config.fixed_point_solver != "iteration":
             raise ValueError(f"--fixed_point_solver {config.fixed_point_solver} applies to FPDM checkpoints only "
                              "(this one is a DiT)")
-    elif "fixed_point_tol" in given and config.iteration_schedule != "adaptive":
+    elif config.fixed_point_tol is not None and config.iteration_schedule != "adaptive":
         notes.append("--fixed_point_tol is used by --iteration_schedule adaptive only; ignored")
     return config, notes
 
@@ -536,11 +531,11 @@ def describe_plan(plan: IterationPlan) -> str:
 #                          Convenience for other scripts                        #
 #################################################################################
 
-def prepare_sampling(model_config: ModelConfig, config: SampleConfig, given: Optional[set[str]] = None,
+def prepare_sampling(model_config: ModelConfig, config: SampleConfig,
                      model: Any = None) -> tuple[SampleConfig, IterationPlan, list[str]]:
     """Validate flags against the model and plan the compute: (effective config, plan, notes)."""
-    config, notes = validate_sample_config(model_config, config, given, model=model)
-    plan = plan_for_model(model_config, config, given)
+    config, notes = validate_sample_config(model_config, config, model=model)
+    plan = plan_for_model(model_config, config)
     return config, plan, notes
 
 
@@ -569,7 +564,7 @@ def sample_grid_png(model: Callable, model_config: ModelConfig, path: str | Path
         model.eval()
     config = SampleConfig(num_sampling_steps=num_sampling_steps, ddim=ddim, cfg_scale=cfg_scale, seed=seed,
                           num_samples=num_images)
-    config, plan, _ = prepare_sampling(model_config, config, given={"num_sampling_steps", "ddim", "cfg_scale"})
+    config, plan, _ = prepare_sampling(model_config, config)
     labels = image_labels(range(num_images), seed, model_config.num_classes)
     images = [pixels for _, pixels in sample_images(model, model_config, config, plan, list(range(num_images)),
                                                      labels, seed=seed, batch_size=num_images, device=device,

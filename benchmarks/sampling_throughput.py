@@ -81,7 +81,7 @@ def build_pair(size: str, steps: int, device):
         depth = ModelConfig(model=model_name, fixed_point=False, **data).blocks_per_step(0)  # explicit DiT depth
         iters = depth - model_config.fixed_point_pre_depth - model_config.fixed_point_post_depth
         sample_config = SampleConfig(cfg_scale=1.0, num_sampling_steps=steps,
-                                     fixed_point_iters=iters if fixed_point else 0)
+                                     fixed_point_iters=iters if fixed_point else None)
         plan = plan_for_model(model_config, sample_config)
         block = model.block_fixed_point if fixed_point else model.blocks[0]
         pair[label] = dict(model=model, model_config=model_config, sample_config=sample_config, plan=plan,

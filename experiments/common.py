@@ -107,7 +107,7 @@ def model_flags(fixed_point: bool, sjfb: Sequence[int] = DEFAULT_SJFB, model: st
                   "--fixed_point_no_grad_min_iters", str(n_lo), "--fixed_point_no_grad_max_iters", str(n_hi),
                   "--fixed_point_with_grad_min_iters", str(m_lo), "--fixed_point_with_grad_max_iters", str(m_hi)]
     else:
-        flags += ["--fixed_point", "False"]  # explicit: train.py's default is an FPDM
+        flags += ["--fixed_point", "False"]  # explicit, so the recorded command reads the same either way
     return flags
 
 
@@ -199,25 +199,17 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
 
 def sample_config(*, budget: int, iters: Optional[int] = None, ddim: bool = False, reuse: bool = False,
                   solver: str = "iteration", schedule: str = "fixed", steps: Optional[int] = None,
-                  anderson_memory: int = 5) -> tuple[SampleConfig, set[str]]:
-    """A SampleConfig for a budgeted run (no guidance, as the paper's FID numbers) and the names of 'given' flags."""
-    config = SampleConfig(budget=budget, fixed_point_iters=iters or 0, ddim=ddim, fixed_point_reuse_solution=reuse,
-                          fixed_point_solver=solver, iteration_schedule=schedule, cfg_scale=1.0,
-                          num_sampling_steps=steps or 250, anderson_memory=anderson_memory)
-    given = {"budget", "ddim", "fixed_point_reuse_solution", "fixed_point_solver", "iteration_schedule", "cfg_scale"}
-    if iters:
-        given.add("fixed_point_iters")
-    if steps:
-        given.add("num_sampling_steps")
-    if solver == "anderson":
-        given.add("anderson_memory")
-    return config, given
+                  anderson_memory: int = 5) -> SampleConfig:
+    """A SampleConfig for a budgeted run (no guidance, as the paper's FID numbers); None steps/iters are derived."""
+    return SampleConfig(budget=budget, fixed_point_iters=iters, ddim=ddim, fixed_point_reuse_solution=reuse,
+                        fixed_point_solver=solver, iteration_schedule=schedule, cfg_scale=1.0,
+                        num_sampling_steps=steps, anderson_memory=anderson_memory)
 
 
-def draw_samples(model: torch.nn.Module, model_config: ModelConfig, config: SampleConfig, given: set[str],
+def draw_samples(model: torch.nn.Module, model_config: ModelConfig, config: SampleConfig,
                  num_samples: int, seed: int, batch_size: int = 500) -> dict[str, Any]:
     """Draw `num_samples` images (random labels, per-image seeds) with sampling.py; images, labels, plan, stats."""
-    config, plan, notes = sampling.prepare_sampling(model_config, config, given, model=model)
+    config, plan, notes = sampling.prepare_sampling(model_config, config, model=model)
     indices = list(range(num_samples))
     base_seed = seed * SEED_STRIDE
     labels = sampling.image_labels(indices, base_seed, model_config.num_classes, label_mode="random")
@@ -263,12 +255,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def evaluate_setting(model: torch.nn.Module, model_config: ModelConfig, evaluator: DigitsEvaluator,
-                     config: SampleConfig, given: set[str], num_samples: int, seeds: Sequence[int],
+                     config: SampleConfig, num_samples: int, seeds: Sequence[int],
                      keep_trajectories: bool = False) -> dict[str, Any]:
     """FID and accuracy over sampling seeds (mean ± std), with the plan and the block passes actually spent."""
     per_seed, stats, trajectories, plan, start = [], None, [], None, time.time()
     for seed in seeds:
-        drawn = draw_samples(model, model_config, config, given, num_samples, seed)
+        drawn = draw_samples(model, model_config, config, num_samples, seed)
         per_seed.append({"seed": seed, **evaluator(drawn["images"], drawn["labels"])})
         stats, plan = drawn["stats"], drawn["plan"]
         if keep_trajectories:

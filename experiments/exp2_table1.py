@@ -52,19 +52,19 @@ def main(argv: list[str] | None = None) -> dict:
         budget = steps * depth
         for sampler in ("ddpm", "ddim"):
             ddim = sampler == "ddim"
-            config, given = common.sample_config(budget=budget, ddim=ddim)
-            dit_result = common.evaluate_setting(dit, dit_config, evaluator, config, given, num_samples, seeds)
+            config = common.sample_config(budget=budget, ddim=ddim)
+            dit_result = common.evaluate_setting(dit, dit_config, evaluator, config, num_samples, seeds)
             search = []
             for k in common.fpdm_iteration_grid(budget, candidates):
                 for reuse in (False, True):
-                    config, given = common.sample_config(budget=budget, iters=k, ddim=ddim, reuse=reuse)
-                    result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, given, search_samples,
+                    config = common.sample_config(budget=budget, iters=k, ddim=ddim, reuse=reuse)
+                    result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, search_samples,
                                                      [common.SEARCH_SEED])
                     search.append({"iters": k, "reuse": reuse, "search_fid": result["fid_mean"],
                                    "num_steps": result["num_steps"]})
             best = min(search, key=lambda r: r["search_fid"])
-            config, given = common.sample_config(budget=budget, iters=best["iters"], ddim=ddim, reuse=best["reuse"])
-            fpdm_result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, given, num_samples, seeds)
+            config = common.sample_config(budget=budget, iters=best["iters"], ddim=ddim, reuse=best["reuse"])
+            fpdm_result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, num_samples, seeds)
             paper_blocks = steps * 28
             rows.append({"budget": budget, "dit_steps": steps, "sampler": sampler, "paper_blocks": paper_blocks,
                          "paper": PAPER.get(paper_blocks, {}), "DiT": dit_result,

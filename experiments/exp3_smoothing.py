@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     dit, dit_config = common.load_model(dit_path)
     points = []
     for k in common.fpdm_iteration_grid(budget, iters):
-        config, given = common.sample_config(budget=budget, iters=k, ddim=args.ddim)
-        result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, given, num_samples, seeds)
+        config = common.sample_config(budget=budget, iters=k, ddim=args.ddim)
+        result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, num_samples, seeds)
         points.append({"iters": k, **result})
         print(f"k={k}: {result['num_steps']} steps, FID {result['fid_mean']:.2f} ± {result['fid_std']:.2f}")
-    config, given = common.sample_config(budget=budget, ddim=args.ddim)
-    dit_result = common.evaluate_setting(dit, dit_config, evaluator, config, given, num_samples, seeds)
+    config = common.sample_config(budget=budget, ddim=args.ddim)
+    dit_result = common.evaluate_setting(dit, dit_config, evaluator, config, num_samples, seeds)
     best = min(points, key=lambda p: p["fid_mean"])
     payload = {"budget": budget, "sampler": "ddim" if args.ddim else "ddpm", "reuse": False, "seeds": seeds,
                "num_samples": num_samples, "fpdm_ckpt": str(fpdm_path), "dit_ckpt": str(dit_path),

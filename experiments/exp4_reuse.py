@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     for k in common.fpdm_iteration_grid(budget, iters):
         row = {"iters": k}
         for reuse in (False, True):
-            config, given = common.sample_config(budget=budget, iters=k, reuse=reuse)
+            config = common.sample_config(budget=budget, iters=k, reuse=reuse)
             row["reuse" if reuse else "no_reuse"] = common.evaluate_setting(
-                fpdm, fpdm_config, evaluator, config, given, num_samples, seeds)
+                fpdm, fpdm_config, evaluator, config, num_samples, seeds)
         row["num_steps"] = row["reuse"]["num_steps"]
         sweep.append(row)
         print(f"k={k} ({row['num_steps']} steps): no reuse {row['no_reuse']['fid_mean']:.2f}, "
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     diagnostics = {}
     for reuse in (False, True):
-        config, given = common.sample_config(budget=budget, iters=diag_iters, reuse=reuse)
-        drawn = common.draw_samples(fpdm, fpdm_config, config, given, 32 * diag_batches, seed=0, batch_size=32)
+        config = common.sample_config(budget=budget, iters=diag_iters, reuse=reuse)
+        drawn = common.draw_samples(fpdm, fpdm_config, config, 32 * diag_batches, seed=0, batch_size=32)
         label = "reuse" if reuse else "no_reuse"
         sampling.write_diagnostics(out_dir / f"{NAME}_delta_{label}.json", drawn["plan"], drawn["trajectories"],
                                    setup={"fpdm_ckpt": str(fpdm_path), "reuse": reuse}, plot=False)

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
         record = common.train_digits_model(f"fpdm-{slug}-m{bounds[2]}-{bounds[3]}", flags, steps, args.lr,
                                            out_dir / "runs" / NAME, sample_grid=False)
         model, model_config = common.load_model(Path(record["run_dir"]) / "checkpoints" / "latest.pt")
-        sample_config, given = common.sample_config(budget=budget, iters=iters)
-        evaluation = common.evaluate_setting(model, model_config, evaluator, sample_config, given, num_samples, seeds)
+        sample_config = common.sample_config(budget=budget, iters=iters)
+        evaluation = common.evaluate_setting(model, model_config, evaluator, sample_config, num_samples, seeds)
         results[label] = {"bounds": dict(zip(("n_min", "N", "m_min", "M"), bounds)),
                           "units_per_step": common.training_units_per_step(config), "train": record,
                           **evaluation}

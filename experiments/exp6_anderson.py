@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
         for k in common.fpdm_iteration_grid(budget, iters):
             row = {"budget": budget, "iters": k}
             for solver in SOLVERS:
-                config, given = common.sample_config(budget=budget, iters=k, solver=solver,
+                config = common.sample_config(budget=budget, iters=k, solver=solver,
                                                      anderson_memory=args.anderson_memory)
-                result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, given, num_samples, seeds,
+                result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, num_samples, seeds,
                                                  keep_trajectories=True)
                 deltas = np.array([s.delta_per_step for s in result.pop("_trajectories")], dtype=np.float64)
                 result.pop("_plan")

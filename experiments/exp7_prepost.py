@@ -172,14 +172,14 @@ def _evaluate_task(ckpt, budget, candidates, search_samples, seeds, num_samples,
     search = []
     for k in common.fpdm_iteration_grid(budget, candidates, pre, post):
         for reuse in (False, True):
-            sample_config, given = common.sample_config(budget=budget, iters=k, reuse=reuse)
-            result = common.evaluate_setting(model, config, evaluator, sample_config, given, search_samples,
+            sample_config = common.sample_config(budget=budget, iters=k, reuse=reuse)
+            result = common.evaluate_setting(model, config, evaluator, sample_config, search_samples,
                                              [common.SEARCH_SEED])
             search.append({"iters": k, "reuse": reuse, "search_fid": result["fid_mean"],
                            "num_steps": result["num_steps"]})
     winner = min(search, key=lambda r: r["search_fid"])
-    sample_config, given = common.sample_config(budget=budget, iters=winner["iters"], reuse=winner["reuse"])
-    result = common.evaluate_setting(model, config, evaluator, sample_config, given, num_samples, seeds)
+    sample_config = common.sample_config(budget=budget, iters=winner["iters"], reuse=winner["reuse"])
+    result = common.evaluate_setting(model, config, evaluator, sample_config, num_samples, seeds)
     return {"budget": budget, **result, "best_iters": winner["iters"], "best_reuse": winner["reuse"],
             "search": search, "num_params": sum(p.numel() for p in model.parameters())}
 

@@ -183,18 +183,17 @@ def test_bad_plans_name_the_flag(kwargs, flag):
         plan_iterations(fixed_point=True, pre_depth=1, post_depth=1, **kwargs)
 
 
-def test_plan_for_model_uses_given_flags():
+def test_plan_for_model_derives_none_fields():
     fpdm = ModelConfig(fixed_point=True, fixed_point_no_grad_max_iters=3, fixed_point_with_grad_max_iters=3)
-    default = plan_for_model(fpdm, SampleConfig(num_sampling_steps=20), given={"num_sampling_steps"})
+    default = plan_for_model(fpdm, SampleConfig(num_sampling_steps=20))
     assert default.iters_per_step == [6] * 20  # the training maximum n + m
-    derived = plan_for_model(fpdm, SampleConfig(budget=280, fixed_point_iters=8), given={"budget", "fixed_point_iters"})
-    assert derived.num_steps == 28 and derived.blocks_per_image == 280  # the default 250 steps are not 'given'
-    shared = plan_for_model(fpdm, SampleConfig(budget=300, num_sampling_steps=20, iteration_schedule="increasing"),
-                            given={"budget", "num_sampling_steps", "iteration_schedule"})
+    derived = plan_for_model(fpdm, SampleConfig(budget=280, fixed_point_iters=8))
+    assert derived.num_steps == 28 and derived.blocks_per_image == 280  # steps None: derived from the budget
+    shared = plan_for_model(fpdm, SampleConfig(budget=300, num_sampling_steps=20, iteration_schedule="increasing"))
     assert shared.blocks_per_image == 300 and shared.num_steps == 20
     dit = ModelConfig(model="DiT-Ti/2", fixed_point=False)
-    assert plan_for_model(dit, SampleConfig(budget=80), given={"budget"}).num_steps == 10  # depth 8
+    assert plan_for_model(dit, SampleConfig(budget=80)).num_steps == 10  # depth 8
     with pytest.raises(ValueError, match="--fixed_point_iters"):
-        plan_for_model(dit, SampleConfig(budget=80, fixed_point_iters=4), given={"budget", "fixed_point_iters"})
+        plan_for_model(dit, SampleConfig(budget=80, fixed_point_iters=4))
     with pytest.raises(ValueError, match="--budget"):
-        plan_for_model(fpdm, SampleConfig(budget=-3), given={"budget"})
+        plan_for_model(fpdm, SampleConfig(budget=-3))

@@ -294,17 +294,6 @@ def test_vae_round_trip_and_errors(vae, tmp_path):
         load_vae(str(tmp_path / "not_a_vae"))
 
 
-def test_extract_features_flags():
-    parser = extract_features.build_parser()
-    base = ["--data_path", "in", "--features_path", "out"]
-    args = parser.parse_args(base + ["--flip", "False", "--sample_posterior", "false"])
-    assert args.flip is False and args.sample_posterior is False and args.vae == "ema"
-    assert parser.parse_args(base + ["--flip"]).flip is True
-    for bad in (["--bogus", "1"], ["--chunk", "4"], ["--flip", "maybe"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(base + bad)
-
-
 #################################################################################
 #                          Training on these datasets                           #
 #################################################################################

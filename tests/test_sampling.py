@@ -245,8 +245,8 @@ def test_flag_checks_name_the_flag():
         sampling.parse_class_labels("three", 10)
     uncond = replace(TINY_FPDM, num_classes=0)
     with pytest.raises(ValueError, match="--cfg_scale"):
-        sampling.validate_sample_config(uncond, SampleConfig(cfg_scale=4.0), given={"cfg_scale"})
-    config, notes = sampling.validate_sample_config(uncond, SampleConfig(), given=set())
+        sampling.validate_sample_config(uncond, SampleConfig(cfg_scale=4.0))
+    config, notes = sampling.validate_sample_config(uncond, SampleConfig())
     assert config.cfg_scale == 1.0 and notes  # the default guidance quietly becomes 'none'
     with pytest.raises(ValueError, match="--fixed_point_reuse_solution"):
         sampling.validate_sample_config(TINY_DIT, SampleConfig(fixed_point_reuse_solution=True))

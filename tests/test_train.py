@@ -129,8 +129,10 @@ def test_unknown_flag_is_rejected():
         train.parse_configs(["--fixed_point_pre", "1"])
 
 
-def test_default_run_is_a_small_fpdm_on_digits():
-    model_config, train_config, _, _ = train.parse_configs([])
+def test_default_run_is_a_small_dit_and_the_readme_preset_a_small_fpdm_on_digits():
+    model_config, train_config, _, _ = train.parse_configs([])  # the authors' meaning: no flags, a standard DiT
+    assert not model_config.fixed_point and train_config.dataset == "digits" and 0 < train_config.max_steps <= 2000
+    model_config, train_config, _, _ = train.parse_configs(["--config", str(REPO / "configs" / "digits.yaml")])
     assert model_config.fixed_point and train_config.dataset == "digits" and 0 < train_config.max_steps <= 2000
 
 
