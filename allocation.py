@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from config import DEFAULT_FIXED_POINT_TOL, DEFAULT_SAMPLING_STEPS
+from config import DEFAULT_FIXED_POINT_TOL, DEFAULT_SAMPLING_STEPS, UserError
 
 SCHEDULES = ("fixed", "increasing", "decreasing", "adaptive")
 
@@ -76,13 +76,13 @@ def ramp_iterations(total_iters: int, num_steps: int, schedule: str) -> list[int
     mean of k iterations per step it runs from about 1 to about 2k - 1.
     """
     if num_steps < 1:
-        raise ValueError(f"--num_sampling_steps must be >= 1 (got {num_steps})")
+        raise UserError(f"--num_sampling_steps must be >= 1 (got {num_steps})")
     if total_iters < num_steps:
         raise ValueError(f"{total_iters} fixed-point iterations cannot give each of {num_steps} steps at least one")
     if schedule == "fixed":
         return spread_evenly(total_iters, num_steps)
     if schedule not in ("increasing", "decreasing"):
-        raise ValueError(f"--iteration_schedule must be one of {SCHEDULES} (got {schedule!r})")
+        raise UserError(f"--iteration_schedule must be one of {SCHEDULES} (got {schedule!r})")
     extra = largest_remainder(total_iters - num_steps, list(range(1, num_steps + 1)))
     increasing = [1 + e for e in extra]
     return increasing if schedule == "increasing" else increasing[::-1]
@@ -161,7 +161,7 @@ class IterationPlan:
 
 def _positive(value: Optional[int], flag: str) -> None:
     if value is not None and value < 1:
-        raise ValueError(f"{flag} must be >= 1 (got {value})")
+        raise UserError(f"{flag} must be >= 1 (got {value})")
 
 
 def plan_iterations(*, fixed_point: bool, pre_depth: int = 0, post_depth: int = 0, depth: int = 0,
@@ -182,12 +182,12 @@ def plan_iterations(*, fixed_point: bool, pre_depth: int = 0, post_depth: int = 
     are errors.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"--iteration_schedule must be one of {', '.join(SCHEDULES)} (got {schedule!r})")
+        raise UserError(f"--iteration_schedule must be one of {', '.join(SCHEDULES)} (got {schedule!r})")
     _positive(num_sampling_steps, "--num_sampling_steps")
     _positive(fixed_point_iters, "--fixed_point_iters")
     _positive(budget, "--budget")
     if max_steps is not None and num_sampling_steps is not None and num_sampling_steps > max_steps:
-        raise ValueError(f"--num_sampling_steps {num_sampling_steps} exceeds the {max_steps} diffusion timesteps")
+        raise UserError(f"--num_sampling_steps {num_sampling_steps} exceeds the {max_steps} diffusion timesteps")
 
     if not fixed_point:
         plan = _plan_dit(depth, num_sampling_steps, fixed_point_iters, budget, schedule)
@@ -195,7 +195,7 @@ def plan_iterations(*, fixed_point: bool, pre_depth: int = 0, post_depth: int = 
         plan = _plan_fpdm(pre_depth, post_depth, num_sampling_steps, fixed_point_iters, budget, schedule,
                           default_iters, fixed_point_tol)
     if max_steps is not None and plan.num_steps > max_steps:
-        raise ValueError(f"--budget {budget} asks for {plan.num_steps} steps but the diffusion has only {max_steps} "
+        raise UserError(f"--budget {budget} asks for {plan.num_steps} steps but the diffusion has only {max_steps} "
                          f"timesteps: lower --budget or raise --fixed_point_iters")
     return plan
 
@@ -205,20 +205,20 @@ def _plan_dit(depth: int, steps: Optional[int], iters: Optional[int], budget: Op
     if depth < 1:
         raise ValueError(f"a DiT plan needs its depth (got {depth})")
     if iters is not None:
-        raise ValueError("--fixed_point_iters applies to FPDM checkpoints only: this checkpoint is an explicit DiT "
+        raise UserError("--fixed_point_iters applies to FPDM checkpoints only: this checkpoint is an explicit DiT "
                          f"({depth} blocks per step); use --budget or --num_sampling_steps")
     if schedule != "fixed":
-        raise ValueError(f"--iteration_schedule {schedule} applies to FPDM checkpoints only (this one is a DiT)")
+        raise UserError(f"--iteration_schedule {schedule} applies to FPDM checkpoints only (this one is a DiT)")
     notes = []
     if budget is None:
         steps = DEFAULT_SAMPLING_STEPS if steps is None else steps
         return IterationPlan(steps, [0] * steps, "dit", dit_sampling_blocks(depth, steps), fixed_point=False,
                              depth=depth)
     if budget < depth:
-        raise ValueError(f"--budget {budget} is smaller than one DiT step ({depth} blocks)")
+        raise UserError(f"--budget {budget} is smaller than one DiT step ({depth} blocks)")
     derived = budget // depth
     if steps is not None and steps != derived:
-        raise ValueError(f"--budget {budget} and --num_sampling_steps {steps} disagree for a {depth}-block DiT "
+        raise UserError(f"--budget {budget} and --num_sampling_steps {steps} disagree for a {depth}-block DiT "
                          f"(the budget buys {derived} steps): give one of them")
     unspent = budget - derived * depth
     if unspent:
@@ -234,11 +234,11 @@ def _plan_fpdm(pre: int, post: int, steps: Optional[int], iters: Optional[int], 
     _positive(default_iters, "--fixed_point_iters (model default)")
     min_step = fpdm_step_blocks(pre, 1, post)
     if budget is not None and budget < min_step:
-        raise ValueError(f"--budget {budget} is smaller than one FPDM step: pre {pre} + 1 iteration + post {post} "
+        raise UserError(f"--budget {budget} is smaller than one FPDM step: pre {pre} + 1 iteration + post {post} "
                          f"= {min_step} blocks")
     adaptive = schedule == "adaptive"
     if adaptive and (tol is None or not tol > 0):
-        raise ValueError(f"--fixed_point_tol must be > 0 for --iteration_schedule adaptive (got {tol})")
+        raise UserError(f"--fixed_point_tol must be > 0 for --iteration_schedule adaptive (got {tol})")
     k = default_iters if iters is None else iters
 
     if budget is None:
@@ -247,16 +247,16 @@ def _plan_fpdm(pre: int, post: int, steps: Optional[int], iters: Optional[int], 
     elif steps is None:
         step_cost = fpdm_step_blocks(pre, k, post)
         if budget < step_cost:
-            raise ValueError(f"--budget {budget} cannot pay for one step of --fixed_point_iters {k} "
+            raise UserError(f"--budget {budget} cannot pay for one step of --fixed_point_iters {k} "
                              f"({pre} + {k} + {post} = {step_cost} blocks)")
         steps = budget // step_cost
         budget_blocks = budget
     else:
         if budget < steps * min_step:
-            raise ValueError(f"--budget {budget} cannot pay for --num_sampling_steps {steps}: each step needs at "
+            raise UserError(f"--budget {budget} cannot pay for --num_sampling_steps {steps}: each step needs at "
                              f"least pre {pre} + 1 + post {post} = {min_step} blocks ({steps * min_step} in all)")
         if iters is not None and not adaptive and budget != steps * fpdm_step_blocks(pre, k, post):
-            raise ValueError(f"--budget {budget}, --num_sampling_steps {steps} and --fixed_point_iters {k} disagree "
+            raise UserError(f"--budget {budget}, --num_sampling_steps {steps} and --fixed_point_iters {k} disagree "
                              f"({steps} x ({pre} + {k} + {post}) = {steps * fpdm_step_blocks(pre, k, post)}): "
                              "give two of them")
         budget_blocks = budget
