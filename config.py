@@ -248,15 +248,19 @@ class EvaluateConfig:
     samples: str = _flag("", "ADM-format .npz: arr_0 uint8 (N, H, W, 3) RGB, optional arr_1 labels.", required=True)
     features: Optional[str] = _flag(None, "Feature extractor. None: inception if --inception is given, else digits.",
                                     choices=["digits", "inception"])
-    ref_stats: str = _flag("", "Reference statistics .npz (mu, sigma); with --ref_npz/--dataset it is the cache path.")
-    ref_npz: str = _flag("", "ADM-format .npz of real images (arr_0); excludes --dataset.")
-    dataset: str = _flag("", "Built-in reference dataset ('': digits for --features digits).", choices=["", "digits"])
+    ref_stats: Optional[str] = _flag(None, "Reference statistics .npz (mu, sigma); with --ref_npz/--dataset it is the cache path (None: "
+                                    "computed, not cached).")
+    ref_npz: Optional[str] = _flag(None, "ADM-format .npz of real images (arr_0); excludes --dataset (None: no such file).")
+    dataset: Optional[str] = _flag(None, "Built-in reference dataset (None: digits for --features digits).",
+                                   choices=["digits"])
     ref_split: str = _flag("all", "Which real digits form the reference (all = 1797 images).",
                            choices=["all", "train", "test"])
-    inception: str = _flag("", "TorchScript FID Inception file (inception-2015-12-05.pt); never downloaded.")
-    classifier: str = _flag("", "safetensors cache of the digits classifier (trained and written if absent).")
+    inception: Optional[str] = _flag(None, "TorchScript FID Inception file (inception-2015-12-05.pt); never downloaded (None: "
+                                    "digits features).")
+    classifier: Optional[str] = _flag(None, "safetensors cache of the digits classifier (trained and written if absent; None: "
+                                     "trained, not cached).")
     classifier_seed: int = _flag(0, "Seed of the digits classifier's training.")
-    setup: str = _flag("", "JSON file with the sampling setup ('': setup.json beside --samples, as sample_ddp.py "
+    setup: Optional[str] = _flag(None, "JSON file with the sampling setup (None: setup.json beside --samples, as sample_ddp.py "
                            "writes it).")
     out: str = _flag("results/eval.jsonl", "JSON-lines file the record is appended to.")
     batch_size: int = _flag(100, "Images per feature batch.")

@@ -6,58 +6,66 @@ int64 class label. ``create_dataset`` picks the dataset named by ``--dataset`` a
 
 Sharding across processes: a dataset with ``is_sharded = True`` (``LatentDataset``) already holds only this process's
 shard, so the trainer indexes all of it; the others (digits, image folders) hold everything and the trainer splits
-indices across ranks itself.
-
-Latent storage format (``--feature_path`` folder, written by ``extract_features.py``)::
-
-    manifest.json          written last, by one process, once every chunk exists: the folder is complete iff present
-    chunk_000000.npz       images [0, chunk_size) of the sorted image list
-    chunk_000001.npz       images [chunk_size, 2 * chunk_size) ...
-
-Each chunk holds, side by side so they cannot get out of step:
-    latents       (n, C, h, w) float32 or float16: (z - shift_factor) * scaling_factor of image indices[k]
-    latents_flip  (n, C, h, w) the same for the horizontally mirrored image (only when extracted with --flip True)
-    labels        (n,) int64 class index of image indices[k] (sorted class folder names -> 0, 1, ...)
-    indices       (n,) int64 position of the image in the sorted image list (always start..end-1)
-    paths         (n,) str path of the image relative to --data_path (for auditing)
-    meta          () str JSON of the extraction settings (checked when resuming)
+indices across ranks itself. The latent storage format itself is described in latents.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
-from typing import Any, Collection, Iterable
+from typing import Collection
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from checkpoint import atomic_write
 from config import ModelConfig, TrainConfig
+from latents import read_chunk, read_manifest
+from vae import VAE_DOWNSAMPLING, local_vae_config, vae_downsampling
 
-LATENTS_FORMAT = "fpdm-latents"
-LATENTS_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-VAE_SHORTCUTS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
-VAE_DOWNSAMPLING = 8  # ModelConfig.input_size assumes image_size // 8 latents (the Stable Diffusion VAE)
 DATASETS = ("digits", "latents", "imagefolder")
+DIGITS_SPLIT_SEED = 0        # the train/test split of the digits is fixed (independent of any model seed)
+DIGITS_TEST_FRACTION = 0.25  # 1347 train / 450 test images
 
 
 #################################################################################
 #                              Built-in digits                                  #
 #################################################################################
 
-def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1,797 handwritten digits as images (N, 1, 8, 8) in [-1, 1] and labels (N,) int64."""
+def load_digits_split(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits: grey levels (N, 8, 8) float32 in 0..16 and labels (N,) int64.
+
+    split "train" / "test" is a fixed stratified 75% / 25% split (the digits classifier trains on "train").
+    """
     from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("all", "train", "test"):
+        raise ValueError(f"--ref_split must be one of all, train, test; got {split!r}")
     digits = load_digits()
-    pixels = torch.from_numpy(digits.images.astype(np.float32))  # (N, 8, 8), integer levels 0..16
-    images = (pixels / 8.0 - 1.0).unsqueeze(1)                   # (N, 1, 8, 8), 0 -> -1 and 16 -> 1
-    labels = torch.from_numpy(digits.target.astype(np.int64))    # (N,)
-    return images, labels
+    levels = digits.images.astype(np.float32)                           # (1797, 8, 8), integer levels 0..16
+    labels = digits.target.astype(np.int64)                             # (1797,)
+    if split == "all":
+        return levels, labels
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
+                                           random_state=DIGITS_SPLIT_SEED, stratify=labels)
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    return levels[chosen], labels[chosen]
+
+
+def load_digits_tensors(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits as training images (N, 1, 8, 8) in [-1, 1] (level 0 -> -1, 16 -> 1) and labels (N,) int64."""
+    levels, labels = load_digits_split(split)
+    images = (torch.from_numpy(levels) / 8.0 - 1.0).unsqueeze(1)        # (N, 1, 8, 8)
+    return images, torch.from_numpy(labels)
+
+
+def load_digits_uint8(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """The digits as sample-like images: uint8 (N, 8, 8, 3) RGB (0..16 scaled to 0..255) and labels (N,) int64."""
+    levels, labels = load_digits_split(split)
+    gray = np.round(levels.astype(np.float64) / 16.0 * 255.0).astype(np.uint8)  # (N, 8, 8)
+    return np.repeat(gray[..., None], 3, axis=-1), labels                        # (N, 8, 8, 3)
 
 
 class DigitsDataset(Dataset):
@@ -157,287 +165,6 @@ class ImageFolderDataset(Dataset):
 
 
 #################################################################################
-#                                     VAE                                       #
-#################################################################################
-
-def resolve_vae_name(name_or_path: str) -> str:
-    """Expand the shortcuts ema/mse to their hub names; local folders become absolute paths."""
-    if name_or_path in VAE_SHORTCUTS:
-        return VAE_SHORTCUTS[name_or_path]
-    if os.path.isdir(os.path.expanduser(name_or_path)):
-        return os.path.abspath(os.path.expanduser(name_or_path))
-    return name_or_path
-
-
-def _local_vae_folder(name_or_path: str) -> tuple[str, str | None] | None:
-    """(folder, subfolder) when `name_or_path` is a local VAE (or a pipeline folder with a vae/ sub-folder)."""
-    path = Path(os.path.expanduser(name_or_path))
-    looks_like_path = name_or_path.startswith(("/", "./", "../", "~")) or path.exists()
-    if not looks_like_path:
-        return None
-    if not path.is_dir():
-        raise FileNotFoundError(f"--vae {name_or_path!r}: no such folder (expected a save_pretrained AutoencoderKL "
-                                f"folder with config.json, or a hub name such as ema / mse)")
-    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-        return str(path), "vae"
-    return str(path), None
-
-
-def load_vae(name_or_path: str, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> "AutoencoderKL":
-    """diffusers AutoencoderKL from a local folder or hub name (ema/mse shortcuts), in eval mode, frozen."""
-    from diffusers import AutoencoderKL
-    if not name_or_path:
-        raise ValueError("--vae is empty: pass a local AutoencoderKL folder or a hub name (ema, mse)")
-    local = _local_vae_folder(name_or_path)
-    source = local[0] if local else resolve_vae_name(name_or_path)
-    kwargs = {"subfolder": local[1]} if local and local[1] else {}
-    try:
-        vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype, **kwargs)
-    except Exception as error:  # hub/network/format errors all become one actionable message
-        raise ValueError(
-            f"--vae {name_or_path!r}: could not load an AutoencoderKL from {source!r} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). Without network access, download it elsewhere "
-            f"(e.g. `huggingface-cli download {VAE_SHORTCUTS['ema']} --local-dir sd-vae-ft-ema`) and pass "
-            f"--vae <local folder>.") from error
-    return vae.to(device).eval().requires_grad_(False)
-
-
-def vae_scale_and_shift(vae: Any) -> tuple[float, float]:
-    """The latent scaling factor (0.18215 for SD VAEs) and shift (None -> 0) from the VAE's config."""
-    shift = getattr(vae.config, "shift_factor", None)
-    return float(vae.config.scaling_factor), float(shift or 0.0)
-
-
-def vae_downsampling(vae_config: Any) -> int:
-    """Spatial downsampling factor of an AutoencoderKL: 2 per encoder level after the first."""
-    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
-    return 2 ** (len(channels) - 1)
-
-
-@torch.no_grad()
-def encode_images(vae: Any, images: torch.Tensor, generator: torch.Generator | None = None,
-                  sample_posterior: bool = True) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] -> scaled latents (N, C, H/f, W/f) = (z - shift) * scaling_factor.
-
-    sample_posterior=True draws z from the encoder's Gaussian (as DiT does; `generator` seeds it, a CPU generator
-    works for any device); False uses its mean.
-    """
-    weight = next(vae.parameters())
-    posterior = vae.encode(images.to(device=weight.device, dtype=weight.dtype)).latent_dist
-    z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
-    scale, shift = vae_scale_and_shift(vae)
-    return ((z - shift) * scale).float()
-
-
-@torch.no_grad()
-def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (N, C, h, w) -> images (N, 3, h*f, w*f) clamped to [-1, 1]."""
-    weight = next(vae.parameters())
-    scale, shift = vae_scale_and_shift(vae)
-    z = latents.to(device=weight.device, dtype=weight.dtype) / scale + shift
-    return vae.decode(z).sample.clamp(-1.0, 1.0).float()
-
-
-#################################################################################
-#                            Latent storage format                              #
-#################################################################################
-
-def chunk_file_name(chunk_id: int) -> str:
-    """File name of chunk `chunk_id` inside a feature folder."""
-    return f"chunk_{chunk_id:06d}.npz"
-
-
-def plan_chunks(num_images: int, chunk_size: int) -> list[tuple[int, int]]:
-    """[start, end) image ranges of consecutive chunks of `chunk_size` images (the last may be shorter)."""
-    if chunk_size < 1:
-        raise ValueError(f"--chunk_size must be positive, got {chunk_size}")
-    return [(start, min(start + chunk_size, num_images)) for start in range(0, num_images, chunk_size)]
-
-
-def write_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write one chunk .npz atomically (a crash never leaves a half-written chunk under its final name)."""
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as file:  # a file object: np.savez would append .npz to a path
-            np.savez(file, **arrays)
-    atomic_write(path, write)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write a JSON file atomically (temp file + rename)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
-
-
-def read_chunk_meta(path: Path) -> tuple[dict[str, Any], list[str]] | None:
-    """A chunk's settings and image paths, or None when the file is missing or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as chunk:
-            return json.loads(chunk["meta"].item()), [str(p) for p in chunk["paths"]]
-    except Exception:  # a foreign or damaged file: rebuilt like a missing one
-        return None
-
-
-def read_manifest(feature_path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check a feature folder's manifest.json, with errors naming --feature_path."""
-    folder = Path(feature_path)
-    if not str(feature_path):
-        raise ValueError("--feature_path is empty: pass the folder written by extract_features.py")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--feature_path {str(folder)!r} does not exist (run extract_features.py "
-                                f"--features_path {str(folder)!r} first)")
-    manifest_path = folder / MANIFEST_NAME
-    if not manifest_path.is_file():
-        has_chunks = any(folder.glob("chunk_*.npz"))
-        raise FileNotFoundError(
-            f"--feature_path {str(folder)!r} has no {MANIFEST_NAME}: "
-            + ("extraction did not finish; rerun extract_features.py with the same flags to resume"
-               if has_chunks else "it is not a feature folder written by extract_features.py"))
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--feature_path: {str(manifest_path)!r} is not valid JSON ({error})") from error
-    if manifest.get("format") != LATENTS_FORMAT or manifest.get("version") != LATENTS_FORMAT_VERSION:
-        raise ValueError(f"--feature_path: {str(manifest_path)!r} is not a {LATENTS_FORMAT} "
-                         f"v{LATENTS_FORMAT_VERSION} manifest (format={manifest.get('format')!r}, "
-                         f"version={manifest.get('version')!r})")
-    if not manifest.get("chunks") or int(manifest.get("num_images", 0)) < 1:
-        raise ValueError(f"--feature_path {str(folder)!r} is empty: its manifest lists no latents")
-    return manifest
-
-
-#################################################################################
-#                              Feature extraction                               #
-#################################################################################
-
-def extraction_settings(vae_name: str, image_size: int, flip: bool, chunk_size: int, seed: int,
-                        sample_posterior: bool, dtype: str) -> dict[str, Any]:
-    """The settings a chunk depends on; stored in every chunk and compared when resuming."""
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"--dtype must be float32 or float16, got {dtype!r}")
-    return {"vae": resolve_vae_name(vae_name), "image_size": int(image_size), "flip": bool(flip),
-            "chunk_size": int(chunk_size), "seed": int(seed), "sample_posterior": bool(sample_posterior),
-            "dtype": dtype}
-
-
-def find_complete_chunks(features_path: str | os.PathLike, dataset: ImageFolderDataset, settings: dict[str, Any],
-                         chunk_ids: Iterable[int] | None = None) -> set[int]:
-    """Ids of chunks (all, or those in `chunk_ids`) already on disk for these settings and images.
-
-    A missing or unreadable chunk is simply not complete; a readable one made with other settings or other images is
-    an error, so one folder never mixes two extractions.
-    """
-    folder = Path(features_path)
-    plan = plan_chunks(dataset.num_images, settings["chunk_size"])
-    complete = set()
-    for chunk_id in (range(len(plan)) if chunk_ids is None else chunk_ids):
-        start, end = plan[chunk_id]
-        found = read_chunk_meta(folder / chunk_file_name(chunk_id))
-        if found is None:
-            continue
-        meta, paths = found
-        differing = [f"{key}: {meta.get(key)!r} != {value!r}" for key, value in settings.items()
-                     if meta.get(key) != value]
-        expected_paths = [path for path, _ in dataset.samples[start:end]]
-        if differing or paths != expected_paths:
-            reason = "; ".join(differing) if differing else "the images in --data_path changed"
-            raise ValueError(f"--features_path {str(folder)!r} already holds {chunk_file_name(chunk_id)} made "
-                             f"differently ({reason}); use a new --features_path or delete the old one")
-        complete.add(chunk_id)
-    return complete
-
-
-def remove_stale_temp_files(features_path: str | os.PathLike) -> list[str]:
-    """Delete temp files left by a killed run (call while no process is writing); returns their names."""
-    patterns = (".chunk_*.npz.*.tmp", f".{MANIFEST_NAME}.*.tmp")
-    stale = [path for pattern in patterns for path in Path(features_path).glob(pattern)]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return [p.name for p in stale]
-
-
-def _chunk_seed(seed: int, chunk_id: int) -> int:
-    """Seed of chunk `chunk_id`'s posterior draws: independent of the process count and of resumption."""
-    return int(np.random.SeedSequence([seed, chunk_id]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def extract_latent_chunks(dataset: ImageFolderDataset, features_path: str | os.PathLike, vae: Any,
-                          settings: dict[str, Any], chunk_ids: Iterable[int], batch_size: int = 32,
-                          num_workers: int = 0, progress: bool = False) -> list[int]:
-    """Encode the given chunks that are not complete on disk and write each atomically; returns the ids written."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-    if batch_size < 1:
-        raise ValueError(f"--batch_size must be positive, got {batch_size}")
-    folder = Path(features_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    plan = plan_chunks(dataset.num_images, settings["chunk_size"])
-    chunk_ids = sorted(set(chunk_ids))
-    complete = find_complete_chunks(folder, dataset, settings, chunk_ids)
-    todo = [c for c in chunk_ids if c not in complete]
-    # One loader for all pending chunks; its batches never cross a chunk boundary.
-    batches = [(c, list(range(s, min(s + batch_size, plan[c][1])))) for c in todo
-               for s in range(plan[c][0], plan[c][1], batch_size)]
-    loader = DataLoader(dataset, batch_sampler=[indices for _, indices in batches], num_workers=num_workers)
-    bar = tqdm(total=sum(plan[c][1] - plan[c][0] for c in chunk_ids), disable=not progress, unit="img",
-               desc="extract", dynamic_ncols=True)
-    bar.update(sum(plan[c][1] - plan[c][0] for c in chunk_ids if c in complete))
-    pending: dict[str, list[torch.Tensor]] = {}
-    generator = None
-    for (chunk_id, indices), (images, labels) in zip(batches, loader):
-        start, end = plan[chunk_id]
-        if indices[0] == start:
-            pending = {"latents": [], "latents_flip": [], "labels": []}
-            generator = torch.Generator().manual_seed(_chunk_seed(settings["seed"], chunk_id))
-        pending["latents"].append(encode_images(vae, images, generator, settings["sample_posterior"]).cpu())
-        if settings["flip"]:
-            pending["latents_flip"].append(
-                encode_images(vae, images.flip(-1), generator, settings["sample_posterior"]).cpu())
-        pending["labels"].append(labels)
-        bar.update(len(indices))
-        if indices[-1] == end - 1:
-            arrays = {
-                "latents": torch.cat(pending["latents"]).numpy().astype(settings["dtype"]),  # (n, C, h, w)
-                "labels": torch.cat(pending["labels"]).numpy().astype(np.int64),            # (n,)
-                "indices": np.arange(start, end, dtype=np.int64),                           # (n,)
-                "paths": np.array([path for path, _ in dataset.samples[start:end]], dtype=np.str_),
-                "meta": np.array(json.dumps({**settings, "start": start, "end": end}), dtype=np.str_),
-            }
-            if settings["flip"]:
-                arrays["latents_flip"] = torch.cat(pending["latents_flip"]).numpy().astype(settings["dtype"])
-            write_chunk(folder / chunk_file_name(chunk_id), arrays)
-    bar.close()
-    return todo
-
-
-def write_latents_manifest(features_path: str | os.PathLike, dataset: ImageFolderDataset, vae: Any,
-                           settings: dict[str, Any]) -> dict[str, Any]:
-    """Check every chunk exists with these settings, then write manifest.json atomically (the last step)."""
-    folder = Path(features_path)
-    plan = plan_chunks(dataset.num_images, settings["chunk_size"])
-    complete = find_complete_chunks(folder, dataset, settings)
-    missing = [chunk_file_name(c) for c in range(len(plan)) if c not in complete]
-    if missing:
-        raise ValueError(f"--features_path {str(folder)!r} lacks {len(missing)} chunk(s) (first: {missing[0]}); "
-                         f"rerun extract_features.py with the same flags to finish")
-    with np.load(folder / chunk_file_name(0), allow_pickle=False) as chunk:
-        latent_shape = list(chunk["latents"].shape[1:])
-    scale, shift = vae_scale_and_shift(vae)
-    manifest = {
-        "format": LATENTS_FORMAT, "version": LATENTS_FORMAT_VERSION,
-        "vae": settings["vae"], "scaling_factor": scale, "shift_factor": shift,
-        "image_size": settings["image_size"], "latent_shape": latent_shape, "dtype": settings["dtype"],
-        "num_images": dataset.num_images, "num_classes": dataset.num_classes, "class_names": dataset.classes,
-        "flip": settings["flip"], "sample_posterior": settings["sample_posterior"], "seed": settings["seed"],
-        "chunk_size": settings["chunk_size"],
-        "chunks": [{"file": chunk_file_name(c), "start": s, "end": e} for c, (s, e) in enumerate(plan)],
-    }
-    write_json_atomic(folder / MANIFEST_NAME, manifest)
-    return manifest
-
-
-#################################################################################
 #                               Latent dataset                                  #
 #################################################################################
 
@@ -476,7 +203,7 @@ class LatentDataset(Dataset):
             start, end = int(entry["start"]), int(entry["end"])
             if end <= first or start >= last:
                 continue
-            chunk = self._read_chunk(entry)
+            chunk = read_chunk(self.folder, entry, self.latent_shape, self.num_classes, self.has_flips)
             keep = slice(max(first, start) - start, min(last, end) - start)
             latents.append(chunk["latents"][keep])
             labels.append(chunk["labels"][keep])
@@ -491,36 +218,6 @@ class LatentDataset(Dataset):
         if not torch.equal(self.indices, torch.arange(first, last)):
             raise ValueError(f"--feature_path {str(self.folder)!r}: chunks do not cover images [{first}, {last}) "
                              f"exactly; the manifest does not match its chunk files")
-
-    def _read_chunk(self, entry: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Load one chunk and check its arrays agree with each other and with the manifest."""
-        path = self.folder / entry["file"]
-        if not path.is_file():
-            raise FileNotFoundError(f"--feature_path {str(self.folder)!r}: chunk {entry['file']!r} listed in the "
-                                    f"manifest is missing; rerun extract_features.py with the same flags")
-        with np.load(path, allow_pickle=False) as chunk:
-            arrays = {name: chunk[name] for name in chunk.files if name in
-                      ("latents", "latents_flip", "labels", "indices")}
-        count = int(entry["end"]) - int(entry["start"])
-        problems = []
-        for name in ("latents", "labels", "indices") + (("latents_flip",) if self.has_flips else ()):
-            if name not in arrays:
-                problems.append(f"no '{name}' array")
-            elif arrays[name].shape[0] != count:
-                problems.append(f"'{name}' has {arrays[name].shape[0]} rows, expected {count}")
-        if not problems:
-            if tuple(arrays["latents"].shape[1:]) != self.latent_shape:
-                problems.append(f"latents of shape {arrays['latents'].shape[1:]}, expected {self.latent_shape}")
-            if not np.array_equal(arrays["indices"], np.arange(int(entry["start"]), int(entry["end"]))):
-                problems.append("indices differ from the manifest's range")
-            if arrays["labels"].size and not (0 <= arrays["labels"].min() and
-                                              arrays["labels"].max() < self.num_classes):
-                problems.append(f"labels outside [0, {self.num_classes})")
-        if problems:
-            raise ValueError(f"--feature_path: chunk {str(path)!r} is inconsistent: {'; '.join(problems)}")
-        arrays["labels"] = arrays["labels"].astype(np.int64)
-        arrays["indices"] = arrays["indices"].astype(np.int64)
-        return arrays
 
     def __len__(self) -> int:
         return self.latents.shape[0] * (2 if self.has_flips else 1)
@@ -553,18 +250,6 @@ def _resolve_num_classes(requested: int, found: int, given: set[str], source: st
         raise ValueError(f"--num_classes {requested} disagrees with {source}, which has {found} classes "
                          f"(pass --num_classes {found}, or 0 for an unconditional model)")
     return 0 if requested == 0 else found
-
-
-def _local_vae_config(name_or_path: str) -> dict[str, Any] | None:
-    """The config.json of a local VAE folder, read without loading weights (None for hub names)."""
-    local = _local_vae_folder(name_or_path)
-    if local is None:
-        return None
-    folder = Path(local[0]) / (local[1] or "")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"--vae {name_or_path!r}: {str(config_path)!r} not found")
-    return json.loads(config_path.read_text())
 
 
 def create_dataset(train_cfg: TrainConfig, model_cfg: ModelConfig, rank: int = 0, world_size: int = 1,
@@ -627,10 +312,9 @@ def create_dataset(train_cfg: TrainConfig, model_cfg: ModelConfig, rank: int = 0
     if model_cfg.image_size % VAE_DOWNSAMPLING:
         raise ValueError(f"--image_size {model_cfg.image_size} must be a multiple of {VAE_DOWNSAMPLING} "
                          f"with --vae (latents are image_size // {VAE_DOWNSAMPLING})")
-    vae_config = _local_vae_config(train_cfg.vae)
+    vae_config = local_vae_config(train_cfg.vae)
     channels = int(vae_config.get("latent_channels", 4)) if vae_config else 4  # hub SD VAEs have 4
     if vae_config and vae_downsampling(vae_config) != VAE_DOWNSAMPLING:
         raise ValueError(f"--vae {train_cfg.vae!r} downsamples by {vae_downsampling(vae_config)}; models expect "
                          f"{VAE_DOWNSAMPLING}x latents")
     return dataset, dataclasses.replace(model_cfg, in_channels=channels, latent=True, num_classes=num_classes)
-

@@ -5,7 +5,7 @@
 
 Each process encodes chunks chunk_id % world_size == rank of the sorted image list; every chunk file is written
 atomically, so an interrupted run resumes by rerunning the same command (finished chunks are skipped). The main
-process writes manifest.json once all chunks exist; the format is described in data.py.
+process writes manifest.json once all chunks exist; the format is described in latents.py.
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import cli
+import distributed
 from config import ExtractConfig, UserError, build_config, make_parser
-from data import (MANIFEST_NAME, ImageFolderDataset, extract_latent_chunks, extraction_settings,
-                  find_complete_chunks, load_vae, plan_chunks, remove_stale_temp_files,
-                  write_latents_manifest)
+from data import ImageFolderDataset
+from latents import (MANIFEST_NAME, extract_latent_chunks, extraction_settings, find_complete_chunks, plan_chunks,
+                     remove_stale_temp_files, write_latents_manifest)
+from vae import load_vae
 
 
 def build_parser():
@@ -31,10 +33,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ExtractConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Run the extraction; returns the manifest on the main process (None on the others)."""
-    from accelerate import Accelerator
     args = parse_args(argv)
-    accelerator = Accelerator()
-    rank, world_size = accelerator.process_index, accelerator.num_processes
+    state = distributed.init()
 
     # Everything that can be wrong with the inputs fails here, on every process, before any work.
     dataset = ImageFolderDataset(args.data_path, args.image_size, random_flip=False)
@@ -45,26 +45,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise UserError(f"--features_path {str(folder)!r} exists and is not a folder")
     complete = find_complete_chunks(folder, dataset, settings)
     num_chunks = len(plan_chunks(dataset.num_images, args.chunk_size))
-    if accelerator.is_main_process:
+    if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / MANIFEST_NAME).unlink(missing_ok=True)  # the folder reads as complete only once rewritten
         remove_stale_temp_files(folder)  # safe: the other processes wait at the barrier below
-        accelerator.print(f"{dataset.num_images} images, {dataset.num_classes} classes -> {num_chunks} chunks "
-                          f"({len(complete)} already done) in {folder}, {world_size} process(es)")
-    accelerator.wait_for_everyone()
+    distributed.print0(f"{dataset.num_images} images, {dataset.num_classes} classes -> {num_chunks} chunks "
+                       f"({len(complete)} already done) in {folder}, {state.num_processes} process(es)")
+    distributed.barrier()
 
-    vae = load_vae(args.vae, accelerator.device)
-    my_chunks = range(rank, num_chunks, world_size)
+    vae = load_vae(args.vae, state.device)
+    my_chunks = range(state.process_index, num_chunks, state.num_processes)
     extract_latent_chunks(dataset, folder, vae, settings, my_chunks, batch_size=args.batch_size,
-                          num_workers=args.num_workers, progress=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+                          num_workers=args.num_workers, progress=state.is_main_process)
+    distributed.barrier()
 
     manifest = None
-    if accelerator.is_main_process:
+    if state.is_main_process:
         manifest = write_latents_manifest(folder, dataset, vae, settings)
-        accelerator.print(f"wrote {folder / MANIFEST_NAME}: latents {manifest['latent_shape']}, "
-                          f"scaling factor {manifest['scaling_factor']}, flips {manifest['flip']}")
-    accelerator.wait_for_everyone()
+        print(f"wrote {folder / MANIFEST_NAME}: latents {manifest['latent_shape']}, "
+              f"scaling factor {manifest['scaling_factor']}, flips {manifest['flip']}")
+    distributed.barrier()
     return manifest
 
 

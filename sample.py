@@ -18,6 +18,9 @@ import numpy as np
 import cli
 import sampling
 from config import ModelConfig, SampleConfig, build_config, given_fields, parse_flags
+from images import make_grid, save_png
+from records import SETUP_FILE, describe_plan, sampling_setup, summarize_stats, write_diagnostics, write_json
+from vae import load_vae_for
 
 DESCRIPTION = "Sample images from an FPDM or DiT checkpoint (architecture read from --ckpt)."
 
@@ -41,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     class_labels = sampling.parse_class_labels(config.class_labels, model_config.num_classes)
     indices = list(range(config.num_samples))
     labels = sampling.image_labels(indices, config.seed, model_config.num_classes, class_labels, label_mode="cycle")
-    vae = sampling.load_vae_for(model_config, config.vae, device)
-    print(sampling.describe_plan(plan))
+    vae = load_vae_for(model_config, config.vae, device)
+    print(describe_plan(plan))
     for note in notes + plan.notes:
         print(f"note: {note}")
 
@@ -54,22 +57,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                 seed=config.seed, batch_size=config.batch_size, device=device,
                                                 vae=vae):
         for index, image in zip(batch.indices, pixels):
-            sampling.save_png(image, output_dir / f"{index:06d}.png")
+            save_png(image, output_dir / f"{index:06d}.png")
         images.append(pixels)
         trajectories.append(batch.stats)
         counts.append(len(batch.indices))
     seconds = time.time() - start
-    sampling.save_png(sampling.make_grid(np.concatenate(images)), output_dir / "grid.png")
+    save_png(make_grid(np.concatenate(images)), output_dir / "grid.png")
 
-    stats = sampling.summarize_stats(plan, trajectories, counts)
-    setup = sampling.sampling_setup(ckpt=ckpt, model_config=model_config, config=config, plan=plan, notes=notes,
-                                    labels=None if labels is None else labels.tolist(), device=str(device),
-                                    vae=config.vae if model_config.latent else None)
+    stats = summarize_stats(plan, trajectories, counts)
+    setup = sampling_setup(ckpt=ckpt, model_config=model_config, config=config, plan=plan, notes=notes,
+                           labels=None if labels is None else labels.tolist(), device=str(device),
+                           vae=config.vae if model_config.latent else None)
     record = {"setup": setup, "stats": {**stats, "seconds": seconds},
               "trajectories": [s.to_dict() for s in trajectories]}
-    sampling.write_json(output_dir / "setup.json", record)
+    write_json(output_dir / SETUP_FILE, record)
     if config.diagnostics:
-        plot = sampling.write_diagnostics(config.diagnostics, plan, trajectories, setup)
+        plot = write_diagnostics(config.diagnostics, plan, trajectories, setup)
         print(f"diagnostics: {config.diagnostics}" + (f" (plot {plot})" if plot else ""))
     spent = f"{stats['blocks_per_image_max']}"
     if stats["blocks_per_image_min"] != stats["blocks_per_image_max"]:  # adaptive: batches stop at different points

@@ -14,19 +14,18 @@ number of processes (except under the adaptive schedule, whose stopping rule loo
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from allocation import IterationPlan, plan_for_model
-from checkpoint import BUNDLED_CHECKPOINT, atomic_write, load_model_for_sampling
+from checkpoint import BUNDLED_CHECKPOINT, load_model_for_sampling
 from config import DEFAULT_CFG_SCALE, ModelConfig, SampleConfig, UserError, config_diff
+from images import decode_to_uint8, make_grid, save_png
 
 SOLVER_NAMES = ("iteration", "anderson")
 TIMESTEP_SPACINGS = ("default", "trailing")
@@ -335,195 +334,6 @@ def iterate_batches(indices: Sequence[int], batch_size: int) -> Iterator[list[in
 
 
 #################################################################################
-#                                Images on disk                                 #
-#################################################################################
-
-def load_vae_for(model_config: ModelConfig, vae: str, device: torch.device) -> Any:
-    """The AutoencoderKL of a latent model (--vae path or hub name); None for pixel models."""
-    if not model_config.latent:
-        return None
-    from data import load_vae
-    return load_vae(vae, device)
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
-    scaled = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
-    return scaled.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def decode_to_uint8(samples: Tensor, model_config: ModelConfig, vae: Any = None) -> np.ndarray:
-    """Model-space samples -> (N, H, W, C) uint8 pixels (latents decoded with the VAE, pixels as they are).
-
-    A latent model without a VAE gets a preview: its first 3 latent channels scaled per image to [-1, 1].
-    """
-    if not model_config.latent:
-        return to_uint8(samples)
-    if vae is None:
-        preview = samples[:, :3]
-        low = preview.amin(dim=(1, 2, 3), keepdim=True)
-        high = preview.amax(dim=(1, 2, 3), keepdim=True)
-        return to_uint8((preview - low) / (high - low).clamp_min(1e-8) * 2 - 1)
-    from data import decode_latents
-    with torch.no_grad():
-        pixels = decode_latents(vae, samples.to(next(vae.parameters()).device))
-    return to_uint8(pixels)
-
-
-def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write one (H, W, C) uint8 image as PNG (grayscale for C = 1), atomically."""
-    from PIL import Image
-    if image.shape[-1] == 1:
-        pil = Image.fromarray(image[..., 0], mode="L")
-    else:
-        pil = Image.fromarray(np.ascontiguousarray(image[..., :3]), mode="RGB")
-    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
-
-
-def load_png_rgb(path: str | Path) -> np.ndarray:
-    """Read a PNG as (H, W, 3) uint8 RGB (grayscale repeated to 3 channels)."""
-    from PIL import Image
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def make_grid(images: np.ndarray, nrow: Optional[int] = None, padding: int = 2, min_cell: int = 64) -> np.ndarray:
-    """Tile (N, H, W, C) uint8 images into one (rows*(H+p)+p, nrow*(W+p)+p, C) image on a black background.
-
-    Images smaller than `min_cell` pixels are enlarged by an integer factor (nearest neighbour) so that a grid of
-    8x8 digits can be seen; the individual PNGs keep the model's resolution.
-    """
-    scale = max(1, math.ceil(min_cell / max(images.shape[1], images.shape[2])))
-    images = images.repeat(scale, axis=1).repeat(scale, axis=2)   # (N, H*s, W*s, C)
-    num, height, width, channels = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(num)))
-    rows = math.ceil(num / nrow)
-    grid = np.zeros((rows * (height + padding) + padding, nrow * (width + padding) + padding, channels), np.uint8)
-    for k in range(num):
-        top = padding + (k // nrow) * (height + padding)
-        left = padding + (k % nrow) * (width + padding)
-        grid[top:top + height, left:left + width] = images[k]
-    return grid
-
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write indented JSON atomically."""
-    text = json.dumps(payload, indent=2, default=str)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-#################################################################################
-#                           Statistics and records                              #
-#################################################################################
-
-def summarize_stats(plan: IterationPlan, trajectories: Sequence[TrajectoryStats],
-                    images_per_trajectory: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """Blocks per image actually spent (against the plan), mean iterations and delta_t per step."""
-    if not trajectories:
-        return {"num_batches": 0, "planned_blocks_per_image": plan.blocks_per_image}
-    counts = list(images_per_trajectory or [1] * len(trajectories))
-    blocks = [s.blocks_per_image for s in trajectories]
-    total_images = sum(counts)
-    mean_blocks = sum(b * c for b, c in zip(blocks, counts)) / total_images
-    steps = len(trajectories[0].iters_per_step)
-    mean_iters = [sum(s.iters_per_step[k] * c for s, c in zip(trajectories, counts)) / total_images
-                  for k in range(steps)]
-    deltas = [[d for d in (s.delta_per_step[k] for s in trajectories) if d is not None] for k in range(steps)]
-    return {
-        "num_batches": len(trajectories),
-        "num_images": total_images,
-        "planned_blocks_per_image": plan.blocks_per_image,
-        "blocks_per_image_mean": mean_blocks,
-        "blocks_per_image_min": min(blocks),
-        "blocks_per_image_max": max(blocks),
-        "within_budget": max(blocks) <= plan.blocks_per_image,
-        "timesteps": trajectories[0].timesteps,
-        "planned_iters_per_step": plan.iters_per_step,
-        "mean_iters_per_step": mean_iters,
-        "mean_delta_per_step": [sum(d) / len(d) if d else None for d in deltas],
-    }
-
-
-def sampling_setup(*, ckpt: str | Path, model_config: ModelConfig, config: Any, plan: IterationPlan,
-                   notes: Sequence[str] = (), exclude: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
-    """The full setup to record beside samples: checkpoint, architecture, every sampling flag (but `exclude`), the
-    plan, and `extra` entries."""
-    excluded = set(exclude)
-    return {
-        "checkpoint": str(Path(ckpt).resolve()),
-        "model_config": asdict(model_config),
-        "sample_config": {k: v for k, v in asdict(config).items() if k not in excluded},
-        "plan": plan.to_dict(),
-        "sampler": "ddim" if config.ddim else "ddpm",
-        "notes": list(notes) + list(plan.notes),
-        "torch": torch.__version__,
-        **extra,
-    }
-
-
-def write_diagnostics(path: str | Path, plan: IterationPlan, trajectories: Sequence[TrajectoryStats],
-                      setup: Optional[dict[str, Any]] = None, plot: bool = True,
-                      max_curves: int = 10) -> Optional[Path]:
-    """Per-timestep iterations and residuals (delta_t, Fig. 6b/c) to JSON; a plot beside it if matplotlib is there.
-
-    delta_t is written for every batch, the full residual curves for the first `max_curves` batches (the paper
-    plots 10 batches). Returns the plot's path (or None).
-    """
-    steps = []
-    for k in range(plan.num_steps):
-        steps.append({
-            "step": k,
-            "timestep": trajectories[0].timesteps[k] if trajectories else None,
-            "iteration_cap": [s.iteration_caps[k] for s in trajectories],
-            "iters": [s.iters_per_step[k] for s in trajectories],
-            "delta_t": [s.delta_per_step[k] for s in trajectories],
-            "residuals": [s.residuals_per_step[k] for s in trajectories[:max_curves]],
-            "reused_solution": [s.reused_solution[k] for s in trajectories],
-        })
-    payload = {"plan": plan.to_dict(), "setup": setup or {}, "per_batch_blocks_per_image":
-               [s.blocks_per_image for s in trajectories], "steps": steps}
-    write_json(path, payload)
-    if not plot or not trajectories or not plan.fixed_point:
-        return None
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for b, s in enumerate(trajectories[:max_curves]):
-        points = [(t, d) for t, d in zip(s.timesteps, s.delta_per_step) if d is not None and d > 0]
-        if points:
-            axis.plot(*zip(*points), marker=".", alpha=0.7, label=f"batch {b}")
-    axis.set_xlabel("timestep t")
-    axis.set_ylabel("delta_t (last relative residual)")
-    axis.set_yscale("log")
-    axis.invert_xaxis()  # sampling runs from t = T-1 to 0
-    axis.set_title(f"{plan.schedule} schedule, {plan.blocks_per_image} blocks/image")
-    if len(trajectories) > 1:
-        axis.legend(fontsize="small")
-    plot_path = Path(path).with_suffix(".png")
-    figure.tight_layout()
-    figure.savefig(plot_path, dpi=120)
-    plt.close(figure)
-    return plot_path
-
-
-def describe_plan(plan: IterationPlan) -> str:
-    """One line saying what a plan spends."""
-    if not plan.fixed_point:
-        return f"DiT: {plan.num_steps} steps x {plan.depth} blocks = {plan.blocks_per_image} blocks per image"
-    if plan.adaptive:
-        return (f"FPDM adaptive: {plan.num_steps} steps, <= {plan.max_iters_per_step} iterations per step until the "
-                f"relative residual <= {plan.fixed_point_tol}, budget {plan.blocks_per_image} blocks per image")
-    iters = plan.iters_per_step
-    shown = f"{iters[0]} iterations" if len(set(iters)) == 1 else f"{iters[0]}..{iters[-1]} iterations"
-    return (f"FPDM {plan.schedule}: {plan.num_steps} steps, {shown} per step (+{plan.pre_depth} pre "
-            f"+{plan.post_depth} post blocks) = {plan.blocks_per_image} blocks per image")
-
-
-#################################################################################
 #                          Convenience for other scripts                        #
 #################################################################################
 
@@ -562,11 +372,11 @@ def sample_grid_png(model: Callable, model_config: ModelConfig, path: str | Path
                           num_samples=num_images)
     config, plan, _ = prepare_sampling(model_config, config)
     labels = image_labels(range(num_images), seed, model_config.num_classes)
-    images = [pixels for _, pixels in sample_images(model, model_config, config, plan, list(range(num_images)),
-                                                     labels, seed=seed, batch_size=num_images, device=device,
-                                                     vae=vae)]
+    drawn = [pixels for _, pixels in sample_images(model, model_config, config, plan, list(range(num_images)),
+                                                    labels, seed=seed, batch_size=num_images, device=device,
+                                                    vae=vae)]
     if was_training and hasattr(model, "train"):
         model.train()
     path = Path(path)
-    save_png(make_grid(np.concatenate(images)), path)
+    save_png(make_grid(np.concatenate(drawn)), path)
     return path

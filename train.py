@@ -8,7 +8,6 @@ extract_features.py).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import resource
@@ -31,8 +30,10 @@ from checkpoint import (atomic_write, capture_rng_state, load_checkpoint, restor
 import cli
 from config import (ModelConfig, TrainConfig, UserError, build_config, config_diff, given_fields, load_preset,
                     model_config_from_dict, parse_flags)
-from data import create_dataset, encode_images, load_vae
+from data import create_dataset
 from models import draw_sjfb_iters
+from records import append_jsonl, write_json
+from vae import encode_images, load_vae
 
 # TrainConfig fields that may change when resuming: they set how long and how loudly a run goes, not what it learns.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "ckpt_every", "log_every", "log_with", "resume", "num_workers",
@@ -214,8 +215,7 @@ def train(model_config: ModelConfig, config: TrainConfig, resume_payload: dict[s
     ckpt_dir = run_dir / "checkpoints"
     if accelerator.is_main_process:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(
-            {"model": asdict(model_config), "train": asdict(config)}, indent=2))
+        write_json(run_dir / "config.json", {"model": asdict(model_config), "train": asdict(config)})
     logger = RunLogger(run_dir, accelerator, config, model_config)
     steps_per_epoch = len(epoch_batches(len(dataset), local_batch, 0, config.global_seed, 0,
                                         1 if getattr(dataset, "is_sharded", False) else world_size))
@@ -283,8 +283,8 @@ def train(model_config: ModelConfig, config: TrainConfig, resume_payload: dict[s
     checksums = gather_object([weights_checksum(accelerator.unwrap_model(model))])
     if accelerator.is_main_process:
         save_safetensors(ema.state_dict(), model_config, run_dir / "ema.safetensors")
-        (run_dir / "summary.json").write_text(json.dumps(
-            {"step": step, "num_params": num_params, "rank_weight_checksums": checksums}, indent=2))
+        write_json(run_dir / "summary.json",
+                   {"step": step, "num_params": num_params, "rank_weight_checksums": checksums})
         if config.sample_grid:
             write_sample_grid(ema, model_config, run_dir / "samples.png", device, vae, dataset, logger)
     logger.close()
@@ -356,8 +356,7 @@ class RunLogger:
         if self.tracking:
             self.accelerator.log(values, step=step)
         if self.active:
-            with open(self.metrics_path, "a") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
+            append_jsonl(self.metrics_path, {"step": step, **values})
             self.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
             if not all(math.isfinite(v) for v in values.values()):
                 self.info("warning: non-finite metric")

@@ -1,7 +1,6 @@
-"""Shared helpers for the benchmark scripts: repo import path, one-thread torch, machine description, tables, JSON."""
+"""Shared helpers for the benchmark scripts: repo import path, one-thread torch, machine description, tables."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -67,14 +66,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write `payload` as indented JSON (creating the folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    return path
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info, write_json
+from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info
 
 PAPER = {"DiT-XL/2": {"dit_params": 674e6, "fpdm_params": 86e6, "reduction_pct": 87.0}}
 QUICK_MODELS = ("DiT-XL/2", "DiT-Ti/2")
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        [[r["model"], r["dit_params"], r["fpdm_params"], r["ratio_fpdm_over_dit"], r["reduction_pct"]]
                         for r in rows]))
     print("paper (XL/2): 674M vs 86M (87% fewer)")
+    from records import write_json  # here, not at the top: records imports torch (threads are limited first)
     write_json(args.out, payload)
     print(f"wrote {args.out}")
     return payload

@@ -23,7 +23,7 @@ import argparse
 import time
 from typing import Any, Callable, Sequence
 
-from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info, summarize, write_json
+from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info, summarize
 
 # name -> (registry model, data kwargs for ModelConfig, default batch, default steps)
 SIZES = {
@@ -220,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{fp['map_over_block']['median']:.3f}")
     payload = {"benchmark": "sampling_throughput", "quick": args.quick, "runs": runs,
                "machine": machine_info(devices[-1]), "total_runtime_s": time.perf_counter() - started}
+    from records import write_json  # here, not at the top: records imports torch (threads are limited first)
     write_json(args.out, payload)
     print(f"wrote {args.out}")
     return payload

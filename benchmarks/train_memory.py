@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info, write_json
+from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info
 
 RESULT_PREFIX = "TRAIN_MEMORY_RESULT "
 PAPER = {"setting": "XL/2, ImageNet 256 (32x32x4 latents), batch 64, V100", "dit_gb": 25.2, "fpdm_gb": 10.2,
@@ -329,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                "no_optimizer": args.no_optimizer, "pairs": pairs, "comparisons": comparisons, "n_sweep": sweep,
                "paper": PAPER, "machine": machine_info(args.device),
                "total_runtime_s": time.perf_counter() - started}
+    from records import write_json  # here, not at the top: records imports torch (threads are limited first)
     write_json(args.out, payload)
     print(f"wrote {args.out}")
     return payload

@@ -1,8 +1,9 @@
-"""Shared helpers for the miniature reproductions in experiments/ (issue 5).
+"""Shared helpers for the miniature reproductions in experiments/.
 
 Everything here is a thin layer over the library: training is `train.main([...])` with explicit flags, compute
 plans come from `sampling.prepare_sampling` / `allocation`, trajectories from `sampling.sample_images`, and
-digits-FID / classifier accuracy from `fid`. No sampling, allocation or FID logic is re-implemented here.
+digits-FID / classifier accuracy from `classifier` (on fid.py's Frechet distance). No sampling, allocation or FID
+logic is re-implemented here.
 
 Conventions of every experiment script:
   * one command, `--out_dir` (default experiments/results/), writes `<out_dir>/<name>.json` and `<name>.png`;
@@ -28,10 +29,11 @@ if str(REPO_ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import fid  # noqa: E402
+import classifier  # noqa: E402
 import sampling  # noqa: E402
 from checkpoint import load_checkpoint, load_model_for_sampling, save_safetensors  # noqa: E402
 from config import ModelConfig, SampleConfig, model_config_from_dict  # noqa: E402
+from records import summarize_stats, write_json  # noqa: E402
 
 DEFAULT_OUT_DIR = REPO_ROOT / "experiments" / "results"
 PRETRAINED_DIR = REPO_ROOT / "pretrained"
@@ -219,7 +221,7 @@ def draw_samples(model: torch.nn.Module, model_config: ModelConfig, config: Samp
         images.append(pixels)
         trajectories.append(batch.stats)
         counts.append(len(batch.indices))
-    stats = sampling.summarize_stats(plan, trajectories, counts)
+    stats = summarize_stats(plan, trajectories, counts)
     return {"images": np.concatenate(images), "labels": None if labels is None else labels.numpy(), "plan": plan,
             "stats": stats, "trajectories": trajectories, "notes": notes}
 
@@ -229,23 +231,23 @@ def draw_samples(model: torch.nn.Module, model_config: ModelConfig, config: Samp
 #################################################################################
 
 class DigitsEvaluator:
-    """digits-FID (vs all 1797 real digits) and classifier accuracy with a cached classifier (fid.py)."""
+    """digits-FID (vs all 1797 real digits) and classifier accuracy with a cached classifier (classifier.py)."""
 
     def __init__(self, classifier_path: str | Path = CLASSIFIER_PATH):
-        self.classifier, self.classifier_test_accuracy = fid.load_or_train_digits_classifier(
+        self.classifier, self.classifier_test_accuracy = classifier.load_or_train_digits_classifier(
             str(classifier_path), seed=CLASSIFIER_SEED, steps=CLASSIFIER_STEPS, flag="--classifier")
-        self.reference = fid.digits_reference_stats(self.classifier, "all")
-        self.feature_extractor = fid.digits_feature_extractor_id(self.classifier)
+        self.reference = classifier.digits_reference_stats(self.classifier, "all")
+        self.feature_extractor = classifier.digits_feature_extractor_id(self.classifier)
 
     def __call__(self, images: np.ndarray, labels: Optional[np.ndarray]) -> dict[str, float]:
         """{'fid', 'accuracy'} of uint8 (N, H, W, C) samples."""
-        metrics = fid.evaluate_digits_samples(self.classifier, images, labels, self.reference)
+        metrics = classifier.evaluate_digits_samples(self.classifier, images, labels, self.reference)
         return {"fid": float(metrics["digits_fid"]), "accuracy": float(metrics.get("classifier_accuracy", math.nan))}
 
     def describe(self) -> dict[str, Any]:
         """What the numbers are measured with (recorded in every JSON)."""
         return {"feature_extractor": self.feature_extractor, "classifier_test_accuracy": self.classifier_test_accuracy,
-                "reference": "all 1797 sklearn digits", "note": fid.DIGITS_FID_NOTE}
+                "reference": "all 1797 sklearn digits", "note": classifier.DIGITS_FID_NOTE}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -292,7 +294,7 @@ def write_result(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     payload = {"experiment": name, "command": "python " + " ".join([_relative_script(sys.argv[0]), *sys.argv[1:]]),
                "machine": machine_description(), "wall_clock_s": time.time() - _RUN_STARTED["time"], **payload}
     path = out_dir / f"{name}.json"
-    sampling.write_json(path, _strip_private(payload))
+    write_json(path, _strip_private(payload))
     return path
 
 

@@ -4,7 +4,7 @@
     per timestep (DDPM). (b, c) For one setting (--diag_iters), the per-timestep residual delta_t (relative residual
     of the last iteration, sampling.TrajectoryStats) and the residual after each iteration for a few timesteps, over
     10 batches of 32 images, with and without reuse. The per-batch diagnostics are also written with
-    sampling.write_diagnostics to exp4_reuse_delta_{no_reuse,reuse}.json.
+    records.write_diagnostics to exp4_reuse_delta_{no_reuse,reuse}.json.
 
     python experiments/exp4_reuse.py
     python experiments/exp4_reuse.py --quick --out_dir /tmp/exp4
@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import sampling  # noqa: E402
+import records  # noqa: E402
 
 NAME = "exp4_reuse"
 
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = common.sample_config(budget=budget, iters=diag_iters, reuse=reuse)
         drawn = common.draw_samples(fpdm, fpdm_config, config, 32 * diag_batches, seed=0, batch_size=32)
         label = "reuse" if reuse else "no_reuse"
-        sampling.write_diagnostics(out_dir / f"{NAME}_delta_{label}.json", drawn["plan"], drawn["trajectories"],
-                                   setup={"fpdm_ckpt": str(fpdm_path), "reuse": reuse}, plot=False)
+        records.write_diagnostics(out_dir / f"{NAME}_delta_{label}.json", drawn["plan"], drawn["trajectories"],
+                                  setup={"fpdm_ckpt": str(fpdm_path), "reuse": reuse}, plot=False)
         trajectories = drawn["trajectories"]
         deltas = np.array([s.delta_per_step for s in trajectories], dtype=np.float64)  # (batches, steps)
         diagnostics[label] = {

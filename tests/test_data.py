@@ -1,72 +1,15 @@
-"""Datasets (digits, latents, image folders), the latent storage format and extract_features.py."""
+"""Datasets (digits, latents, image folders) and create_dataset."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import extract_features
 from config import ModelConfig, TrainConfig
-from data import (ImageFolderDataset, LatentDataset, center_crop_image, create_dataset, decode_latents,
-                  encode_images, load_digits_tensors, load_vae, vae_downsampling)
-
-CLASS_COLOURS = {"b_red": (255, 0, 0), "a_blue": (0, 0, 255)}  # created in this order, labelled by sorted name
-IMAGES_PER_CLASS = {"b_red": 4, "a_blue": 4}  # class boundary inside chunk 1
-
-
-#################################################################################
-#                                   Fixtures                                    #
-#################################################################################
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """Two classes of small images: left-to-right ramps of the class colour, a distinct peak per image."""
-    root = tmp_path_factory.mktemp("images")
-    for name, colour in CLASS_COLOURS.items():
-        (root / name).mkdir()
-        for k in range(IMAGES_PER_CLASS[name]):
-            height, width = (32, 40) if k == 1 else (32, 32)  # one non-square image
-            ramp = np.linspace(0.2, 1.0, width) * (k + 2) / (IMAGES_PER_CLASS[name] + 1)  # (W,), not symmetric
-            pixels = np.broadcast_to(ramp[None, :, None] * np.array(colour), (height, width, 3))
-            Image.fromarray(pixels.round().astype(np.uint8)).save(root / name / f"{k}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory) -> Path:
-    """A tiny randomly initialised AutoencoderKL (4 levels: 8x downsampling) saved with save_pretrained."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
-                        scaling_factor=0.5)  # not SD's 0.18215, so a hard-coded factor would be caught
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def vae(vae_dir):
-    """The tiny VAE loaded back through load_vae (from_pretrained)."""
-    return load_vae(str(vae_dir), "cpu")
-
-
-def run_extract(image_folder: Path, vae_dir: Path, out: Path, *extra: str) -> dict:
-    """extract_features.py in-process (one process) on the test folder: chunks of 3 images, batches of 2."""
-    return extract_features.main(["--data_path", str(image_folder), "--features_path", str(out), "--vae", str(vae_dir),
-                                  "--image_size", "32", "--chunk_size", "3", "--batch_size", "2", *extra])
-
-
-@pytest.fixture(scope="module")
-def features(tmp_path_factory, image_folder, vae_dir) -> Path:
-    """Latents of the test folder with flipped copies, using the posterior mean so they can be recomputed."""
-    out = tmp_path_factory.mktemp("features") / "feats"
-    run_extract(image_folder, vae_dir, out, "--flip", "True", "--sample_posterior", "False")
-    return out
+from data import (ImageFolderDataset, LatentDataset, center_crop_image, create_dataset, load_digits_split,
+                  load_digits_tensors, load_digits_uint8)
 
 
 #################################################################################
@@ -91,69 +34,24 @@ def test_create_dataset_digits():
     assert unconditional.num_classes == 0
 
 
+def test_one_digits_loader_serves_training_and_evaluation():
+    levels, labels = load_digits_split("all")
+    images, tensor_labels = load_digits_tensors()
+    uint8, uint8_labels = load_digits_uint8()
+    assert levels.shape == (1797, 8, 8) and levels.min() == 0 and levels.max() == 16
+    torch.testing.assert_close(images[:, 0], torch.from_numpy(levels) / 8 - 1, rtol=0, atol=0)
+    assert uint8.shape == (1797, 8, 8, 3) and uint8.dtype == np.uint8 and (uint8[..., 0] == uint8[..., 2]).all()
+    np.testing.assert_array_equal(uint8[..., 0], np.round(levels / 16 * 255).astype(np.uint8))
+    assert tensor_labels.tolist() == labels.tolist() == uint8_labels.tolist()
+    train, test = load_digits_split("train")[1], load_digits_split("test")[1]
+    assert len(train) == 1347 and len(test) == 450 and np.bincount(test).min() >= 43  # stratified
+    with pytest.raises(ValueError, match="--ref_split"):
+        load_digits_split("validation")
+
+
 #################################################################################
-#                          Feature extraction + reading                         #
+#                                Latent dataset                                 #
 #################################################################################
-
-def test_extract_features_pairs_latents_with_labels(features, image_folder, vae, vae_dir):
-    manifest = json.loads((features / "manifest.json").read_text())
-    factor = vae_downsampling(json.loads((vae_dir / "config.json").read_text()))
-    assert manifest["latent_shape"] == [4, 32 // factor, 32 // factor] == [4, 4, 4]
-    assert manifest["class_names"] == ["a_blue", "b_red"] and manifest["num_classes"] == 2
-    assert manifest["num_images"] == 8 and manifest["flip"] is True and manifest["scaling_factor"] == 0.5
-    assert [(c["start"], c["end"]) for c in manifest["chunks"]] == [(0, 3), (3, 6), (6, 8)]
-
-    images = ImageFolderDataset(image_folder, 32, random_flip=False)
-    dataset = LatentDataset(features)
-    assert len(dataset) == 16  # 8 latents, then their 8 flipped copies
-    assert dataset.indices.tolist() == list(range(8))
-    reference = torch.stack([images.load_image(i) for i in range(8)])              # (8, 3, 32, 32)
-    expected = encode_images(vae, reference, sample_posterior=False)                # (8, 4, 4, 4)
-    expected_flip = encode_images(vae, reference.flip(-1), sample_posterior=False)
-    assert (expected[0] - expected[4]).abs().amax() > 1e-3          # classes, images and flips are
-    assert (expected[0] - expected[1]).abs().amax() > 1e-3          # distinguishable, so a mix-up would show
-    assert (expected[0] - expected_flip[0]).abs().amax() > 1e-3
-    for i in range(8):
-        index = int(dataset.indices[i])
-        folder = images.samples[index][0].split("/")[0]
-        latent, label = dataset[i]
-        assert label.dtype == torch.int64 and int(label) == manifest["class_names"].index(folder)
-        assert latent.shape == (4, 4, 4) and latent.dtype == torch.float32
-        torch.testing.assert_close(latent, expected[index], atol=1e-5, rtol=1e-5)
-        flipped, flipped_label = dataset[i + 8]
-        torch.testing.assert_close(flipped, expected_flip[index], atol=1e-5, rtol=1e-5)
-        assert int(flipped_label) == int(label)
-    assert dataset.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
-    with np.load(features / "chunk_000001.npz") as chunk:  # the chunk keeps the pairs side by side
-        assert chunk["indices"].tolist() == [3, 4, 5] and chunk["labels"].tolist() == [0, 1, 1]
-        assert [p.split("/")[0] for p in chunk["paths"]] == ["a_blue", "b_red", "b_red"]
-
-
-def test_extract_features_resumes_and_rebuilds(tmp_path, image_folder, vae_dir):
-    out = tmp_path / "feats"
-    first = run_extract(image_folder, vae_dir, out)  # posterior samples: seeded per chunk
-    chunks = sorted(out.glob("chunk_*.npz"))
-    assert [p.name for p in chunks] == ["chunk_000000.npz", "chunk_000001.npz", "chunk_000002.npz"]
-    assert "latents_flip" not in np.load(chunks[0]).files and len(LatentDataset(out)) == 8
-    before = {p.name: (p.stat().st_mtime_ns, dict(np.load(p))) for p in chunks}
-
-    assert run_extract(image_folder, vae_dir, out) == first  # nothing to do: chunks untouched
-    assert {p.name: p.stat().st_mtime_ns for p in chunks} == {k: v[0] for k, v in before.items()}
-
-    (out / "chunk_000001.npz").unlink()
-    (out / "chunk_000002.npz").write_bytes(b"not a zip file")  # damaged: rebuilt like a missing chunk
-    assert run_extract(image_folder, vae_dir, out) == first
-    assert (out / "chunk_000000.npz").stat().st_mtime_ns == before["chunk_000000.npz"][0]
-    for name in ("chunk_000001.npz", "chunk_000002.npz"):
-        rebuilt = dict(np.load(out / name))
-        for key, value in before[name][1].items():
-            np.testing.assert_array_equal(rebuilt[key], value)  # bit-identical, posterior draws included
-    assert not list(out.glob(".*tmp"))
-
-    with pytest.raises(ValueError, match="--features_path.*image_size"):
-        extract_features.main(["--data_path", str(image_folder), "--features_path", str(out), "--vae", str(vae_dir),
-                               "--image_size", "16", "--chunk_size", "3"])
-
 
 def test_latent_dataset_sharding(features, tmp_path):
     shards = [LatentDataset(features, rank, 2) for rank in range(2)]
@@ -236,7 +134,7 @@ def test_create_dataset_errors(tmp_path):
 
 
 #################################################################################
-#                           Image folders and the VAE                           #
+#                                 Image folders                                 #
 #################################################################################
 
 def test_image_folder_center_crop_and_labels(tmp_path):
@@ -276,55 +174,3 @@ def test_create_dataset_imagefolder(image_folder, vae_dir):
     _, latent = create_dataset(TrainConfig(dataset="imagefolder", data_path=str(image_folder), vae=str(vae_dir)),
                                ModelConfig(image_size=32))
     assert (latent.in_channels, latent.latent, latent.input_size) == (4, True, 4)
-
-
-def test_vae_round_trip_and_errors(vae, tmp_path):
-    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    mean = vae.encode(images).latent_dist.mode()
-    torch.testing.assert_close(encode_images(vae, images, sample_posterior=False), mean * 0.5)
-    first = encode_images(vae, images, torch.Generator().manual_seed(1))
-    assert torch.equal(first, encode_images(vae, images, torch.Generator().manual_seed(1)))
-    assert not torch.allclose(first, mean * 0.5)
-    decoded = decode_latents(vae, first)
-    assert decoded.shape == (2, 3, 32, 32) and decoded.min() >= -1 and decoded.max() <= 1
-    with pytest.raises(FileNotFoundError, match="--vae"):
-        load_vae(str(tmp_path / "missing_vae"))
-    (tmp_path / "not_a_vae").mkdir()
-    with pytest.raises(ValueError, match="--vae.*local folder"):
-        load_vae(str(tmp_path / "not_a_vae"))
-
-
-#################################################################################
-#                          Training on these datasets                           #
-#################################################################################
-
-TINY_TRAIN = ["--model", "DiT-Ti/2", "--global_batch_size", "4", "--max_steps", "2", "--log_every", "1",
-              "--fixed_point_no_grad_max_iters", "1", "--fixed_point_with_grad_max_iters", "1"]
-
-
-def test_train_on_extracted_latents_decodes_its_grid_with_the_manifest_vae(features, tmp_path, monkeypatch):
-    import sampling
-    import train
-    from checkpoint import load_checkpoint
-    grid_vaes = []
-    real_grid = sampling.sample_grid_png
-    monkeypatch.setattr(sampling, "sample_grid_png",
-                        lambda *args, **kwargs: grid_vaes.append(kwargs.get("vae")) or real_grid(*args, **kwargs))
-    run = train.main([*TINY_TRAIN, "--dataset", "latents", "--feature_path", str(features),
-                      "--output_dir", str(tmp_path)])
-    saved = load_checkpoint(run)["config"]["model"]
-    assert saved["latent"] and saved["in_channels"] == 4 and saved["image_size"] == 32 and saved["num_classes"] == 2
-    assert len(grid_vaes) == 1 and grid_vaes[0] is not None  # decoded with the VAE named in the manifest
-    assert (run / "samples.png").is_file() and "raw latents" not in (run / "log.txt").read_text()
-
-
-def test_train_on_image_folder_through_the_vae(image_folder, vae_dir, tmp_path):
-    import train
-    from checkpoint import load_checkpoint
-    run = train.main([*TINY_TRAIN, "--dataset", "imagefolder", "--data_path", str(image_folder), "--vae",
-                      str(vae_dir), "--image_size", "32", "--sample_grid", "False", "--output_dir", str(tmp_path)])
-    saved = load_checkpoint(run)["config"]["model"]
-    assert saved["latent"] and saved["in_channels"] == 4 and saved["num_classes"] == 2
-    pixel_run = train.main([*TINY_TRAIN, "--dataset", "imagefolder", "--data_path", str(image_folder),
-                            "--image_size", "16", "--sample_grid", "False", "--output_dir", str(tmp_path)])
-    assert load_checkpoint(pixel_run)["config"]["model"]["in_channels"] == 3

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import fid
 import sample
 from checkpoint import BUNDLED_CHECKPOINT, load_model_for_sampling
+from classifier import classifier_accuracy, load_or_train_digits_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFIER = REPO / "experiments" / "results" / "digits_classifier.safetensors"
@@ -17,7 +17,7 @@ CLASSIFIER = REPO / "experiments" / "results" / "digits_classifier.safetensors"
 
 @pytest.fixture(scope="module")
 def classifier():
-    model, accuracy = fid.load_or_train_digits_classifier(str(CLASSIFIER))
+    model, accuracy = load_or_train_digits_classifier(str(CLASSIFIER))
     assert accuracy > 0.95
     return model
 
@@ -38,7 +38,7 @@ def test_sample_py_without_arguments_draws_recognisable_digits(tmp_path, monkeyp
     record = sample.main([])                     # exactly `python sample.py`
     images = read_samples(tmp_path / "samples", 16)
     labels = np.arange(16) % 10                  # sample.py cycles the classes 0..9
-    assert fid.classifier_accuracy(classifier, images, labels) >= 0.75
+    assert classifier_accuracy(classifier, images, labels) >= 0.75
     assert record["stats"]["blocks_per_image_max"] == record["setup"]["plan"]["blocks_per_image"]
     assert Image.open(tmp_path / "samples" / "grid.png").size[0] >= 4 * 64  # grid enlarged to be seen
 
@@ -48,4 +48,4 @@ def test_shipped_dit_draws_digits_at_a_small_budget(tmp_path, classifier):
     sample.main(["--ckpt", str(REPO / "pretrained" / "dit-digits.safetensors"), "--budget", "80",
                  "--cfg_scale", "1.0", "--output_dir", str(out), "--num_samples", "20"])
     images = read_samples(out, 20)
-    assert fid.classifier_accuracy(classifier, images, np.arange(20) % 10) >= 0.7
+    assert classifier_accuracy(classifier, images, np.arange(20) % 10) >= 0.7

@@ -203,3 +203,40 @@ def test_compile_keeps_plain_state_dict_keys(tmp_path):
     assert payload["step"] == 2 and all(torch.isfinite(v).all() for v in payload["model"].values())
     fresh = ModelConfig(**payload["config"]["model"]).create_model()
     assert set(payload["model"]) == set(fresh.state_dict())  # no _orig_mod. / module. prefixes
+
+
+#################################################################################
+#          Training on extracted latents and image folders (from test_data)     #
+#################################################################################
+# Fixtures features / image_folder / vae_dir come from tests/conftest.py.
+
+TINY_DATA_TRAIN = ["--model", "DiT-Ti/2", "--global_batch_size", "4", "--max_steps", "2", "--log_every", "1",
+              "--fixed_point_no_grad_max_iters", "1", "--fixed_point_with_grad_max_iters", "1"]
+
+
+def test_train_on_extracted_latents_decodes_its_grid_with_the_manifest_vae(features, tmp_path, monkeypatch):
+    import sampling
+    import train
+    from checkpoint import load_checkpoint
+    grid_vaes = []
+    real_grid = sampling.sample_grid_png
+    monkeypatch.setattr(sampling, "sample_grid_png",
+                        lambda *args, **kwargs: grid_vaes.append(kwargs.get("vae")) or real_grid(*args, **kwargs))
+    run = train.main([*TINY_DATA_TRAIN, "--dataset", "latents", "--feature_path", str(features),
+                      "--output_dir", str(tmp_path)])
+    saved = load_checkpoint(run)["config"]["model"]
+    assert saved["latent"] and saved["in_channels"] == 4 and saved["image_size"] == 32 and saved["num_classes"] == 2
+    assert len(grid_vaes) == 1 and grid_vaes[0] is not None  # decoded with the VAE named in the manifest
+    assert (run / "samples.png").is_file() and "raw latents" not in (run / "log.txt").read_text()
+
+
+def test_train_on_image_folder_through_the_vae(image_folder, vae_dir, tmp_path):
+    import train
+    from checkpoint import load_checkpoint
+    run = train.main([*TINY_DATA_TRAIN, "--dataset", "imagefolder", "--data_path", str(image_folder), "--vae",
+                      str(vae_dir), "--image_size", "32", "--sample_grid", "False", "--output_dir", str(tmp_path)])
+    saved = load_checkpoint(run)["config"]["model"]
+    assert saved["latent"] and saved["in_channels"] == 4 and saved["num_classes"] == 2
+    pixel_run = train.main([*TINY_DATA_TRAIN, "--dataset", "imagefolder", "--data_path", str(image_folder),
+                            "--image_size", "16", "--sample_grid", "False", "--output_dir", str(tmp_path)])
+    assert load_checkpoint(pixel_run)["config"]["model"]["in_channels"] == 3

@@ -1,0 +1,65 @@
+"""Tests for classifier.py: the digits CNN (accuracy, safetensors cache) and digits-FID on its features."""
+import numpy as np
+import pytest
+
+import classifier
+import fid
+from data import load_digits_uint8
+
+
+def _add_pixel_noise(images: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Add N(0, std^2) noise in [-1, 1] pixel space (same on all channels) and re-quantise to uint8."""
+    x = images.astype(np.float64) / 127.5 - 1.0
+    x = x + rng.normal(0.0, std, size=images.shape[:3])[..., None]
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+#################################################################################
+#                        Digits classifier and digits-FID                       #
+#################################################################################
+
+def test_digits_classifier_accuracy_and_cache(trained_classifier):
+    model, accuracy, path = trained_classifier
+    print(f"digits classifier test accuracy: {accuracy:.4f}")
+    assert accuracy > 0.9
+    test_images, test_labels = load_digits_uint8("test")
+    assert len(test_images) == 450 and len(load_digits_uint8("train")[0]) == 1347
+    # Shuffled labels: accuracy falls to chance, so the metric really looks at the labels.
+    shuffled = np.random.default_rng(4).permutation(test_labels)
+    assert classifier.classifier_accuracy(model, test_images, shuffled) < 0.3
+    # 2x nearest-upsampled samples (a 16x16 model's output) are downsampled exactly back to 8x8.
+    upsampled = test_images.repeat(2, axis=1).repeat(2, axis=2)
+    assert classifier.classifier_accuracy(model, upsampled, test_labels) == pytest.approx(accuracy)
+    # The safetensors cache reloads the same weights (same features, same accuracy) without retraining.
+    reloaded, reloaded_accuracy = classifier.load_or_train_digits_classifier(path, seed=0)
+    assert reloaded_accuracy == pytest.approx(accuracy)
+    assert classifier.digits_feature_extractor_id(reloaded) == classifier.digits_feature_extractor_id(model)
+    with pytest.raises(ValueError, match="seed"):
+        classifier.load_or_train_digits_classifier(path, seed=1)
+
+
+def test_digits_fid_real_vs_real_and_increasing_with_noise(trained_classifier):
+    model, _, _ = trained_classifier
+    images, _ = load_digits_uint8("all")
+    features = classifier.digits_features(model, images)
+    assert features.shape == (1797, classifier.DIGITS_FEATURE_DIM)
+    full = fid.FeatureStats.from_features(features)
+    same = fid.fid_from_stats(full, full)
+    assert abs(same) < 1e-6
+
+    permutation = np.random.default_rng(5).permutation(len(images))
+    half_a, half_b = images[permutation[:898]], images[permutation[898:]]
+    stats_a = fid.FeatureStats.from_features(classifier.digits_features(model, half_a))
+    rng = np.random.default_rng(6)
+    stds = [0.0, 0.1, 0.2, 0.4, 0.8]
+    fids = [fid.fid_from_stats(stats_a, fid.FeatureStats.from_features(
+        classifier.digits_features(model, _add_pixel_noise(half_b, std, rng)))) for std in stds]
+    print(f"digits-FID same set {same:.2e}; disjoint halves {fids[0]:.3f}; "
+          + ", ".join(f"noise {s}: {f:.2f}" for s, f in zip(stds, fids)))
+    assert fids[0] < 0.2 * fids[-1]  # disjoint halves of real data: small next to heavily corrupted data
+    assert all(later > earlier for earlier, later in zip(fids, fids[1:])), fids
+
+    # The convenience used by experiments agrees with the pieces.
+    metrics = classifier.evaluate_digits_samples(model, half_b, reference=stats_a)
+    assert metrics["digits_fid"] == pytest.approx(fids[0], rel=1e-9)
+    assert sum(metrics["predicted_class_histogram"]) == len(half_b)

@@ -1,0 +1,90 @@
+"""Tests for evaluate.py end to end: digits-FID with the classifier, Inception FID with a stand-in network."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import evaluate
+from data import load_digits_uint8
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_evaluate_cli_digits_end_to_end(tmp_path, trained_classifier):
+    _, accuracy, classifier_path = trained_classifier
+    images, labels = load_digits_uint8("test")
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, images[:200].repeat(2, axis=1).repeat(2, axis=2), labels[:200])  # 16x16 "samples"
+    setup = {"ckpt": "results/000/checkpoints/0001000.pt", "ema": True, "sampler": "ddpm", "num_sampling_steps": 10,
+             "fixed_point_iters": 4, "iteration_schedule": "fixed", "budget": 60, "cfg_scale": 1.0, "vae": None}
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
+    out = tmp_path / "eval.jsonl"
+    argv = ["--samples", str(samples), "--dataset", "digits", "--classifier", classifier_path,
+            "--setup", str(tmp_path / "setup.json"), "--out", str(out),
+            "--ref_stats", str(tmp_path / "digits_ref.npz")]
+    with pytest.warns(UserWarning, match="50,000"):
+        evaluate.main(argv)
+    with pytest.warns(UserWarning, match="50,000"):
+        evaluate.main(argv)  # second run reads the cached reference statistics
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and os.path.exists(tmp_path / "digits_ref.npz")
+    first, second = json.loads(lines[0]), json.loads(lines[1])
+    print(f"evaluate.py digits end to end: {first['metrics']}")
+    assert first["metrics"]["fid"] == pytest.approx(second["metrics"]["fid"], rel=1e-9)
+    assert first["metrics"]["classifier_accuracy"] > 0.9
+    assert first["metrics"]["classifier_test_accuracy"] == pytest.approx(accuracy)
+    assert first["setup"]["sampling"] == setup
+    assert first["setup"]["num_samples"] == 200 and first["setup"]["reference"]["split"] == "all"
+    assert first["setup"]["reference"]["num_images"] == 1797
+    assert any("50,000" in w for w in first["warnings"])
+    assert "digits-FID" in first["setup"]["note"]
+
+    # A cache of another reference set is refused rather than silently reused.
+    with pytest.raises(ValueError, match="--ref_stats.*digits_ref.npz"), pytest.warns(UserWarning, match="50,000"):
+        evaluate.main(argv + ["--ref_split", "test"])
+    assert len(out.read_text().splitlines()) == 2
+
+    # Flags: unknown and abbreviated flags are rejected.
+    for bad in (["--samples", str(samples), "--bogus", "1"], ["--sample", str(samples)]):
+        with pytest.raises(SystemExit):
+            evaluate.main(bad)
+
+
+def test_evaluate_inception_path_with_stand_in(tmp_path, inception_stand_in):
+    _, inception_path = inception_stand_in
+    rng = np.random.default_rng(8)
+    np.savez(tmp_path / "real.npz", rng.integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "fake.npz", rng.integers(0, 128, size=(30, 16, 16, 3), dtype=np.uint8))
+    out = str(tmp_path / "eval.jsonl")
+    with pytest.warns(UserWarning):
+        record = evaluate.main(["--samples", str(tmp_path / "fake.npz"), "--inception", inception_path,
+                                "--ref_npz", str(tmp_path / "real.npz"), "--out", out])
+    assert record["metrics"]["fid_kind"] == "inception-fid" and record["metrics"]["fid"] > 0.0
+    assert "not comparable to the paper's TensorFlow-evaluator numbers" in record["setup"]["note"]
+    assert record["setup"]["feature_extractor"]["feature_dim"] == 6
+    assert "sampling" not in record["setup"]
+    # sample_ddp.py's setup.json beside the samples is picked up without --setup.
+    (tmp_path / "setup.json").write_text(json.dumps({"setup": {"ckpt": "x.pt", "budget": 140}, "runs": []}))
+    with pytest.warns(UserWarning):
+        record = evaluate.main(["--samples", str(tmp_path / "fake.npz"), "--inception", inception_path,
+                                "--ref_npz", str(tmp_path / "real.npz"), "--out", out])
+    assert record["setup"]["sampling"]["setup"]["budget"] == 140
+    assert len(open(out).read().splitlines()) == 2
+    with pytest.raises(ValueError, match="--inception"):
+        evaluate.main(["--samples", str(tmp_path / "fake.npz"), "--features", "inception", "--ref_npz",
+                       str(tmp_path / "real.npz"), "--out", out])
+    with pytest.raises(ValueError, match="reference"):
+        evaluate.main(["--samples", str(tmp_path / "fake.npz"), "--inception", inception_path, "--out", out])
+
+
+def test_evaluate_script_reports_missing_file(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "evaluate.py"), "--samples", str(tmp_path / "absent.npz"),
+         "--out", str(tmp_path / "eval.jsonl")],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 2
+    assert "--samples" in result.stderr and "absent.npz" in result.stderr
+    assert not (tmp_path / "eval.jsonl").exists()
