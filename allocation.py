@@ -1,9 +1,9 @@
 """Compute allocation across timesteps: sampling cost in transformer-block forward passes (paper Sec. 4.2) and the
 iteration schedules of Sec. 3.3 (smoothing, reallocation, adaptive).
 
-Cost model (Sec. 4.2, footnote 4): one denoising step of an FPDM costs ``pre + iters_t + post`` block passes per
-image, a DiT costs ``depth``; sampling costs the sum over visited timesteps. The input-injection projection is not
-counted (as in the paper), and classifier-free guidance doubles the batch, not the count per image.
+Per-step costs come from cost.py (Sec. 4.2, footnote 4: an FPDM step is pre + iters_t + post block passes per image,
+a DiT step depth); sampling costs the sum over visited timesteps. Classifier-free guidance doubles the batch, not
+the count per image.
 
 Everything here is plain integer arithmetic on arguments: no model, no state. Lists are in *sampling order*
 (index 0 is the noisiest timestep t = T-1, the last index is t = 0).
@@ -13,17 +13,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from cost import blocks_per_step, default_sampling_iters, fpdm_step_blocks
+
+try:
+    from config import UserError
+except ImportError:  # config.py without UserError: plain ValueError, of which UserError is a subclass
+    UserError = ValueError
+
 SCHEDULES = ("fixed", "increasing", "decreasing", "adaptive")
 
 
 #################################################################################
 #                                  Block costs                                  #
 #################################################################################
-
-def fpdm_step_blocks(pre_depth: int, num_iters: int, post_depth: int) -> int:
-    """Block passes per image for one FPDM step: pre + fixed-point iterations + post (Sec. 4.2)."""
-    return pre_depth + num_iters + post_depth
-
 
 def fpdm_sampling_blocks(iters_per_step: list[int], pre_depth: int, post_depth: int) -> int:
     """Block passes per image for a whole FPDM trajectory: sum over steps of (pre + iters_t + post)."""
@@ -74,13 +76,13 @@ def ramp_iterations(total_iters: int, num_steps: int, schedule: str) -> list[int
     mean of k iterations per step it runs from about 1 to about 2k - 1.
     """
     if num_steps < 1:
-        raise ValueError(f"--num_sampling_steps must be >= 1 (got {num_steps})")
+        raise UserError(f"--num_sampling_steps must be >= 1 (got {num_steps})")
     if total_iters < num_steps:
-        raise ValueError(f"{total_iters} fixed-point iterations cannot give each of {num_steps} steps at least one")
+        raise UserError(f"{total_iters} fixed-point iterations cannot give each of {num_steps} steps at least one")
     if schedule == "fixed":
         return spread_evenly(total_iters, num_steps)
     if schedule not in ("increasing", "decreasing"):
-        raise ValueError(f"--iteration_schedule must be one of {SCHEDULES} (got {schedule!r})")
+        raise UserError(f"--iteration_schedule must be one of {SCHEDULES} (got {schedule!r})")
     extra = largest_remainder(total_iters - num_steps, list(range(1, num_steps + 1)))
     increasing = [1 + e for e in extra]
     return increasing if schedule == "increasing" else increasing[::-1]
@@ -99,9 +101,9 @@ def adaptive_iteration_cap(remaining_blocks: int, remaining_steps: int, pre_dept
     if remaining_steps < 1:
         raise ValueError(f"remaining_steps must be >= 1 (got {remaining_steps})")
     reserved_later = (remaining_steps - 1) * fpdm_step_blocks(pre_depth, 1, post_depth)
-    available = remaining_blocks - reserved_later - pre_depth - post_depth
+    available = remaining_blocks - reserved_later - fpdm_step_blocks(pre_depth, 0, post_depth)
     if available < 1:
-        raise ValueError(f"budget exhausted: {remaining_blocks} blocks left for {remaining_steps} steps of at least "
+        raise UserError(f"budget exhausted: {remaining_blocks} blocks left for {remaining_steps} steps of at least "
                          f"{fpdm_step_blocks(pre_depth, 1, post_depth)} blocks each")
     return min(max_iters, available)
 
@@ -159,7 +161,7 @@ class IterationPlan:
 
 def _positive(value: Optional[int], flag: str) -> None:
     if value is not None and value < 1:
-        raise ValueError(f"{flag} must be >= 1 (got {value})")
+        raise UserError(f"{flag} must be >= 1 (got {value})")
 
 
 def plan_iterations(*, fixed_point: bool, pre_depth: int = 0, post_depth: int = 0, depth: int = 0,
@@ -180,12 +182,12 @@ def plan_iterations(*, fixed_point: bool, pre_depth: int = 0, post_depth: int = 
     are errors.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"--iteration_schedule must be one of {', '.join(SCHEDULES)} (got {schedule!r})")
+        raise UserError(f"--iteration_schedule must be one of {', '.join(SCHEDULES)} (got {schedule!r})")
     _positive(num_sampling_steps, "--num_sampling_steps")
     _positive(fixed_point_iters, "--fixed_point_iters")
     _positive(budget, "--budget")
     if max_steps is not None and num_sampling_steps is not None and num_sampling_steps > max_steps:
-        raise ValueError(f"--num_sampling_steps {num_sampling_steps} exceeds the {max_steps} diffusion timesteps")
+        raise UserError(f"--num_sampling_steps {num_sampling_steps} exceeds the {max_steps} diffusion timesteps")
 
     if not fixed_point:
         plan = _plan_dit(depth, num_sampling_steps, fixed_point_iters, budget, schedule)
@@ -193,7 +195,7 @@ def plan_iterations(*, fixed_point: bool, pre_depth: int = 0, post_depth: int = 
         plan = _plan_fpdm(pre_depth, post_depth, num_sampling_steps, fixed_point_iters, budget, schedule,
                           default_iters, fixed_point_tol)
     if max_steps is not None and plan.num_steps > max_steps:
-        raise ValueError(f"--budget {budget} asks for {plan.num_steps} steps but the diffusion has only {max_steps} "
+        raise UserError(f"--budget {budget} asks for {plan.num_steps} steps but the diffusion has only {max_steps} "
                          f"timesteps: lower --budget or raise --fixed_point_iters")
     return plan
 
@@ -203,20 +205,20 @@ def _plan_dit(depth: int, steps: Optional[int], iters: Optional[int], budget: Op
     if depth < 1:
         raise ValueError(f"a DiT plan needs its depth (got {depth})")
     if iters is not None:
-        raise ValueError("--fixed_point_iters applies to FPDM checkpoints only: this checkpoint is an explicit DiT "
+        raise UserError("--fixed_point_iters applies to FPDM checkpoints only: this checkpoint is an explicit DiT "
                          f"({depth} blocks per step); use --budget or --num_sampling_steps")
     if schedule != "fixed":
-        raise ValueError(f"--iteration_schedule {schedule} applies to FPDM checkpoints only (this one is a DiT)")
+        raise UserError(f"--iteration_schedule {schedule} applies to FPDM checkpoints only (this one is a DiT)")
     notes = []
     if budget is None:
         steps = 250 if steps is None else steps
         return IterationPlan(steps, [0] * steps, "dit", dit_sampling_blocks(depth, steps), fixed_point=False,
                              depth=depth)
     if budget < depth:
-        raise ValueError(f"--budget {budget} is smaller than one DiT step ({depth} blocks)")
+        raise UserError(f"--budget {budget} is smaller than one DiT step ({depth} blocks)")
     derived = budget // depth
     if steps is not None and steps != derived:
-        raise ValueError(f"--budget {budget} and --num_sampling_steps {steps} disagree for a {depth}-block DiT "
+        raise UserError(f"--budget {budget} and --num_sampling_steps {steps} disagree for a {depth}-block DiT "
                          f"(the budget buys {derived} steps): give one of them")
     unspent = budget - derived * depth
     if unspent:
@@ -232,11 +234,11 @@ def _plan_fpdm(pre: int, post: int, steps: Optional[int], iters: Optional[int], 
     _positive(default_iters, "--fixed_point_iters (model default)")
     min_step = fpdm_step_blocks(pre, 1, post)
     if budget is not None and budget < min_step:
-        raise ValueError(f"--budget {budget} is smaller than one FPDM step: pre {pre} + 1 iteration + post {post} "
+        raise UserError(f"--budget {budget} is smaller than one FPDM step: pre {pre} + 1 iteration + post {post} "
                          f"= {min_step} blocks")
     adaptive = schedule == "adaptive"
     if adaptive and (tol is None or not tol > 0):
-        raise ValueError(f"--fixed_point_tol must be > 0 for --iteration_schedule adaptive (got {tol})")
+        raise UserError(f"--fixed_point_tol must be > 0 for --iteration_schedule adaptive (got {tol})")
     k = default_iters if iters is None else iters
 
     if budget is None:
@@ -245,16 +247,16 @@ def _plan_fpdm(pre: int, post: int, steps: Optional[int], iters: Optional[int], 
     elif steps is None:
         step_cost = fpdm_step_blocks(pre, k, post)
         if budget < step_cost:
-            raise ValueError(f"--budget {budget} cannot pay for one step of --fixed_point_iters {k} "
+            raise UserError(f"--budget {budget} cannot pay for one step of --fixed_point_iters {k} "
                              f"({pre} + {k} + {post} = {step_cost} blocks)")
         steps = budget // step_cost
         budget_blocks = budget
     else:
         if budget < steps * min_step:
-            raise ValueError(f"--budget {budget} cannot pay for --num_sampling_steps {steps}: each step needs at "
+            raise UserError(f"--budget {budget} cannot pay for --num_sampling_steps {steps}: each step needs at "
                              f"least pre {pre} + 1 + post {post} = {min_step} blocks ({steps * min_step} in all)")
         if iters is not None and not adaptive and budget != steps * fpdm_step_blocks(pre, k, post):
-            raise ValueError(f"--budget {budget}, --num_sampling_steps {steps} and --fixed_point_iters {k} disagree "
+            raise UserError(f"--budget {budget}, --num_sampling_steps {steps} and --fixed_point_iters {k} disagree "
                              f"({steps} x ({pre} + {k} + {post}) = {steps * fpdm_step_blocks(pre, k, post)}): "
                              "give two of them")
         budget_blocks = budget
@@ -268,7 +270,7 @@ def _plan_fpdm(pre: int, post: int, steps: Optional[int], iters: Optional[int], 
         return IterationPlan(steps, caps, schedule, budget_blocks, pre_depth=pre, post_depth=post, budget=budget,
                              max_iters_per_step=k, fixed_point_tol=tol)
 
-    total_iters = budget_blocks - steps * (pre + post)
+    total_iters = budget_blocks - steps * fpdm_step_blocks(pre, 0, post)
     per_step = ramp_iterations(total_iters, steps, schedule)
     blocks = fpdm_sampling_blocks(per_step, pre, post)
     assert blocks == budget_blocks, (blocks, budget_blocks)
@@ -280,7 +282,7 @@ def plan_for_model(model_config: Any, sample_config: Any, given: Optional[set[st
 
     `given` None (library callers) counts the fields that differ from SampleConfig's defaults as given. With a
     --budget, --num_sampling_steps is used only when given (else derived); --fixed_point_iters 0 means 'not
-    given' (the model default: its training maximum n + m iterations).
+    given' (the model default, cost.default_sampling_iters: the same-named DiT's depth - pre - post).
     """
     if given is None:
         given = {f.name for f in fields(sample_config) if getattr(sample_config, f.name) != f.default}
@@ -289,8 +291,8 @@ def plan_for_model(model_config: Any, sample_config: Any, given: Optional[set[st
                   budget=sample_config.budget or None, schedule=sample_config.iteration_schedule,
                   max_steps=model_config.diffusion_steps)
     if not model_config.fixed_point:
-        return plan_iterations(fixed_point=False, depth=model_config.blocks_per_step(0), **common)
-    default_iters = model_config.fixed_point_with_grad_max_iters + model_config.fixed_point_no_grad_max_iters
+        return plan_iterations(fixed_point=False, depth=blocks_per_step(model_config, 0), **common)
     return plan_iterations(fixed_point=True, pre_depth=model_config.fixed_point_pre_depth,
-                           post_depth=model_config.fixed_point_post_depth, default_iters=max(1, default_iters),
+                           post_depth=model_config.fixed_point_post_depth,
+                           default_iters=default_sampling_iters(model_config),
                            fixed_point_tol=sample_config.fixed_point_tol, **common)
