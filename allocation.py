@@ -1,9 +1,9 @@
 """Compute allocation across timesteps: sampling cost in transformer-block forward passes (paper Sec. 4.2) and the
 iteration schedules of Sec. 3.3 (smoothing, reallocation, adaptive).
 
-Cost model (Sec. 4.2, footnote 4): one denoising step of an FPDM costs ``pre + iters_t + post`` block passes per
-image, a DiT costs ``depth``; sampling costs the sum over visited timesteps. The input-injection projection is not
-counted (as in the paper), and classifier-free guidance doubles the batch, not the count per image.
+Per-step costs come from cost.py (Sec. 4.2, footnote 4: an FPDM step is pre + iters_t + post block passes per image,
+a DiT step depth); sampling costs the sum over visited timesteps. Classifier-free guidance doubles the batch, not
+the count per image.
 
 Everything here is plain integer arithmetic on arguments: no model, no state. Lists are in *sampling order*
 (index 0 is the noisiest timestep t = T-1, the last index is t = 0).
@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from config import DEFAULT_FIXED_POINT_TOL, DEFAULT_SAMPLING_STEPS, UserError
+from cost import blocks_per_step, default_sampling_iters, fpdm_step_blocks
 
 SCHEDULES = ("fixed", "increasing", "decreasing", "adaptive")
 
@@ -21,11 +22,6 @@ SCHEDULES = ("fixed", "increasing", "decreasing", "adaptive")
 #################################################################################
 #                                  Block costs                                  #
 #################################################################################
-
-def fpdm_step_blocks(pre_depth: int, num_iters: int, post_depth: int) -> int:
-    """Block passes per image for one FPDM step: pre + fixed-point iterations + post (Sec. 4.2)."""
-    return pre_depth + num_iters + post_depth
-
 
 def fpdm_sampling_blocks(iters_per_step: list[int], pre_depth: int, post_depth: int) -> int:
     """Block passes per image for a whole FPDM trajectory: sum over steps of (pre + iters_t + post)."""
@@ -78,7 +74,7 @@ def ramp_iterations(total_iters: int, num_steps: int, schedule: str) -> list[int
     if num_steps < 1:
         raise UserError(f"--num_sampling_steps must be >= 1 (got {num_steps})")
     if total_iters < num_steps:
-        raise ValueError(f"{total_iters} fixed-point iterations cannot give each of {num_steps} steps at least one")
+        raise UserError(f"{total_iters} fixed-point iterations cannot give each of {num_steps} steps at least one")
     if schedule == "fixed":
         return spread_evenly(total_iters, num_steps)
     if schedule not in ("increasing", "decreasing"):
@@ -101,9 +97,9 @@ def adaptive_iteration_cap(remaining_blocks: int, remaining_steps: int, pre_dept
     if remaining_steps < 1:
         raise ValueError(f"remaining_steps must be >= 1 (got {remaining_steps})")
     reserved_later = (remaining_steps - 1) * fpdm_step_blocks(pre_depth, 1, post_depth)
-    available = remaining_blocks - reserved_later - pre_depth - post_depth
+    available = remaining_blocks - reserved_later - fpdm_step_blocks(pre_depth, 0, post_depth)
     if available < 1:
-        raise ValueError(f"budget exhausted: {remaining_blocks} blocks left for {remaining_steps} steps of at least "
+        raise UserError(f"budget exhausted: {remaining_blocks} blocks left for {remaining_steps} steps of at least "
                          f"{fpdm_step_blocks(pre_depth, 1, post_depth)} blocks each")
     return min(max_iters, available)
 
@@ -270,7 +266,7 @@ def _plan_fpdm(pre: int, post: int, steps: Optional[int], iters: Optional[int], 
         return IterationPlan(steps, caps, schedule, budget_blocks, pre_depth=pre, post_depth=post, budget=budget,
                              max_iters_per_step=k, fixed_point_tol=tol)
 
-    total_iters = budget_blocks - steps * (pre + post)
+    total_iters = budget_blocks - steps * fpdm_step_blocks(pre, 0, post)
     per_step = ramp_iterations(total_iters, steps, schedule)
     blocks = fpdm_sampling_blocks(per_step, pre, post)
     assert blocks == budget_blocks, (blocks, budget_blocks)
@@ -280,16 +276,16 @@ def _plan_fpdm(pre: int, post: int, steps: Optional[int], iters: Optional[int], 
 def plan_for_model(model_config: Any, sample_config: Any) -> IterationPlan:
     """Plan from a ModelConfig and a SampleConfig; its None fields (steps, iterations, budget) are derived.
 
-    --fixed_point_iters None is the model default (its training maximum n + m iterations); --num_sampling_steps
-    None is 250 without a --budget and derived from it with one.
+    --fixed_point_iters None is the model default (cost.default_sampling_iters: the same-named DiT's depth - pre -
+    post); --num_sampling_steps None is 250 without a --budget and derived from it with one.
     """
     common = dict(num_sampling_steps=sample_config.num_sampling_steps,
                   fixed_point_iters=sample_config.fixed_point_iters, budget=sample_config.budget,
                   schedule=sample_config.iteration_schedule, max_steps=model_config.diffusion_steps)
     if not model_config.fixed_point:
-        return plan_iterations(fixed_point=False, depth=model_config.blocks_per_step(0), **common)
-    default_iters = model_config.fixed_point_with_grad_max_iters + model_config.fixed_point_no_grad_max_iters
+        return plan_iterations(fixed_point=False, depth=blocks_per_step(model_config, 0), **common)
     return plan_iterations(fixed_point=True, pre_depth=model_config.fixed_point_pre_depth,
-                           post_depth=model_config.fixed_point_post_depth, default_iters=max(1, default_iters),
+                           post_depth=model_config.fixed_point_post_depth,
+                           default_iters=default_sampling_iters(model_config),
                            fixed_point_tol=DEFAULT_FIXED_POINT_TOL if sample_config.fixed_point_tol is None
                            else sample_config.fixed_point_tol, **common)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from config import ModelConfig, model_config_from_dict
+from models import create_model
 
 CHECKPOINT_FORMAT = "fpdm-checkpoint-v1"
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "fpdm-digits.safetensors"
@@ -114,7 +115,7 @@ def load_model_for_sampling(path: str | os.PathLike, device: str | torch.device 
         payload = load_checkpoint(path, flag)
         config = model_config_from_dict(payload["config"]["model"])
         state_dict = payload["ema" if use_ema else "model"]
-    model = config.create_model()
+    model = create_model(config)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval(), config
 

@@ -94,13 +94,6 @@ class ModelConfig:
         """Spatial size of the model input: pixels, or latents at 1/8 resolution."""
         return self.image_size // 8 if self.latent else self.image_size
 
-    def create_model(self, **extra: Any):
-        """Build the network this config describes (extra: non-architectural constructor options)."""
-        from models import DiT_models, get_model_class  # local import: models.py does not depend on config.py
-        get_model_class(self.model)
-        kwargs = {f.name: getattr(self, f.name) for f in fields(self) if f.name in _MODEL_KWARGS}
-        return DiT_models[self.model](input_size=self.input_size, **kwargs, **extra)
-
     def create_diffusion(self, timestep_respacing: str | None = ""):
         """Build the Gaussian diffusion this config describes, with the given timestep respacing."""
         from diffusion import create_diffusion
@@ -108,28 +101,6 @@ class ModelConfig:
             timestep_respacing, noise_schedule=self.noise_schedule, predict_xstart=self.predict_xstart,
             learn_sigma=self.learn_sigma, diffusion_steps=self.diffusion_steps, predict_v=self.predict_v,
             use_zero_terminal_snr=self.use_zero_terminal_snr, v_loss_weighting=self.v_loss_weighting)
-
-    def blocks_per_step(self, num_fixed_point_iters: int) -> int:
-        """Transformer-block forward passes per image for one denoising step (paper Sec. 4.2)."""
-        if not self.fixed_point:
-            from models import DiT_models
-            return _registry_depth(DiT_models[self.model])
-        return self.fixed_point_pre_depth + num_fixed_point_iters + self.fixed_point_post_depth
-
-
-_MODEL_KWARGS = {
-    "in_channels", "num_classes", "class_dropout_prob", "learn_sigma", "fixed_point", "fixed_point_pre_depth",
-    "fixed_point_post_depth", "fixed_point_no_grad_min_iters", "fixed_point_no_grad_max_iters",
-    "fixed_point_with_grad_min_iters", "fixed_point_with_grad_max_iters",
-    "fixed_point_pre_post_timestep_conditioning",
-}
-
-
-def _registry_depth(constructor: Any) -> int:
-    """Depth of a registry entry's explicit DiT (built on the meta device, so free)."""
-    import torch
-    with torch.device("meta"):
-        return constructor(input_size=8, in_channels=1, num_classes=0).depth
 
 
 @dataclass

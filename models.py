@@ -1,21 +1,24 @@
 """
 DiT and Fixed Point Diffusion Models (FPDM) in one model file.
 
-- `DiT(...)` is the Diffusion Transformer (Peebles & Xie, 2023): patch embedding, fixed 2-D sin-cos position
-  embedding, timestep and class embedders, adaLN-Zero transformer blocks, final adaLN layer, unpatchify.
-- `DiT(..., fixed_point=True)` is FPDM (Bai & Melas-Kyriazi, CVPR 2024, Sec. 3.2): explicit pre blocks, one implicit
-  fixed-point block solved by iteration, explicit post blocks. It is trained with Stochastic Jacobian-Free
-  Backpropagation (S-JFB, Sec. 3.4 / Algorithm 1): `forward(..., num_no_grad_iters=n, num_fixed_point_iters=m)`,
-  with (n, m) drawn by `draw_sjfb_iters`.
+- `DiT` is the Diffusion Transformer (Peebles & Xie, 2023): patch embedding, fixed 2-D sin-cos position embedding,
+  timestep and class embedders, adaLN-Zero transformer blocks, final adaLN layer, unpatchify.
+- `FPDM(DiT)` is the Fixed Point Diffusion Model (Bai & Melas-Kyriazi, CVPR 2024, Sec. 3.2): explicit pre blocks,
+  one implicit fixed-point block solved by iteration, explicit post blocks. Called in train mode with gradients
+  and no iteration counts it runs Stochastic Jacobian-Free Backpropagation (S-JFB, Sec. 3.4 / Algorithm 1).
+- `DiT_models[name](fixed_point=True, ...)` builds the FPDM of a registry name; `create_model(config)` builds either
+  from a ModelConfig.
 
-State-dict keys equal those of the official DiT and of the authors' FPDM code, so their checkpoints load strict.
-The model keeps no state between calls: iteration counts, initial solutions (solution reuse, Sec. 3.3) and
-solver statistics are arguments and return values.
+Both return a Tensor when called; `forward_with_stats` also returns a `FixedPointStats` (what the fixed-point stage
+did), so samplers treat DiT and FPDM alike. State-dict keys equal those of the official DiT and of the authors' FPDM
+code, so their checkpoints load strict. The model keeps no state between calls: iteration counts, initial solutions
+(solution reuse, Sec. 3.3) and solver statistics are arguments and return values.
 """
 
+import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -23,7 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from solvers import SOLVERS, SolverStats
+from cost import fpdm_default_iters, fpdm_step_blocks
+from solvers import SolverStats, get_solver
+
+from config import UserError
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -191,13 +197,14 @@ class FinalLayer(nn.Module):
         return self.linear(x)                           # (N, T, p * p * C_out)
 
 
-@dataclass
-class FixedPointState:
-    """What the fixed-point stage of one forward call did (returned with return_fixed_point_state=True).
 
-    solution:  final iterate of the fixed-point block (N, T, D), detached; pass it as `fixed_point_init` at the next
-               timestep for solution reuse (Sec. 3.3). None for a plain DiT.
-    num_iters: fixed-point block evaluations in this call (no-grad + ambient-mode iterations).
+@dataclass
+class FixedPointStats:
+    """What the fixed-point stage of one forward call did (returned by `forward_with_stats`).
+
+    solution:  final iterate of the fixed-point block (N, T, D), detached; pass it as `init` at the next timestep for
+               solution reuse (Sec. 3.3). None for a DiT.
+    num_iters: fixed-point block evaluations in this call (no-grad + gradient-carrying); 0 for a DiT.
     residuals: batch-mean relative residual ||f(z) - z|| / ||f(z)|| after each evaluation; residuals[-1] is the
                paper's delta_t (Fig. 6).
     blocks:    transformer-block forward passes per image: pre + num_iters + post for FPDM, depth for DiT.
@@ -209,37 +216,27 @@ class FixedPointState:
     blocks: int = 0
 
 
-def validate_sjfb_bounds(
-    no_grad_min_iters: int, no_grad_max_iters: int, with_grad_min_iters: int, with_grad_max_iters: int
-) -> None:
-    """Raise ValueError (naming the flag) unless 0 <= no-grad min <= max and 1 <= with-grad min <= max."""
-    if no_grad_min_iters < 0:
-        raise ValueError(f"fixed_point_no_grad_min_iters must be >= 0 (got {no_grad_min_iters})")
-    if no_grad_max_iters < no_grad_min_iters:
-        raise ValueError(
-            f"fixed_point_no_grad_max_iters ({no_grad_max_iters}) must be >= "
-            f"fixed_point_no_grad_min_iters ({no_grad_min_iters})"
-        )
-    if with_grad_min_iters < 1:
-        raise ValueError(f"fixed_point_with_grad_min_iters must be >= 1 (got {with_grad_min_iters})")
-    if with_grad_max_iters < with_grad_min_iters:
-        raise ValueError(
-            f"fixed_point_with_grad_max_iters ({with_grad_max_iters}) must be >= "
-            f"fixed_point_with_grad_min_iters ({with_grad_min_iters})"
-        )
+def classifier_free_guidance(model_out: Tensor, cfg_scale: float, cfg_channels: Optional[int],
+                             in_channels: int) -> Tensor:
+    """Mix the conditional (first half) and unconditional (second half) rows of a (2N, C_out, H, W) prediction.
+
+    out = uncond + s * (cond - uncond) on the first min(cfg_channels, in_channels) channels (None: all in_channels
+    mean channels), written to both halves. DiT and the authors' FPDM guide 3 channels, needed to reproduce their
+    numbers. Learned-sigma channels (>= in_channels) and unguided channels keep each half's own prediction.
+    """
+    if cfg_channels is not None and cfg_channels < 1:
+        raise ValueError(f"cfg_channels must be a positive int or None (all) (got {cfg_channels!r})")
+    num_guided = in_channels if cfg_channels is None else min(cfg_channels, in_channels)
+    guided, rest = model_out[:, :num_guided], model_out[:, num_guided:]
+    cond, uncond = guided.chunk(2, dim=0)                              # (N, num_guided, H, W) each
+    mixed = uncond + cfg_scale * (cond - uncond)                       # (N, num_guided, H, W)
+    return torch.cat([torch.cat([mixed, mixed], dim=0), rest], dim=1)  # (2N, C_out, H, W)
 
 
 class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone; `fixed_point=True` turns it into an FPDM (Sec. 3.2).
+    """Diffusion model with a Transformer backbone (official constructor arguments).
 
-    DiT:  x -> patch embed + pos embed -> `depth` blocks (conditioned on t + y) -> final layer -> unpatchify.
-    FPDM: x -> patch embed + pos embed -> blocks_pre -> injection = block_pre_projection(x_pre)
-             -> z* = f(z*) with f(z) = block_fixed_point(fc2(GELU(fc1(concat(z, injection)))), t + y)
-             -> blocks_post -> final layer -> unpatchify.
-          `depth` is ignored. Pre/post blocks and the final layer are conditioned on the class only (they are
-          timestep-independent, Sec. 3.2), unless fixed_point_pre_post_timestep_conditioning=True (then t + y);
-          unconditional + timestep-independent means a zero conditioning vector.
-    The fixed_point_* S-JFB bounds are used by `draw_sjfb_iters` and to default `num_fixed_point_iters`.
+    x -> patch embed + pos embed -> `depth` blocks conditioned on c = t_emb + y_emb -> final layer -> unpatchify.
     """
 
     def __init__(
@@ -254,7 +251,168 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
-        fixed_point: bool = False,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if patch_size < 1 or input_size % patch_size != 0:
+            raise ValueError(f"input_size (got {input_size}) must be divisible by patch_size (got {patch_size})")
+        if hidden_size % num_heads != 0 or hidden_size % 4 != 0:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) and by 4 "
+                             "(2-D sin-cos embedding)")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.learn_sigma = learn_sigma
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        # Fixed (non-trainable) 2-D sin-cos position embedding, a Parameter as in the official DiT.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self._build_blocks()
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def _build_blocks(self) -> None:
+        """The transformer blocks (registered between the embedders and the final layer: state-dict key order)."""
+        self.blocks = nn.ModuleList([self._new_block() for _ in range(self.depth)])
+
+    def _new_block(self) -> DiTBlock:
+        return DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio)
+
+    def all_blocks(self) -> list[DiTBlock]:
+        """Every DiTBlock in execution order."""
+        return list(self.blocks)
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation (adaLN-Zero: every block starts as the identity, the output starts at zero)."""
+        if self.pos_embed.is_meta:
+            return  # built on the meta device (shapes only, e.g. to count parameters): there are no values to set
+
+        def init_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.apply(init_linear)
+        pos_embed = get_2d_sincos_pos_embed(self.hidden_size, self.x_embedder.grid_size[0])  # (T, D)
+        self.pos_embed.data.copy_(pos_embed.unsqueeze(0))
+        # Patch embedding: initialise like a linear layer on the flattened patch.
+        proj_weight = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(proj_weight.view(proj_weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: zero the last modulation layer of every block and the output layer. For FPDM this makes the
+        # fixed-point block the identity, and the remaining map (the Xavier projection MLP) already contracts
+        # (tests/test_models.py::test_fresh_fpdm_iteration_is_bounded_and_converges), so it keeps the same init.
+        for block in self.all_blocks():
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(N, T, p * p * C_out) tokens -> (N, C_out, H, W) images."""
+        p, h, N = self.patch_size, self.x_embedder.grid_size[0], x.shape[0]
+        x = x.reshape(N, h, h, p, p, self.out_channels)  # (N, h, w, p, p, C)
+        x = x.permute(0, 5, 1, 3, 2, 4)                  # (N, C, h, p, w, p)
+        return x.reshape(N, self.out_channels, h * p, h * p)
+
+    @property
+    def null_class(self) -> int:
+        """Label index of the unconditional (null) class used for classifier-free guidance."""
+        return self.num_classes
+
+    def _run_block(self, block: nn.Module, x: Tensor, c: Tensor) -> Tensor:
+        """Run a block, with (non-reentrant) gradient checkpointing when enabled and gradients are on."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, c, use_reentrant=False)
+        return block(x, c)
+
+    def _embed(self, x: Tensor, t: Tensor, y: Optional[Tensor],
+               label_dropout_generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Tokens (N, T, D), timestep embedding (N, D) and label embedding (N, D) or None (unconditional)."""
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"x must have shape (N, in_channels, input_size, input_size) = (N, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}) (got {tuple(x.shape)})")
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape (N,) = ({x.shape[0]},) (got {tuple(t.shape)})")
+        tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = (H / p) * (W / p)
+        t_emb = self.t_embedder(t)                    # (N, D)
+        if self.y_embedder is None:
+            return tokens, t_emb, None
+        if y is None:
+            raise ValueError(f"y (class labels) is required when num_classes > 0 (num_classes={self.num_classes})")
+        return tokens, t_emb, self.y_embedder(y, self.training, generator=label_dropout_generator)  # y_emb (N, D)
+
+    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, *,
+                label_dropout_generator: Optional[torch.Generator] = None) -> Tensor:
+        """Predict (N, C_out, H, W) from x (N, C, H, W), timesteps t (N,) and labels y (N,) (None if unconditional).
+
+        label_dropout_generator: RNG for training-time label dropout (None: torch's default generator).
+        """
+        tokens, t_emb, y_emb = self._embed(x, t, y, label_dropout_generator)
+        c = t_emb if y_emb is None else t_emb + y_emb          # (N, D)
+        for block in self.blocks:
+            tokens = self._run_block(block, tokens, c)         # (N, T, D)
+        return self.unpatchify(self.final_layer(tokens, c))    # (N, C_out, H, W)
+
+    def forward_with_stats(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, *, num_iters: Optional[int] = None,
+                           init: Optional[Tensor] = None, tol: Optional[float] = None, solver: str = "iteration",
+                           solver_options: Optional[dict[str, Any]] = None,
+                           label_dropout_generator: Optional[torch.Generator] = None
+                           ) -> tuple[Tensor, FixedPointStats]:
+        """forward() plus FixedPointStats; the fixed-point options are accepted (so samplers treat DiT and FPDM
+        alike) and ignored: a DiT runs no iterations and costs `depth` blocks."""
+        out = self.forward(x, t, y, label_dropout_generator=label_dropout_generator)
+        return out, FixedPointStats(solution=None, num_iters=0, residuals=[], blocks=self.depth)
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, cfg_channels: Optional[int] = 3,
+                         **forward_kwargs: Any) -> Tensor:
+        """Classifier-free guidance: x has 2N rows (conditional half, then unconditional half with null labels).
+
+        Both halves run on the same noisy input (the first half of x); see `classifier_free_guidance` for the mix
+        (cfg_channels None guides every mean channel). forward_kwargs go to forward().
+        """
+        if self.y_embedder is None or not self.y_embedder.has_null_class:
+            raise ValueError("forward_with_cfg needs a class-conditional model (num_classes > 0) trained with a "
+                             f"null class (class_dropout_prob > 0); got num_classes={self.num_classes}")
+        if x.shape[0] % 2 != 0:
+            raise ValueError(f"forward_with_cfg expects x with an even number of rows (got {x.shape[0]})")
+        half = x[: x.shape[0] // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y, **forward_kwargs)  # (2N, C_out, H, W)
+        return classifier_free_guidance(out, cfg_scale, cfg_channels, self.in_channels)
+
+
+class FPDM(DiT):
+    """Fixed Point Diffusion Model (Sec. 3.2); the DiT arguments plus the fixed-point ones.
+
+    x -> patch embed + pos embed -> blocks_pre -> injection = block_pre_projection(x_pre)            (Eq. 2)
+      -> z* = f(z*), f(z) = block_fixed_point(fc2(GELU(fc1(concat(z, injection)))), t + y)        (Eq. 3)
+      -> blocks_post -> final layer -> unpatchify                                                  (Eq. 4)
+    Pre/post blocks and the final layer are conditioned on the class only (timestep-independent, Sec. 3.2) unless
+    fixed_point_pre_post_timestep_conditioning=True; unconditional + timestep-independent means a zero vector.
+    `depth` is that of the same-named DiT: outside S-JFB training an FPDM runs depth - pre - post iterations by
+    default (the DiT's block cost). The fixed_point_{no,with}_grad_{min,max}_iters bound S-JFB's n and m.
+    """
+
+    def __init__(
+        self,
+        *,
         fixed_point_pre_depth: int = 1,
         fixed_point_post_depth: int = 1,
         fixed_point_no_grad_min_iters: int = 0,
@@ -262,43 +420,12 @@ class DiT(nn.Module):
         fixed_point_with_grad_min_iters: int = 1,
         fixed_point_with_grad_max_iters: int = 12,
         fixed_point_pre_post_timestep_conditioning: bool = False,
-        grad_checkpointing: bool = False,
+        **dit_kwargs: Any,
     ):
-        super().__init__()
-        if patch_size < 1 or input_size % patch_size != 0:
-            raise ValueError(
-                f"input_size (image_size / 8 for latents; got {input_size}) must be divisible by "
-                f"patch_size (got {patch_size})"
-            )
-        if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
-        if hidden_size % 4 != 0:
-            raise ValueError(f"hidden_size must be divisible by 4 for the 2-D sin-cos embedding (got {hidden_size})")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = unconditional; got {num_classes})")
-        if not 0.0 <= class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1) (got {class_dropout_prob})")
-        if depth < 0:
-            raise ValueError(f"depth must be >= 0 (got {depth})")
-        for flag, value in (("fixed_point_pre_depth", fixed_point_pre_depth),
-                            ("fixed_point_post_depth", fixed_point_post_depth)):
-            if value < 0:
-                raise ValueError(f"{flag} must be >= 0 (got {value})")
-        validate_sjfb_bounds(fixed_point_no_grad_min_iters, fixed_point_no_grad_max_iters,
-                             fixed_point_with_grad_min_iters, fixed_point_with_grad_max_iters)
-
-        # Configuration, stored under the constructor's (= the command-line flags') names.
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.class_dropout_prob = class_dropout_prob
-        self.learn_sigma = learn_sigma
-        self.fixed_point = fixed_point
-        self.depth = depth
+        if fixed_point_pre_depth < 0 or fixed_point_post_depth < 0:  # the module layout depends on them
+            raise ValueError(f"fixed_point_pre_depth and fixed_point_post_depth must be >= 0 "
+                             f"(got {fixed_point_pre_depth}, {fixed_point_post_depth})")
+        # Plain values may be set before nn.Module.__init__; DiT.__init__ calls _build_blocks, which reads them.
         self.fixed_point_pre_depth = fixed_point_pre_depth
         self.fixed_point_post_depth = fixed_point_post_depth
         self.fixed_point_no_grad_min_iters = fixed_point_no_grad_min_iters
@@ -306,144 +433,38 @@ class DiT(nn.Module):
         self.fixed_point_with_grad_min_iters = fixed_point_with_grad_min_iters
         self.fixed_point_with_grad_max_iters = fixed_point_with_grad_max_iters
         self.fixed_point_pre_post_timestep_conditioning = fixed_point_pre_post_timestep_conditioning
-        self.grad_checkpointing = grad_checkpointing
+        super().__init__(**dit_kwargs)
 
-        # Embedders.
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        if num_classes > 0:
-            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        else:
-            self.y_embedder = None
-        num_patches = self.x_embedder.num_patches
-        # Fixed (non-trainable) 2-D sin-cos position embedding, a Parameter as in the official DiT.
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-
-        # Transformer blocks.
-        if fixed_point:
-            self.blocks_pre = nn.ModuleList(
-                [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(fixed_point_pre_depth)]
-            )
-            # Input injection (Sec. 3.2, Eq. 2): a linear projection of the pre-block output.
-            self.block_pre_projection = nn.Linear(hidden_size, hidden_size)
-            # Fixed-point map: concat(z, injection) (2D) -> Linear 2D->2D -> GELU -> Linear 2D->D -> DiT block.
-            self.block_fixed_point_projection_fc1 = nn.Linear(2 * hidden_size, 2 * hidden_size)
-            self.block_fixed_point_projection_act = nn.GELU(approximate="tanh")
-            self.block_fixed_point_projection_fc2 = nn.Linear(2 * hidden_size, hidden_size)
-            self.block_fixed_point = DiTBlock(hidden_size, num_heads, mlp_ratio)
-            self.blocks_post = nn.ModuleList(
-                [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(fixed_point_post_depth)]
-            )
-        else:
-            self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
-
-    # ------------------------------------------------------------------------- #
-    #                               Initialisation                              #
-    # ------------------------------------------------------------------------- #
+    def _build_blocks(self) -> None:
+        D = self.hidden_size
+        self.blocks_pre = nn.ModuleList([self._new_block() for _ in range(self.fixed_point_pre_depth)])
+        self.block_pre_projection = nn.Linear(D, D)  # input injection (Eq. 2)
+        # Fixed-point map: concat(z, injection) (2D) -> Linear 2D->2D -> GELU -> Linear 2D->D -> DiT block.
+        self.block_fixed_point_projection_fc1 = nn.Linear(2 * D, 2 * D)
+        self.block_fixed_point_projection_act = nn.GELU(approximate="tanh")
+        self.block_fixed_point_projection_fc2 = nn.Linear(2 * D, D)
+        self.block_fixed_point = self._new_block()
+        self.blocks_post = nn.ModuleList([self._new_block() for _ in range(self.fixed_point_post_depth)])
 
     def all_blocks(self) -> list[DiTBlock]:
-        """Every DiTBlock in execution order (for FPDM: pre blocks, the fixed-point block, post blocks)."""
-        if self.fixed_point:
-            return [*self.blocks_pre, self.block_fixed_point, *self.blocks_post]
-        return list(self.blocks)
-
-    def initialize_weights(self) -> None:
-        """DiT initialisation (adaLN-Zero: every block starts as the identity, the output starts at zero)."""
-        if self.pos_embed.is_meta:
-            return  # built on the meta device (shapes only, e.g. to count parameters): there are no values to set
-        def init_linear(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        self.apply(init_linear)
-
-        grid_size = self.x_embedder.grid_size[0]
-        pos_embed = get_2d_sincos_pos_embed(self.hidden_size, grid_size)  # (T, D)
-        self.pos_embed.data.copy_(pos_embed.unsqueeze(0))
-
-        # Patch embedding: initialise like a linear layer on the flattened patch.
-        proj_weight = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(proj_weight.view(proj_weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-
-        # adaLN-Zero: zero the last modulation layer of every block (including the fixed-point block).
-        for block in self.all_blocks():
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-        # Stability of the fixed-point map at initialisation (Sec. 3.2). adaLN-Zero makes the fixed-point block the
-        # identity, so the initial map is the random two-layer MLP f(z) = fc2(GELU(fc1(concat(z, injection)))), with
-        # Jacobian J = W2 diag(GELU') W1[:, :D]. With Xavier weights a typical direction is shrunk by ~0.5 (W1's
-        # z-columns keep the norm, GELU' averages ~0.6, W2 scales by sqrt(2/3)). Measured on fresh FPDMs with
-        # D = 128 / 384 / 1152: spectral radius of J ~0.66 / 0.55 / 0.50, ||J||_2 ~1.46 / 1.34 / 1.29, and the
-        # relative residual falls by a factor ~0.5-0.6 per iteration (1.6 -> 1e-7 within 30 iterations) while the
-        # iterate norm stays bounded. The initial map is therefore already a contraction in practice, so the Xavier
-        # initialisation of the projection is kept unchanged (a fresh FPDM matches the authors' initialisation);
-        # tests/test_models.py checks that many iterations of a fresh FPDM stay bounded and converge.
-
-    # ------------------------------------------------------------------------- #
-    #                                  Helpers                                  #
-    # ------------------------------------------------------------------------- #
-
-    def unpatchify(self, x: Tensor) -> Tensor:
-        """(N, T, p * p * C_out) tokens -> (N, C_out, H, W) images."""
-        p = self.patch_size
-        h = w = self.x_embedder.grid_size[0]
-        N = x.shape[0]
-        x = x.reshape(N, h, w, p, p, self.out_channels)  # (N, h, w, p, p, C)
-        x = x.permute(0, 5, 1, 3, 2, 4)                  # (N, C, h, p, w, p)
-        return x.reshape(N, self.out_channels, h * p, w * p)
+        """Every DiTBlock in execution order: pre blocks, the fixed-point block, post blocks."""
+        return [*self.blocks_pre, self.block_fixed_point, *self.blocks_post]
 
     @property
-    def null_class(self) -> int:
-        """Label index of the unconditional (null) class used for classifier-free guidance."""
-        return self.num_classes
+    def default_num_iters(self) -> int:
+        """Iterations when none are given outside S-JFB training: the same-named DiT's block cost (cost.py)."""
+        return fpdm_default_iters(self.depth, self.fixed_point_pre_depth, self.fixed_point_post_depth)
 
-    def _run_explicit_block(self, block: DiTBlock, x: Tensor, c: Tensor) -> Tensor:
-        """Run an explicit (pre/post/DiT) block, with gradient checkpointing when enabled and grads are on."""
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, c, use_reentrant=False)
-        return block(x, c)
+    def iteration_counts(self, num_iters: Optional[int], num_no_grad_iters: Optional[int],
+                         sjfb_generator: Optional[torch.Generator] = None) -> tuple[int, int]:
+        """(n, m): iterations without gradient, then in the ambient grad mode.
 
-    def _embed_inputs(
-        self, x: Tensor, t: Tensor, y: Optional[Tensor], label_dropout_generator: Optional[torch.Generator]
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Validate inputs; return tokens (N, T, D), timestep embedding (N, D), label embedding (N, D) or None."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.input_size \
-                or x.shape[3] != self.input_size:
-            raise ValueError(
-                f"x must have shape (N, in_channels={self.in_channels}, input_size={self.input_size}, "
-                f"input_size={self.input_size}) (got {tuple(x.shape)})"
-            )
-        N = x.shape[0]
-        if t.ndim == 0:
-            t = t.expand(N)
-        if t.shape != (N,):
-            raise ValueError(f"t must have shape (N,) = ({N},) (got {tuple(t.shape)})")
-        tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = (H / p) * (W / p)
-        t_emb = self.t_embedder(t)                    # (N, D)
-        if self.y_embedder is None:
-            return tokens, t_emb, None
-        if y is None:
-            raise ValueError(f"y (class labels) is required when num_classes > 0 (num_classes={self.num_classes})")
-        y_emb = self.y_embedder(y, self.training, generator=label_dropout_generator)  # (N, D)
-        return tokens, t_emb, y_emb
-
-    # ------------------------------------------------------------------------- #
-    #                                  Forward                                  #
-    # ------------------------------------------------------------------------- #
+        In train mode with gradients and no count given: S-JFB's draw (Algorithm 1). Otherwise n defaults to 0 and
+        m to default_num_iters.
+        """
+        if num_iters is None and num_no_grad_iters is None and self.training and torch.is_grad_enabled():
+            return draw_sjfb_iters(self, sjfb_generator)
+        return (num_no_grad_iters or 0), (self.default_num_iters if num_iters is None else num_iters)
 
     def fixed_point_map(self, z: Tensor, injection: Tensor, c: Tensor) -> Tensor:
         """One evaluation of the implicit layer f(z) = block(fc2(GELU(fc1(concat(z, injection)))), c) (Sec. 3.2)."""
@@ -453,199 +474,109 @@ class DiT(nn.Module):
         h = self.block_fixed_point_projection_fc2(h)      # (N, T, D)
         return self.block_fixed_point(h, c)               # (N, T, D)
 
-    def forward(
+    def solve_fixed_point(self, z0: Tensor, injection: Tensor, c: Tensor, num_no_grad_iters: int, num_iters: int,
+                          tol: Optional[float] = None, solver: str = "iteration",
+                          solver_options: Optional[dict[str, Any]] = None) -> tuple[Tensor, SolverStats]:
+        """S-JFB fixed-point stage (Algorithm 1): n iterations under torch.no_grad(), then m in the ambient mode.
+
+        The start z0 is detached: gradients reach the implicit layer only through the last m iterations (and the
+        pre blocks via the injection). With grad_checkpointing each gradient-carrying iteration is checkpointed.
+        """
+        solve, options = get_solver(solver), solver_options or {}
+
+        def f(z: Tensor) -> Tensor:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                return checkpoint(self.fixed_point_map, z, injection, c, use_reentrant=False)
+            return self.fixed_point_map(z, injection, c)
+
+        with torch.no_grad():
+            z, no_grad_stats = solve(f, z0.detach(), num_no_grad_iters, tol, **options)  # (N, T, D), stores nothing
+        z, stats = solve(f, z, num_iters, tol, **options)                                 # (N, T, D), unrolled
+        return z, SolverStats(num_iters=no_grad_stats.num_iters + stats.num_iters,
+                              residuals=no_grad_stats.residuals + stats.residuals)
+
+    def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, **options: Any) -> Tensor:
+        """Predict (N, C_out, H, W); the keyword options are those of forward_with_stats."""
+        return self.forward_with_stats(x, t, y, **options)[0]
+
+    def forward_with_stats(
         self,
         x: Tensor,
         t: Tensor,
         y: Optional[Tensor] = None,
         *,
-        num_fixed_point_iters: Optional[int] = None,
-        num_no_grad_iters: int = 0,
-        fixed_point_init: Optional[Tensor] = None,
-        fixed_point_tol: Optional[float] = None,
-        fixed_point_solver: str = "iteration",
-        anderson_memory: int = 5,
-        return_fixed_point_state: bool = False,
+        num_iters: Optional[int] = None,
+        num_no_grad_iters: Optional[int] = None,
+        init: Optional[Tensor] = None,
+        tol: Optional[float] = None,
+        solver: str = "iteration",
+        solver_options: Optional[dict[str, Any]] = None,
         label_dropout_generator: Optional[torch.Generator] = None,
-    ) -> Union[Tensor, tuple[Tensor, FixedPointState]]:
-        """Predict (N, C_out, H, W) from x (N, C, H, W), timesteps t (N,) and labels y (N,) (None if unconditional).
+        sjfb_generator: Optional[torch.Generator] = None,
+    ) -> tuple[Tensor, FixedPointStats]:
+        """Predict (N, C_out, H, W) and report the fixed-point stage.
 
-        Fixed-point keywords (FPDM only; accepted and ignored by a plain DiT so samplers can treat both alike):
-          num_no_grad_iters:     iterations run first under torch.no_grad() (S-JFB's n; stores nothing).
-          num_fixed_point_iters: iterations run next in the ambient grad mode (S-JFB's m when training, all iterations
-                                 when sampling). None -> fixed_point_with_grad_max_iters + fixed_point_no_grad_max_iters.
-          fixed_point_init:      starting iterate (N, T, D) (solution reuse, Sec. 3.3); None -> the pre-block output.
-                                 The starting iterate is always detached: gradients reach the implicit layer only
-                                 through the ambient-mode iterations (and reach the pre blocks via the injection).
-          fixed_point_tol:       stop a stage early once max over the batch of the relative residual <= tol.
-          fixed_point_solver:    "iteration" or "anderson" (each f evaluation = one block pass); "anderson" has no
-                                 backward, so its ambient-mode iterations require torch.no_grad() (ValueError else).
-          anderson_memory:       number of past residual differences Anderson mixes (ignored by "iteration").
-          return_fixed_point_state: also return a FixedPointState.
-        label_dropout_generator: RNG for training-time label dropout (None -> torch's default generator).
+        num_iters:         m, iterations in the ambient grad mode (all iterations when sampling).
+        num_no_grad_iters: n, iterations run first under torch.no_grad() (S-JFB; stores nothing).
+                           Neither given, train mode, grads on: (n, m) drawn by S-JFB from `sjfb_generator` (None:
+                           torch's default RNG). Otherwise n = 0 and m = default_num_iters by default.
+        init:              starting iterate (N, T, D) (solution reuse, Sec. 3.3); None: the pre-block output.
+        tol:               stop a stage once the largest relative residual in the batch is <= tol.
+        solver:            a solvers.SOLVER_NAMES entry ("iteration"; "anderson" is no-grad only);
+                           solver_options go to it (e.g. {"memory": 5} for Anderson).
+        label_dropout_generator: RNG for training-time label dropout (None: torch's default generator).
         """
-        tokens, t_emb, y_emb = self._embed_inputs(x, t, y, label_dropout_generator)
-        cond = t_emb if y_emb is None else t_emb + y_emb  # (N, D)
-
-        if not self.fixed_point:
-            for block in self.blocks:
-                tokens = self._run_explicit_block(block, tokens, cond)  # (N, T, D)
-            out = self.unpatchify(self.final_layer(tokens, cond))     # (N, C_out, H, W)
-            if return_fixed_point_state:
-                return out, FixedPointState(solution=None, num_iters=0, residuals=[], blocks=self.depth)
-            return out
-
-        # FPDM: pre/post blocks and final layer are timestep-independent by default (Sec. 3.2).
-        if self.fixed_point_pre_post_timestep_conditioning:
-            cond_pre_post = cond
-        elif y_emb is not None:
-            cond_pre_post = y_emb
-        else:
-            cond_pre_post = torch.zeros_like(t_emb)
-
+        n, m = self.iteration_counts(num_iters, num_no_grad_iters, sjfb_generator)
+        tokens, t_emb, y_emb = self._embed(x, t, y, label_dropout_generator)
+        c = t_emb if y_emb is None else t_emb + y_emb                  # (N, D): fixed-point block
+        c_outer = self._pre_post_conditioning(t_emb, y_emb)             # (N, D): pre/post blocks, final layer
         for block in self.blocks_pre:
-            tokens = self._run_explicit_block(block, tokens, cond_pre_post)  # (N, T, D)
-        injection = self.block_pre_projection(tokens)                          # (N, T, D), Eq. 2
-        z0 = tokens if fixed_point_init is None else self._check_fixed_point_init(fixed_point_init, tokens)
-
-        z, stats = self.solve_fixed_point(
-            z0, injection, cond,
-            num_fixed_point_iters=num_fixed_point_iters,
-            num_no_grad_iters=num_no_grad_iters,
-            fixed_point_tol=fixed_point_tol,
-            fixed_point_solver=fixed_point_solver,
-            anderson_memory=anderson_memory,
-        )                                                                      # (N, T, D), Eq. 3
-
+            tokens = self._run_block(block, tokens, c_outer)            # (N, T, D)
+        injection = self.block_pre_projection(tokens)                   # (N, T, D), Eq. 2
+        z0 = tokens if init is None else self._check_init(init, tokens)
+        z, solver_stats = self.solve_fixed_point(z0, injection, c, n, m, tol, solver, solver_options)  # Eq. 3
         h = z
         for block in self.blocks_post:
-            h = self._run_explicit_block(block, h, cond_pre_post)             # (N, T, D), Eq. 4
-        out = self.unpatchify(self.final_layer(h, cond_pre_post))              # (N, C_out, H, W)
-        if not return_fixed_point_state:
-            return out
-        state = FixedPointState(
-            solution=z.detach(),
-            num_iters=stats.num_iters,
-            residuals=stats.residuals,
-            blocks=self.fixed_point_pre_depth + stats.num_iters + self.fixed_point_post_depth,
-        )
-        return out, state
+            h = self._run_block(block, h, c_outer)                      # (N, T, D), Eq. 4
+        out = self.unpatchify(self.final_layer(h, c_outer))             # (N, C_out, H, W)
+        blocks = fpdm_step_blocks(self.fixed_point_pre_depth, solver_stats.num_iters, self.fixed_point_post_depth)
+        return out, FixedPointStats(z.detach(), solver_stats.num_iters, solver_stats.residuals, blocks)
 
-    def _check_fixed_point_init(self, fixed_point_init: Tensor, tokens: Tensor) -> Tensor:
-        if fixed_point_init.shape != tokens.shape:
-            raise ValueError(
-                f"fixed_point_init must have shape (N, T, D) = {tuple(tokens.shape)} (got {tuple(fixed_point_init.shape)})"
-            )
-        return fixed_point_init.to(device=tokens.device, dtype=tokens.dtype)
+    def _pre_post_conditioning(self, t_emb: Tensor, y_emb: Optional[Tensor]) -> Tensor:
+        """Conditioning (N, D) of the pre/post blocks and the final layer (timestep-independent by default)."""
+        if self.fixed_point_pre_post_timestep_conditioning:
+            return t_emb if y_emb is None else t_emb + y_emb
+        return torch.zeros_like(t_emb) if y_emb is None else y_emb
 
-    def solve_fixed_point(
-        self,
-        z0: Tensor,
-        injection: Tensor,
-        c: Tensor,
-        *,
-        num_fixed_point_iters: Optional[int] = None,
-        num_no_grad_iters: int = 0,
-        fixed_point_tol: Optional[float] = None,
-        fixed_point_solver: str = "iteration",
-        anderson_memory: int = 5,
-    ) -> tuple[Tensor, SolverStats]:
-        """S-JFB fixed-point stage (Algorithm 1): n iterations under torch.no_grad(), then m in the ambient mode."""
-        if fixed_point_solver not in SOLVERS:
-            raise ValueError(f"fixed_point_solver must be one of {sorted(SOLVERS)} (got {fixed_point_solver!r})")
-        if num_fixed_point_iters is None:
-            num_fixed_point_iters = self.fixed_point_with_grad_max_iters + self.fixed_point_no_grad_max_iters
-        if num_fixed_point_iters < 0:
-            raise ValueError(f"num_fixed_point_iters must be >= 0 (got {num_fixed_point_iters})")
-        if num_no_grad_iters < 0:
-            raise ValueError(f"num_no_grad_iters must be >= 0 (got {num_no_grad_iters})")
-        if fixed_point_tol is not None and not fixed_point_tol > 0:
-            raise ValueError(f"fixed_point_tol must be > 0 or None (got {fixed_point_tol})")
-        if fixed_point_solver == "anderson" and torch.is_grad_enabled() and num_fixed_point_iters > 0:
-            raise ValueError(
-                "fixed_point_solver='anderson' cannot be backpropagated through: call the model under "
-                "torch.no_grad() (sampling) or use fixed_point_solver='iteration' (training)"
-            )
-        if anderson_memory < 1:
-            raise ValueError(f"anderson_memory must be >= 1 (got {anderson_memory})")
-        solver_options = {"memory": anderson_memory} if fixed_point_solver == "anderson" else {}
+    @staticmethod
+    def _check_init(init: Tensor, tokens: Tensor) -> Tensor:
+        if init.shape != tokens.shape:
+            raise ValueError(f"init must have shape (N, T, D) = {tuple(tokens.shape)} (got {tuple(init.shape)})")
+        return init.to(device=tokens.device, dtype=tokens.dtype)
 
-        def solve(f, z, max_iters):
-            return SOLVERS[fixed_point_solver](f, z, max_iters, tol=fixed_point_tol, **solver_options)
 
-        def f(z: Tensor) -> Tensor:
-            return self.fixed_point_map(z, injection, c)
-
-        # The starting point carries no gradient (JFB: gradients flow only through the ambient-mode iterations).
-        z = z0.detach()
-        with torch.no_grad():
-            z, no_grad_stats = solve(f, z, num_no_grad_iters)   # (N, T, D), stores nothing
-        z, ambient_stats = solve(f, z, num_fixed_point_iters)       # (N, T, D), unrolled when grads are on
-        return z, SolverStats(
-            num_iters=no_grad_stats.num_iters + ambient_stats.num_iters,
-            residuals=no_grad_stats.residuals + ambient_stats.residuals,
-        )
-
-    def forward_with_cfg(
-        self,
-        x: Tensor,
-        t: Tensor,
-        y: Tensor,
-        cfg_scale: float,
-        cfg_channels: Union[int, str] = 3,
-        **fixed_point_kwargs: Any,
-    ) -> Union[Tensor, tuple[Tensor, FixedPointState]]:
-        """Classifier-free guidance: x has 2N rows (conditional half, then unconditional half with null labels).
-
-        Both halves are run on the same noisy input (the first half of x). Guidance out = uncond + s * (cond - uncond)
-        is applied to the first min(cfg_channels, in_channels) output channels (3 by default, as the official DiT and
-        the authors' FPDM, needed to reproduce their numbers; "all" guides every mean channel). Learned-sigma channels
-        are never guided.
-        """
-        if self.y_embedder is None:
-            raise ValueError("forward_with_cfg needs a class-conditional model (num_classes > 0, got 0)")
-        if not self.y_embedder.has_null_class:
-            raise ValueError("forward_with_cfg needs a null class: build the model with class_dropout_prob > 0")
-        if x.shape[0] % 2 != 0:
-            raise ValueError(f"forward_with_cfg expects x with an even number of rows (got {x.shape[0]})")
-        if isinstance(cfg_channels, str) and cfg_channels.isdigit():
-            cfg_channels = int(cfg_channels)  # e.g. from a command-line flag
-        if cfg_channels == "all":
-            num_guided = self.in_channels
-        elif isinstance(cfg_channels, int) and not isinstance(cfg_channels, bool) and cfg_channels >= 1:
-            num_guided = min(cfg_channels, self.in_channels)
-        else:
-            raise ValueError(f"cfg_channels must be a positive int or 'all' (got {cfg_channels!r})")
-
-        half = x[: x.shape[0] // 2]
-        combined = torch.cat([half, half], dim=0)  # (2N, C, H, W): shared noise for both halves
-        result = self.forward(combined, t, y, **fixed_point_kwargs)
-        model_out, state = result if isinstance(result, tuple) else (result, None)
-
-        guided, rest = model_out[:, :num_guided], model_out[:, num_guided:]
-        cond_out, uncond_out = guided.chunk(2, dim=0)
-        mixed = uncond_out + cfg_scale * (cond_out - uncond_out)       # (N, num_guided, H, W)
-        out = torch.cat([torch.cat([mixed, mixed], dim=0), rest], dim=1)  # (2N, C_out, H, W)
-        return (out, state) if state is not None else out
+FPDM_OPTIONS = tuple(name for name in inspect.signature(FPDM.__init__).parameters if name.startswith("fixed_point_"))
+"""FPDM's constructor arguments beyond DiT's (the fixed_point_* fields of a ModelConfig)."""
 
 
 #################################################################################
 #                        Stochastic Jacobian-Free Backprop                      #
 #################################################################################
 
-def draw_sjfb_iters(model_or_config: Any, generator: torch.Generator) -> tuple[int, int]:
+def draw_sjfb_iters(bounds: Any, generator: Optional[torch.Generator] = None) -> tuple[int, int]:
     """Draw S-JFB iteration counts (n, m): n ~ U{no_grad_min..no_grad_max}, m ~ U{with_grad_min..with_grad_max}.
 
-    `model_or_config` is a DiT or anything with the fixed_point_{no,with}_grad_{min,max}_iters attributes (e.g. a
-    ModelConfig). Bounds are inclusive (Algorithm 1); all randomness comes from `generator`.
+    `bounds` is an FPDM or anything with the fixed_point_{no,with}_grad_{min,max}_iters attributes (e.g. a
+    ModelConfig, which validates them). Bounds are inclusive (Algorithm 1); n is drawn first, then m, from
+    `generator` (None: torch's default CPU generator).
     """
-    n_lo = model_or_config.fixed_point_no_grad_min_iters
-    n_hi = model_or_config.fixed_point_no_grad_max_iters
-    m_lo = model_or_config.fixed_point_with_grad_min_iters
-    m_hi = model_or_config.fixed_point_with_grad_max_iters
-    validate_sjfb_bounds(n_lo, n_hi, m_lo, m_hi)
-    n = int(torch.randint(n_lo, n_hi + 1, (1,), generator=generator, device=generator.device).item())
-    m = int(torch.randint(m_lo, m_hi + 1, (1,), generator=generator, device=generator.device).item())
+    device = generator.device if generator is not None else "cpu"
+
+    def uniform(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=generator, device=device).item())
+
+    n = uniform(bounds.fixed_point_no_grad_min_iters, bounds.fixed_point_no_grad_max_iters)
+    m = uniform(bounds.fixed_point_with_grad_min_iters, bounds.fixed_point_with_grad_max_iters)
     return n, m
 
 
@@ -676,33 +607,40 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> Tensor:
     return torch.cat([emb_cols, emb_rows], dim=1).float()         # (G*G, D)
 
 
+
+
 #################################################################################
 #                                   DiT Configs                                 #
 #################################################################################
 
-def DiT_XL_2(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-def DiT_XL_4(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-def DiT_XL_8(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-def DiT_L_2(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-def DiT_L_4(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-def DiT_L_8(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-def DiT_B_2(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-def DiT_B_4(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-def DiT_B_8(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-def DiT_S_2(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-def DiT_S_8(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-# CPU-scale presets (the built-in small dataset of the training issue).
-def DiT_Ti_1(**kwargs): return DiT(depth=8, hidden_size=128, patch_size=1, num_heads=4, **kwargs)
-def DiT_Ti_2(**kwargs): return DiT(depth=8, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
-def DiT_Ti_4(**kwargs): return DiT(depth=8, hidden_size=128, patch_size=4, num_heads=4, **kwargs)
+def _dit_or_fpdm(fixed_point: bool = False, **kwargs: Any) -> DiT:
+    """A registry entry's DiT, or with fixed_point=True its FPDM (fixed_point_* keywords go to FPDM)."""
+    return FPDM(**kwargs) if fixed_point else DiT(**kwargs)
+
+
+def DiT_XL_2(**kwargs): return _dit_or_fpdm(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+def DiT_XL_4(**kwargs): return _dit_or_fpdm(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
+def DiT_XL_8(**kwargs): return _dit_or_fpdm(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
+def DiT_L_2(**kwargs): return _dit_or_fpdm(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
+def DiT_L_4(**kwargs): return _dit_or_fpdm(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
+def DiT_L_8(**kwargs): return _dit_or_fpdm(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
+def DiT_B_2(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
+def DiT_B_4(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
+def DiT_B_8(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
+def DiT_S_2(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
+def DiT_S_4(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
+def DiT_S_8(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
+# CPU-scale presets (the built-in digits dataset).
+def DiT_Ti_1(**kwargs): return _dit_or_fpdm(depth=8, hidden_size=128, patch_size=1, num_heads=4, **kwargs)
+def DiT_Ti_2(**kwargs): return _dit_or_fpdm(depth=8, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
+def DiT_Ti_4(**kwargs): return _dit_or_fpdm(depth=8, hidden_size=128, patch_size=4, num_heads=4, **kwargs)
 
 
 class ModelRegistry(dict):
-    """A dict of model constructors whose failed lookups raise a ValueError listing the valid names."""
+    """A dict of model constructors whose failed lookups raise a UserError listing the valid names."""
 
     def __missing__(self, name: str):
-        raise ValueError(f"unknown model {name!r} (--model); valid names: {', '.join(self)}")
+        raise UserError(f"--model: unknown model {name!r}; valid names: {', '.join(self)}")
 
 
 DiT_models = ModelRegistry({
@@ -715,5 +653,15 @@ DiT_models = ModelRegistry({
 
 
 def get_model_class(name: str):
-    """Return the registry constructor `(**kwargs) -> DiT` for a model name; ValueError listing valid names."""
+    """Return the registry constructor `(**kwargs) -> DiT | FPDM` for a model name; UserError listing valid names."""
     return DiT_models[name]
+
+
+def create_model(config: Any, grad_checkpointing: bool = False) -> DiT:
+    """Build the network a ModelConfig describes: its registry DiT, or with config.fixed_point that name's FPDM."""
+    kwargs = dict(input_size=config.input_size, in_channels=config.in_channels, num_classes=config.num_classes,
+                  class_dropout_prob=config.class_dropout_prob, learn_sigma=config.learn_sigma,
+                  grad_checkpointing=grad_checkpointing)
+    if config.fixed_point:
+        kwargs.update({name: getattr(config, name) for name in FPDM_OPTIONS})
+    return DiT_models[config.model](fixed_point=config.fixed_point, **kwargs)

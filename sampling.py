@@ -26,8 +26,9 @@ from allocation import IterationPlan, plan_for_model
 from checkpoint import BUNDLED_CHECKPOINT, load_model_for_sampling
 from config import DEFAULT_CFG_SCALE, ModelConfig, SampleConfig, UserError, config_diff
 from images import decode_to_uint8, make_grid, save_png
+from models import classifier_free_guidance
+from solvers import get_solver
 
-SOLVER_NAMES = ("iteration", "anderson")
 TIMESTEP_SPACINGS = ("default", "trailing")
 
 
@@ -99,10 +100,10 @@ def parse_class_labels(text: str, num_classes: int) -> Optional[list[int]]:
     return labels
 
 
-def parse_cfg_channels(value: str | int) -> int | str:
-    """--cfg_channels: a positive number of guided channels, or 'all'."""
-    if value == "all":
-        return "all"
+def parse_cfg_channels(value: str | int | None) -> int | None:
+    """--cfg_channels: a positive number of guided channels, or 'all' (None: every mean channel)."""
+    if value is None or value == "all":
+        return None
     try:
         channels = int(value)
     except (TypeError, ValueError):
@@ -134,9 +135,7 @@ def validate_sample_config(model_config: ModelConfig, config: SampleConfig,
                             "(class_dropout_prob 0), so it has no null class to guide with; pass --cfg_scale 1")
     parse_cfg_channels(config.cfg_channels)
     parse_class_labels(config.class_labels, model_config.num_classes)
-    if config.fixed_point_solver not in SOLVER_NAMES:
-        raise UserError(f"--fixed_point_solver must be one of {', '.join(SOLVER_NAMES)} "
-                         f"(got {config.fixed_point_solver!r})")
+    get_solver(config.fixed_point_solver)  # an unknown name fails there, listing the valid ones
     if config.timestep_spacing not in TIMESTEP_SPACINGS:
         raise UserError(f"--timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)} "
                          f"(got {config.timestep_spacing!r})")
@@ -238,26 +237,24 @@ def make_sampling_diffusion(model_config: ModelConfig, num_steps: int, timestep_
     return model_config.create_diffusion(respacing)
 
 
-def make_denoiser(model: Callable, num_rows: int, cfg_scale: float, cfg_channels: int | str,
-                  null_class: int) -> Callable:
-    """Model function for diffusion: (x (N,...), t, y, **fixed-point kwargs) -> ((N, C_out, H, W), state or None).
+def make_denoiser(model: Callable, num_rows: int, cfg_scale: float, cfg_channels: Optional[int],
+                  null_class: int, in_channels: int) -> Callable:
+    """Model function for diffusion: (x (N,...), t, y, **fixed-point kwargs) -> ((N, C_out, H, W), FixedPointStats).
 
     With guidance it runs the model on 2N rows (conditional half, unconditional half) and returns the guided
-    conditional half; the state's solution then has 2N rows.
+    conditional half; the stats' solution then has 2N rows.
     """
     guided = cfg_scale != 1.0
 
     def denoise(x: Tensor, t: Tensor, y: Optional[Tensor] = None, **fixed_point_kwargs: Any):
         if guided:
-            x_in = torch.cat([x, x], dim=0)                                 # (2N, C, H, W)
-            t_in = torch.cat([t, t], dim=0)                                 # (2N,)
-            y_in = torch.cat([y, torch.full_like(y, null_class)], dim=0)    # (2N,)
-            result = model.forward_with_cfg(x_in, t_in, y_in, cfg_scale, cfg_channels,
-                                            return_fixed_point_state=True, **fixed_point_kwargs)
-        else:
-            result = model(x, t, y, return_fixed_point_state=True, **fixed_point_kwargs)
-        out, state = result if isinstance(result, tuple) else (result, None)
-        return out[:num_rows], state                                         # (N, C_out, H, W)
+            x = torch.cat([x, x], dim=0)                                 # (2N, C, H, W)
+            t = torch.cat([t, t], dim=0)                                 # (2N,)
+            y = torch.cat([y, torch.full_like(y, null_class)], dim=0)    # (2N,)
+        out, stats = model.forward_with_stats(x, t, y, **fixed_point_kwargs)  # (N or 2N, C_out, H, W)
+        if guided:
+            out = classifier_free_guidance(out, cfg_scale, cfg_channels, in_channels)
+        return out[:num_rows], stats                                     # (N, C_out, H, W)
 
     return denoise
 
@@ -284,14 +281,14 @@ def sample_batch(model: Callable, model_config: ModelConfig, plan: IterationPlan
     shape = (model_config.in_channels, model_config.input_size, model_config.input_size)
     generators = image_generators(seed, indices, model_config.num_classes)
     denoise = make_denoiser(model, num_rows, config.cfg_scale, parse_cfg_channels(config.cfg_channels),
-                            null_class=model_config.num_classes)
+                            null_class=model_config.num_classes, in_channels=model_config.in_channels)
     y = labels.to(device) if labels is not None else None
     clip_denoised = not model_config.latent  # pixels live in [-1, 1]; latents are unbounded
     solver_kwargs: dict[str, Any] = {}
     if model_config.fixed_point:
-        solver_kwargs["fixed_point_solver"] = config.fixed_point_solver
+        solver_kwargs["solver"] = config.fixed_point_solver
         if config.fixed_point_solver == "anderson":
-            solver_kwargs["anderson_memory"] = config.anderson_memory
+            solver_kwargs["solver_options"] = {"memory": config.anderson_memory}
 
     x = _draw(generators, shape, device)                 # (N, C, H, W): x_T
     stats = TrajectoryStats()
@@ -302,9 +299,8 @@ def sample_batch(model: Callable, model_config: ModelConfig, plan: IterationPlan
         model_kwargs: dict[str, Any] = {"y": y}
         reuse = model_config.fixed_point and config.fixed_point_reuse_solution and previous_solution is not None
         if model_config.fixed_point:
-            model_kwargs.update(solver_kwargs, num_fixed_point_iters=cap,
-                                fixed_point_tol=plan.fixed_point_tol if plan.adaptive else None,
-                                fixed_point_init=previous_solution if reuse else None)
+            model_kwargs.update(solver_kwargs, num_iters=cap, tol=plan.fixed_point_tol if plan.adaptive else None,
+                                init=previous_solution if reuse else None)
         noise = _draw(generators, shape, device)         # (N, C, H, W): this step's noise, per image
         if config.ddim:
             out = diffusion.ddim_sample(denoise, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,

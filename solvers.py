@@ -13,13 +13,18 @@ as soon as the *largest* residual in the batch is <= tol (so every sample meets 
 - `fixed_point_iteration` works in any grad mode: with gradients enabled the iterations are simply unrolled
   (that is how S-JFB backpropagates through its last m iterations, Sec. 3.4).
 - `anderson` (Anderson acceleration, type II) is a no-grad solver: call it under `torch.no_grad()`.
+
+Every solver has the signature `solver(f, z0, max_iters, tol=None, **options) -> (z, SolverStats)`; look one up
+with `get_solver(name)` (the one place an unknown name fails). SOLVER_NAMES lists the valid names.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import Tensor
+
+from config import UserError
 
 FixedPointMap = Callable[[Tensor], Tensor]
 
@@ -28,10 +33,21 @@ RESIDUAL_EPS = 1e-8
 
 @dataclass
 class SolverStats:
-    """What a solver did: number of f evaluations and the batch-mean relative residual after each one."""
+    """What a solver did.
+
+    num_iters: evaluations of f (= fixed-point block passes).
+    residuals: batch-mean relative residual ||f(z) - z|| / ||f(z)|| after each evaluation (len == num_iters).
+    """
 
     num_iters: int = 0
     residuals: list[float] = field(default_factory=list)
+
+
+class Solver(Protocol):
+    """solver(f, z0, max_iters, tol=None, **options) -> (z, stats): at most max_iters evaluations of f."""
+
+    def __call__(self, f: FixedPointMap, z0: Tensor, max_iters: int, tol: Optional[float] = None,
+                 **options: Any) -> tuple[Tensor, SolverStats]: ...
 
 
 #################################################################################
@@ -50,7 +66,7 @@ def _check_solver_args(max_iters: int, tol: Optional[float]) -> None:
     if max_iters < 0:
         raise ValueError(f"max_iters must be >= 0 (got {max_iters})")
     if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be > 0 or None (got {tol})")
+        raise UserError(f"--fixed_point_tol: must be > 0 or None (got {tol})")
 
 
 class _ResidualLog:
@@ -120,7 +136,7 @@ def anderson(
     """
     _check_solver_args(max_iters, tol)
     if memory < 1:
-        raise ValueError(f"memory must be >= 1 (got {memory})")
+        raise UserError(f"--anderson_memory: must be >= 1 (got {memory})")
     if torch.is_grad_enabled():
         raise ValueError(
             "anderson() runs without gradients: call it under torch.no_grad() "
@@ -165,4 +181,16 @@ def anderson(
     return x.reshape(z0.shape), log.stats()
 
 
-SOLVERS = {"iteration": fixed_point_iteration, "anderson": anderson}
+#################################################################################
+#                                   Registry                                    #
+#################################################################################
+
+_SOLVERS: dict[str, Solver] = {"iteration": fixed_point_iteration, "anderson": anderson}
+SOLVER_NAMES: tuple[str, ...] = tuple(_SOLVERS)
+
+
+def get_solver(name: str) -> Solver:
+    """The solver registered as `name`; UserError naming --fixed_point_solver and the valid names otherwise."""
+    if name not in _SOLVERS:
+        raise UserError(f"--fixed_point_solver: must be one of {', '.join(SOLVER_NAMES)} (got {name!r})")
+    return _SOLVERS[name]

@@ -31,7 +31,7 @@ import cli
 from config import (ModelConfig, TrainConfig, UserError, build_config, config_diff, given_fields, load_preset,
                     model_config_from_dict, parse_flags)
 from data import create_dataset
-from models import draw_sjfb_iters
+from models import create_model
 from records import append_jsonl, write_json
 from vae import encode_images, load_vae
 
@@ -154,12 +154,11 @@ def validate(config: TrainConfig, world_size: int) -> None:
 
 def compute_loss(diffusion, model, x: torch.Tensor, y: torch.Tensor, model_config: ModelConfig,
                  iters_generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One training loss: random timesteps, and for FPDM the S-JFB iteration counts (Algorithm 1)."""
+    """One training loss: random timesteps; an FPDM in train mode draws its S-JFB counts from iters_generator."""
     t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=x.device)
     model_kwargs: dict[str, Any] = {"y": y}
     if model_config.fixed_point:
-        num_no_grad, num_with_grad = draw_sjfb_iters(model_config, iters_generator)
-        model_kwargs.update(num_no_grad_iters=num_no_grad, num_fixed_point_iters=num_with_grad)
+        model_kwargs["sjfb_generator"] = iters_generator  # Algorithm 1: (n, m) drawn inside the forward pass
     terms = diffusion.training_losses(model, x, t, model_kwargs)
     return {name: value.mean() for name, value in terms.items()}
 
@@ -188,7 +187,7 @@ def train(model_config: ModelConfig, config: TrainConfig, resume_payload: dict[s
     np.random.seed(seed)
     iters_generator = torch.Generator().manual_seed(seed)  # S-JFB draws; never Python's global `random`
 
-    model = model_config.create_model(grad_checkpointing=config.grad_checkpointing)
+    model = create_model(model_config, grad_checkpointing=config.grad_checkpointing)
     ema = deepcopy(model).float().requires_grad_(False)  # EMA starts as a copy of the initial weights
     diffusion = model_config.create_diffusion("")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

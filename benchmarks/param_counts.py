@@ -25,11 +25,12 @@ def count_params(name: str, fixed_point: bool, *, pre_depth: int = 1, post_depth
     """Number of parameters of registry model `name` (FPDM when fixed_point) at ImageNet-256 latent size."""
     import torch
     from config import ModelConfig
+    from models import create_model
 
     config = ModelConfig(model=name, image_size=256, in_channels=4, latent=True, num_classes=1000,
                          fixed_point=fixed_point, fixed_point_pre_depth=pre_depth, fixed_point_post_depth=post_depth)
     with torch.device("meta"):
-        model = config.create_model()
+        model = create_model(config)
     return sum(p.numel() for p in model.parameters())
 
 

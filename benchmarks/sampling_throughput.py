@@ -71,15 +71,16 @@ def build_pair(size: str, steps: int, device):
     import torch
     from allocation import plan_for_model
     from config import ModelConfig, SampleConfig
+    from cost import default_sampling_iters
+    from models import create_model
 
     model_name, data, _, _ = SIZES[size]
     pair = {}
     for label, fixed_point in (("DiT", False), ("FPDM", True)):
         model_config = ModelConfig(model=model_name, fixed_point=fixed_point, **data)
         torch.manual_seed(0)
-        model = model_config.create_model().to(device).eval()
-        depth = ModelConfig(model=model_name, fixed_point=False, **data).blocks_per_step(0)  # explicit DiT depth
-        iters = depth - model_config.fixed_point_pre_depth - model_config.fixed_point_post_depth
+        model = create_model(model_config).to(device).eval()
+        iters = default_sampling_iters(ModelConfig(model=model_name, fixed_point=True, **data))  # DiT depth - 2
         sample_config = SampleConfig(cfg_scale=1.0, num_sampling_steps=steps,
                                      fixed_point_iters=iters if fixed_point else None)
         plan = plan_for_model(model_config, sample_config)

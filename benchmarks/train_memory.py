@@ -140,6 +140,7 @@ def run_worker(spec: dict[str, Any], device_name: str) -> dict[str, Any]:
     limit_threads(1)
     import torch
     from config import ModelConfig
+    from models import create_model
 
     device = torch.device(device_name)
     baseline_rss = current_rss_mb()          # interpreter + torch + library imports
@@ -147,7 +148,7 @@ def run_worker(spec: dict[str, Any], device_name: str) -> dict[str, Any]:
                                fixed_point_no_grad_max_iters=max(spec["n"], 0),
                                fixed_point_with_grad_max_iters=max(spec["m"], 1), **DATA[spec["data"]])
     torch.manual_seed(0)
-    model = model_config.create_model().to(device)
+    model = create_model(model_config).to(device)
     model.train()
     diffusion = model_config.create_diffusion("")  # all 1000 training timesteps, as train.py
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0) if spec["optimizer"] else None
@@ -166,7 +167,7 @@ def run_worker(spec: dict[str, Any], device_name: str) -> dict[str, Any]:
         t = torch.randint(0, diffusion.num_timesteps, (spec["batch"],), generator=generator).to(device)
         model_kwargs: dict[str, Any] = {"y": y}
         if model_config.fixed_point:  # S-JFB with (n, m) pinned: n no-grad iterations, then m backpropagated ones
-            model_kwargs.update(num_no_grad_iters=spec["n"], num_fixed_point_iters=spec["m"])
+            model_kwargs.update(num_no_grad_iters=spec["n"], num_iters=spec["m"])
         start = time.perf_counter()
         if step == 0:
             with SavedTensorBytes(model) as saved:

@@ -33,6 +33,7 @@ import classifier  # noqa: E402
 import sampling  # noqa: E402
 from checkpoint import load_checkpoint, load_model_for_sampling, save_safetensors  # noqa: E402
 from config import ModelConfig, SampleConfig, model_config_from_dict  # noqa: E402
+from cost import blocks_per_step, training_units_per_step  # noqa: E402,F401  (the experiments use common.*)
 from records import summarize_stats, write_json  # noqa: E402
 
 DEFAULT_OUT_DIR = REPO_ROOT / "experiments" / "results"
@@ -111,18 +112,6 @@ def model_flags(fixed_point: bool, sjfb: Sequence[int] = DEFAULT_SJFB, model: st
     else:
         flags += ["--fixed_point", "False"]  # explicit, so the recorded command reads the same either way
     return flags
-
-
-def training_units_per_step(config: ModelConfig) -> float:
-    """Expected block-pass units per training step per image: forward = 1, backward = 2.
-
-    DiT: 3 * depth. FPDM (S-JFB): 3 * (pre + post) + E[n] (no-grad forwards) + 3 * E[m] (with-grad iterations).
-    """
-    if not config.fixed_point:
-        return 3.0 * config.blocks_per_step(0)
-    mean_n = (config.fixed_point_no_grad_min_iters + config.fixed_point_no_grad_max_iters) / 2
-    mean_m = (config.fixed_point_with_grad_min_iters + config.fixed_point_with_grad_max_iters) / 2
-    return 3.0 * (config.fixed_point_pre_depth + config.fixed_point_post_depth) + mean_n + 3.0 * mean_m
 
 
 def config_from_flags(flags: Sequence[str]) -> ModelConfig:

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluator = common.DigitsEvaluator(args.classifier)
     fpdm, fpdm_config = common.load_model(fpdm_path)
     dit, dit_config = common.load_model(dit_path)
-    depth = dit_config.blocks_per_step(0)
+    depth = common.blocks_per_step(dit_config, 0)
     rows = []
     for steps in dit_steps:
         budget = steps * depth

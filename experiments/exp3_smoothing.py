@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
                "best_iters": best["iters"], "best_fid": best["fid_mean"],
                "paper": {"budget": 280, "best_iters": "4-8", "dit_equivalent_iters": 26}}
     common.write_result(out_dir, NAME, payload)
-    plot(out_dir, points, dit_result, dit_config.blocks_per_step(0) - 2, budget)
+    plot(out_dir, points, dit_result, common.blocks_per_step(dit_config, 0) - 2, budget)
     return payload
 
 

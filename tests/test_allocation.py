@@ -1,6 +1,7 @@
 """Compute allocation across timesteps (allocation.py): budgets add up exactly, ramps point the right way,
 adaptive never overspends, DiT accounting, and clear errors."""
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -186,7 +187,10 @@ def test_bad_plans_name_the_flag(kwargs, flag):
 def test_plan_for_model_derives_none_fields():
     fpdm = ModelConfig(fixed_point=True, fixed_point_no_grad_max_iters=3, fixed_point_with_grad_max_iters=3)
     default = plan_for_model(fpdm, SampleConfig(num_sampling_steps=20))
-    assert default.iters_per_step == [6] * 20  # the training maximum n + m
+    assert default.iters_per_step == [6] * 20  # cost.default_sampling_iters: DiT-Ti/2 depth 8 - pre 1 - post 1
+    wide_sjfb = plan_for_model(replace(fpdm, fixed_point_no_grad_max_iters=12, fixed_point_with_grad_max_iters=12),
+                               SampleConfig(num_sampling_steps=20))
+    assert wide_sjfb.iters_per_step == [6] * 20  # the S-JFB bounds do not set the sampling default
     derived = plan_for_model(fpdm, SampleConfig(budget=280, fixed_point_iters=8))
     assert derived.num_steps == 28 and derived.blocks_per_image == 280  # steps None: derived from the budget
     shared = plan_for_model(fpdm, SampleConfig(budget=300, num_sampling_steps=20, iteration_schedule="increasing"))

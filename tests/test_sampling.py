@@ -17,6 +17,7 @@ import sampling
 from allocation import plan_iterations
 from checkpoint import save_checkpoint, save_safetensors
 from config import ModelConfig, SampleConfig
+from models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ TINY_DIT = replace(TINY_FPDM, fixed_point=False)
 def build(model_config: ModelConfig, seed: int = 0, contraction: float = 0.2) -> torch.nn.Module:
     """A tiny model with random (not zero-initialised) weights and a contractive fixed-point map."""
     torch.manual_seed(seed)
-    model = model_config.create_model()
+    model = create_model(model_config)
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn_like(param) * 0.05)
@@ -56,19 +57,16 @@ class Spy:
         self.model, self.calls = model, []
 
     def _record(self, result, x, **kwargs):
-        init = kwargs.get("fixed_point_init")
+        init = kwargs.get("init")
         state = result[1] if isinstance(result, tuple) else None
         self.calls.append({"x": x.clone(), "init": None if init is None else init.clone(),
-                           "iters": kwargs.get("num_fixed_point_iters"), "tol": kwargs.get("fixed_point_tol"),
-                           "solver": kwargs.get("fixed_point_solver"),
+                           "iters": kwargs.get("num_iters"), "tol": kwargs.get("tol"),
+                           "solver": kwargs.get("solver"),
                            "solution": None if state is None or state.solution is None else state.solution.clone()})
         return result
 
-    def __call__(self, x, t, y=None, **kwargs):
-        return self._record(self.model(x, t, y, **kwargs), x, **kwargs)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3, **kwargs):
-        return self._record(self.model.forward_with_cfg(x, t, y, cfg_scale, cfg_channels, **kwargs), x, **kwargs)
+    def forward_with_stats(self, x, t, y=None, **kwargs):
+        return self._record(self.model.forward_with_stats(x, t, y, **kwargs), x, **kwargs)
 
 
 def run_batch(model, model_config, plan, indices, seed=0, **config_kwargs):
@@ -315,7 +313,7 @@ def test_original_readme_commands_run(fpdm_ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the README commands write to the default --output_dir
     first = sample.main(["--ckpt", str(fpdm_ckpt), "--fixed_point", "True", "--fixed_point_pre_depth", "1",
                          "--fixed_point_post_depth", "1", "--cfg_scale", "4.0", "--num_sampling_steps", "20"])
-    assert first["stats"]["blocks_per_image_max"] == 20 * (1 + 4 + 1)  # default: the training maximum n + m = 4
+    assert first["stats"]["blocks_per_image_max"] == 20 * (1 + 6 + 1)  # default: DiT-Ti/4 depth 8 - pre - post = 6
     second = sample.main(["--ckpt", str(fpdm_ckpt), "--fixed_point", "True", "--fixed_point_pre_depth", "1",
                           "--fixed_point_post_depth", "1", "--cfg_scale", "4.0", "--fixed_point_iters", "12",
                           "--num_sampling_steps", "40", "--fixed_point_reuse_solution", "True"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solvers import SolverStats, anderson, fixed_point_iteration, relative_residual
+from solvers import SOLVER_NAMES, SolverStats, anderson, fixed_point_iteration, get_solver, relative_residual
 
 
 def linear_contraction(batch: int = 3, dim: int = 40, max_eig: float = 0.95, seed: int = 0):
@@ -87,3 +87,23 @@ def test_iteration_unrolls_under_grad_and_anderson_refuses_grad():
         anderson(f, z0, max_iters=3)
     with pytest.raises(ValueError, match="max_iters"):
         fixed_point_iteration(f, z0, max_iters=-1)
+
+
+def test_get_solver_registry_fails_in_one_place():
+    assert SOLVER_NAMES == ("iteration", "anderson")
+    assert get_solver("iteration") is fixed_point_iteration and get_solver("anderson") is anderson
+    with pytest.raises(ValueError, match=r"--fixed_point_solver.*iteration, anderson.*'newton'"):
+        get_solver("newton")
+    f, z0, _ = linear_contraction(dim=8)
+    with torch.no_grad(), pytest.raises(ValueError, match="--anderson_memory"):
+        get_solver("anderson")(f, z0, 3, None, memory=0)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_every_solver_has_the_same_signature_and_stats(name):
+    f, z0, _ = linear_contraction(max_eig=0.5)
+    with torch.no_grad():
+        z, stats = get_solver(name)(f, z0, 5, 1e-12)
+        z_none, none = get_solver(name)(f, z0, 0)
+    assert z.shape == z0.shape and isinstance(stats, SolverStats)
+    assert stats.num_iters == len(stats.residuals) == 5 and none == SolverStats(0, [])

@@ -12,6 +12,7 @@ import torch
 
 import checkpoint
 from config import ModelConfig
+from models import create_model
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +202,7 @@ def test_compile_keeps_plain_state_dict_keys(tmp_path):
     run = run_train(tmp_path, "--max_steps", "2", "--compile", "True", "--output_subdir", "compiled")
     payload = load_weights(run)
     assert payload["step"] == 2 and all(torch.isfinite(v).all() for v in payload["model"].values())
-    fresh = ModelConfig(**payload["config"]["model"]).create_model()
+    fresh = create_model(ModelConfig(**payload["config"]["model"]))
     assert set(payload["model"]) == set(fresh.state_dict())  # no _orig_mod. / module. prefixes
 
 

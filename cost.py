@@ -1,0 +1,130 @@
+"""The cost formulas, written once: transformer-block passes (paper Sec. 4.2), default sampling iterations, training
+units per step and analytic multiply-accumulates (MACs).
+
+Block accounting (Sec. 4.2, footnote 4): one denoising step of an FPDM costs pre + iters + post block passes per
+image, a DiT costs depth. The injection projection is not counted in blocks (as in the paper) but is counted in MACs.
+
+MACs are per image and count matrix products only (nn.Linear, the patch convolution, attention's two batched
+products); norms, activations, modulation and softmax are elementwise and left out. With T tokens of width D and
+MLP ratio r, one DiT block costs
+
+    qkv 3 T D^2 + attention (Q K^T and A V) 2 T^2 D + output projection T D^2 + MLP 2 r T D^2 + adaLN 6 D^2,
+
+and one FPDM iteration adds the fixed-point projection, Linear 2D->2D + Linear 2D->D = 6 T D^2; the injection
+(pre-projection, Linear D->D) costs T D^2 once per step. Classifier-free guidance runs 2 rows per image: twice the
+MACs, the same block count per image.
+
+Architectures (depth, width, patch size, MLP ratio) come from the model registry in models.py, built on the meta
+device (no memory, no weights): one source for the presets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features fed to the timestep MLP (models.TimestepEmbedder)
+
+
+#################################################################################
+#                                 Block passes                                  #
+#################################################################################
+
+def fpdm_step_blocks(pre_depth: int, num_iters: int, post_depth: int) -> int:
+    """Block passes per image for one FPDM step: pre + fixed-point iterations + post (Sec. 4.2)."""
+    return pre_depth + num_iters + post_depth
+
+
+def fpdm_default_iters(depth: int, pre_depth: int, post_depth: int) -> int:
+    """Iterations of an FPDM step costing what the same-named DiT step costs: depth - pre - post (at least 1)."""
+    return max(1, depth - pre_depth - post_depth)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Shape of a registry model: what the cost formulas need."""
+    depth: int          # blocks of the explicit DiT
+    hidden_size: int    # D
+    patch_size: int     # p
+    mlp_ratio: float    # r
+
+
+@lru_cache(maxsize=None)
+def architecture(model_name: str) -> Architecture:
+    """Depth, width, patch size and MLP ratio of a registry name (its DiT built on the meta device)."""
+    import torch
+    from models import DiT_models  # local import: models.py imports the formulas above
+    with torch.device("meta"):
+        dit = DiT_models[model_name](input_size=8, in_channels=1, num_classes=0)
+    return Architecture(dit.depth, dit.hidden_size, dit.patch_size, dit.mlp_ratio)
+
+
+def blocks_per_step(model_config: Any, num_iters: int) -> int:
+    """Block passes per image for one denoising step: pre + num_iters + post (FPDM) or depth (DiT)."""
+    if not model_config.fixed_point:
+        return architecture(model_config.model).depth
+    return fpdm_step_blocks(model_config.fixed_point_pre_depth, num_iters, model_config.fixed_point_post_depth)
+
+
+def default_sampling_iters(model_config: Any) -> int:
+    """Fixed-point iterations per step when none are given: the same-named DiT's depth - pre - post (0 for a DiT)."""
+    if not model_config.fixed_point:
+        return 0
+    return fpdm_default_iters(architecture(model_config.model).depth, model_config.fixed_point_pre_depth,
+                              model_config.fixed_point_post_depth)
+
+
+def training_units_per_step(model_config: Any) -> float:
+    """Expected block-pass units per training step per image: a forward pass = 1, a backward pass = 2.
+
+    DiT: 3 * depth. FPDM (S-JFB): 3 * (pre + post) + E[n] (no-grad forwards) + 3 * E[m] (with-grad iterations).
+    """
+    if not model_config.fixed_point:
+        return 3.0 * blocks_per_step(model_config, 0)
+    mean_n = (model_config.fixed_point_no_grad_min_iters + model_config.fixed_point_no_grad_max_iters) / 2
+    mean_m = (model_config.fixed_point_with_grad_min_iters + model_config.fixed_point_with_grad_max_iters) / 2
+    return 3.0 * (model_config.fixed_point_pre_depth + model_config.fixed_point_post_depth) + mean_n + 3.0 * mean_m
+
+
+#################################################################################
+#                              Multiply-accumulates                             #
+#################################################################################
+
+def macs_per_block(hidden_size: int, num_tokens: int, mlp_ratio: float = 4.0) -> int:
+    """MACs per image of one DiT block: 3TD^2 + 2T^2D + TD^2 + 2rTD^2 + 6D^2 (adaLN once per image)."""
+    T, D = num_tokens, hidden_size
+    mlp_hidden = int(D * mlp_ratio)
+    return 3 * T * D * D + 2 * T * T * D + T * D * D + 2 * T * D * mlp_hidden + 6 * D * D
+
+
+def macs_injection(hidden_size: int, num_tokens: int) -> int:
+    """MACs per image of the fixed-point projection in one iteration: Linear 2D->2D + Linear 2D->D = 6TD^2."""
+    return 6 * num_tokens * hidden_size * hidden_size
+
+
+def macs_pre_projection(hidden_size: int, num_tokens: int) -> int:
+    """MACs per image of the input injection Linear D->D (once per FPDM step): TD^2."""
+    return num_tokens * hidden_size * hidden_size
+
+
+def macs_embed_and_final(hidden_size: int, num_tokens: int, patch_size: int, in_channels: int,
+                         out_channels: int) -> int:
+    """MACs per image outside the blocks: patch embedding, timestep MLP and the final adaLN layer."""
+    D, T, pp = hidden_size, num_tokens, patch_size * patch_size
+    patch_embed = T * in_channels * pp * D
+    timestep_mlp = FREQUENCY_EMBEDDING_SIZE * D + D * D
+    final_layer = D * 2 * D + T * D * pp * out_channels
+    return patch_embed + timestep_mlp + final_layer
+
+
+def macs_per_step(model_config: Any, num_iters: int = 0, cfg: bool = False) -> int:
+    """MACs per image of one denoising step (num_iters fixed-point iterations for an FPDM; cfg doubles the rows)."""
+    arch = architecture(model_config.model)
+    D, p = arch.hidden_size, arch.patch_size
+    T = (model_config.input_size // p) ** 2
+    out_channels = 2 * model_config.in_channels if model_config.learn_sigma else model_config.in_channels
+    total = macs_embed_and_final(D, T, p, model_config.in_channels, out_channels)
+    total += blocks_per_step(model_config, num_iters) * macs_per_block(D, T, arch.mlp_ratio)
+    if model_config.fixed_point:
+        total += num_iters * macs_injection(D, T) + macs_pre_projection(D, T)
+    return 2 * total if cfg else total
