@@ -1,11 +1,14 @@
-"""Shared helpers for the miniature reproductions in experiments/.
+"""Shared helpers for the miniature reproductions in experiments/ (run from the repository root as
+`python -m experiments.<name>`).
 
-Everything here is a thin layer over the library: training is `train.main([...])` with explicit flags, compute
-plans come from `sampling.prepare_sampling` / `allocation`, trajectories from `sampling.sample_images`, and
-digits-FID / classifier accuracy from `classifier` (on fid.py's Frechet distance). No sampling, allocation or FID
-logic is re-implemented here.
+Everything here is a thin layer over the library: models and runs are ModelConfig / TrainConfig / SampleConfig
+objects, training goes through `run_training`, sampling through `generate` (the one call into each), block costs
+come from cost.py, compute plans from allocation.py (via sampling), and digits-FID / classifier accuracy from
+`classifier` (on fid.py's Frechet distance). No sampling, allocation, cost or FID logic is re-implemented here.
 
 Conventions of every experiment script:
+  * flags come from one dataclass per script (fields of ExperimentConfig plus its own), parsed by config.parse_flags;
+    a field left None takes the script's full or --quick default;
   * one command, `--out_dir` (default experiments/results/), writes `<out_dir>/<name>.json` and `<name>.png`;
   * `--quick` runs in seconds (tiny models trained for a few steps, a handful of samples) for the tests;
   * sampling seeds: seed s draws image i from generator seed `s * SEED_STRIDE + i` (sampling.py's per-image
@@ -13,29 +16,28 @@ Conventions of every experiment script:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+import numpy as np
+import torch
+
+import classifier
+import sampling
+from allocation import IterationPlan
+from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
+from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, parse_flags
+from cost import blocks_per_step, training_units_per_step
+from records import read_json, summarize_stats, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import classifier  # noqa: E402
-import sampling  # noqa: E402
-from checkpoint import load_checkpoint, load_model_for_sampling, save_safetensors  # noqa: E402
-from config import ModelConfig, SampleConfig, model_config_from_dict  # noqa: E402
-from cost import blocks_per_step, training_units_per_step  # noqa: E402,F401  (the experiments use common.*)
-from records import summarize_stats, write_json  # noqa: E402
-
 DEFAULT_OUT_DIR = REPO_ROOT / "experiments" / "results"
 PRETRAINED_DIR = REPO_ROOT / "pretrained"
 FPDM_CKPT = PRETRAINED_DIR / "fpdm-digits.safetensors"
@@ -44,81 +46,105 @@ CLASSIFIER_PATH = DEFAULT_OUT_DIR / "digits_classifier.safetensors"
 CLASSIFIER_SEED, CLASSIFIER_STEPS = 0, 400
 SEED_STRIDE = 1_000_000
 SEARCH_SEED = 99  # allocation searches never use the seeds whose FID is reported
+QUICK_MODEL_STEPS = 3  # training steps of the tiny --quick models
 
-# The recipe shared by every digits model here (paper Sec. 4.1: v-prediction + zero terminal SNR, learned sigma).
-DIFFUSION_FLAGS = ["--predict_v", "True", "--use_zero_terminal_snr", "True", "--learn_sigma", "True"]
 DEFAULT_SJFB = (0, 3, 1, 3)  # (n_min, N, m_min, M): S-JFB with M = N = 3 (Table 4: 3 is as good as 6, half the cost)
+# The digits recipe shared by every model here (paper Sec. 4.1: v-prediction + zero terminal SNR, learned sigma).
+DIGITS_MODEL = ModelConfig(model="DiT-Ti/2", predict_v=True, use_zero_terminal_snr=True, learn_sigma=True)
+DIGITS_TRAINING = TrainConfig(dataset="digits", global_batch_size=64, global_seed=0)
+# FID sampling as the paper reports it: no guidance; large batches (image i is the same whatever the batch size).
+EVALUATION_SAMPLING = SampleConfig(cfg_scale=1.0, batch_size=500, device="cpu")
 
 
 #################################################################################
-#                             Command line and threads                          #
+#                          Flags and the run context                            #
 #################################################################################
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """Flags every experiment shares: --out_dir, --quick, --threads, --seeds, --num_samples, checkpoints."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR), help="Folder for <name>.json and <name>.png.")
-    parser.add_argument("--quick", action="store_true", help="Seconds-long smoke run (tiny models, few samples).")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: robust on a shared 2-core CPU; 2 only when idle).")
-    parser.add_argument("--seeds", type=int, default=None, help="Number of sampling seeds (default per script).")
-    parser.add_argument("--num_samples", type=int, default=None, help="Samples per FID evaluation.")
-    parser.add_argument("--classifier", default=str(CLASSIFIER_PATH), help="Cached digits classifier (safetensors).")
-    return parser
+def option(default: Any, help: str) -> Any:
+    """A dataclass field that is one experiment flag (config.parse_flags reads the `help` metadata)."""
+    return field(default=default, metadata={"help": help})
 
 
-def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
-    """--fpdm_ckpt / --dit_ckpt (default: the shipped models, or tiny quick models under --quick)."""
-    parser.add_argument("--fpdm_ckpt", default="", help=f"FPDM weights (default {FPDM_CKPT.relative_to(REPO_ROOT)}).")
-    parser.add_argument("--dit_ckpt", default="", help=f"DiT weights (default {DIT_CKPT.relative_to(REPO_ROOT)}).")
+@dataclass
+class ExperimentConfig:
+    """Flags every experiment shares; None means the script's full (or --quick) default."""
+    out_dir: str = option(str(DEFAULT_OUT_DIR), "Folder for <name>.json and <name>.png.")
+    quick: bool = option(False, "Seconds-long smoke run (tiny models, few samples).")
+    threads: int = option(1, "torch intra-op threads (1: robust on a shared 2-core CPU; 2 only when idle).")
+    seeds: Optional[int] = option(None, "Number of sampling seeds (None: the script's default).")
+    num_samples: Optional[int] = option(None, "Samples per FID evaluation (None: the script's default).")
+    classifier: str = option(str(CLASSIFIER_PATH), "Cached digits classifier (safetensors).")
+    zero_allowed: ClassVar[tuple[str, ...]] = ()  # whole-number flags of a script for which 0 is valid
+
+    def validate(self) -> "ExperimentConfig":
+        """Every whole-number flag must be >= 1 (>= 0 if in zero_allowed; lists are checked where they are read)."""
+        for f in fields(self):
+            value, low = getattr(self, f.name), 0 if f.name in self.zero_allowed else 1
+            if isinstance(value, int) and not isinstance(value, bool) and value < low:
+                raise UserError(f"--{f.name}: must be >= {low} (got {value})")
+        return self
 
 
-_RUN_STARTED = {"time": time.time()}  # when the experiment started (recorded as wall_clock_s by write_result)
+@dataclass
+class CheckpointConfig(ExperimentConfig):
+    """ExperimentConfig plus the weights the evaluation scripts sample from."""
+    fpdm_ckpt: str = option("", f"FPDM weights ('': {FPDM_CKPT.relative_to(REPO_ROOT)}; --quick: tiny quick models).")
+    dit_ckpt: str = option("", f"DiT weights ('': {DIT_CKPT.relative_to(REPO_ROOT)}; --quick: tiny quick models).")
 
 
-def setup_run(args: argparse.Namespace) -> Path:
-    """Set threads, create --out_dir and return it (and start the experiment's wall-clock)."""
-    _RUN_STARTED["time"] = time.time()
-    torch.set_num_threads(max(1, args.threads))
-    out_dir = Path(args.out_dir)
+@dataclass(frozen=True)
+class Run:
+    """One experiment invocation: its name, output folder, the command that reproduces it and when it started."""
+    name: str
+    out_dir: Path
+    command: str
+    started: float
+
+
+def start(name: str, cls: type, doc: str, argv: Sequence[str] | None, full: dict[str, Any],
+          quick: dict[str, Any]) -> tuple[Any, Run]:
+    """Parse `argv` into `cls` (fields left None take `full` or, under --quick, `quick`), set the threads and
+    create --out_dir; returns the validated config and the run context."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = build_config(cls, parse_flags(doc, [cls], argv))
+    defaults = quick if config.quick else full
+    config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None}).validate()
+    torch.set_num_threads(config.threads)
+    out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    return config, Run(name, out_dir, shlex.join(["python", "-m", f"experiments.{name}", *argv]), time.time())
 
 
-def pick(args: argparse.Namespace, name: str, full: Any, quick: Any) -> Any:
-    """A flag's value if given, else the script's full or quick default."""
-    value = getattr(args, name, None)
-    if value is not None:
-        return value
-    return quick if args.quick else full
+def int_list(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers ("1,2,4") from flag --`flag`."""
+    try:
+        values = [int(piece) for piece in text.split(",") if piece.strip()]
+    except ValueError:
+        raise UserError(f"--{flag}: expected comma-separated integers such as 1,2,4 (got {text!r})") from None
+    if not values:
+        raise UserError(f"--{flag}: expected at least one integer (got {text!r})")
+    return values
 
 
 #################################################################################
 #                                   Training                                    #
 #################################################################################
 
-def model_flags(fixed_point: bool, sjfb: Sequence[int] = DEFAULT_SJFB, model: str = "DiT-Ti/2",
-                pre_post: int = 1) -> list[str]:
-    """train.py flags of a digits DiT (8 blocks) or FPDM (`pre_post` pre + fixed-point block + `pre_post` post
-    blocks, 1 by default) with S-JFB bounds."""
-    flags = ["--model", model, "--dataset", "digits", *DIFFUSION_FLAGS]
-    if fixed_point:
-        n_lo, n_hi, m_lo, m_hi = sjfb
-        flags += ["--fixed_point", "True", "--fixed_point_pre_depth", str(pre_post),
-                  "--fixed_point_post_depth", str(pre_post),
-                  "--fixed_point_no_grad_min_iters", str(n_lo), "--fixed_point_no_grad_max_iters", str(n_hi),
-                  "--fixed_point_with_grad_min_iters", str(m_lo), "--fixed_point_with_grad_max_iters", str(m_hi)]
-    else:
-        flags += ["--fixed_point", "False"]  # explicit, so the recorded command reads the same either way
-    return flags
+def digits_model(fixed_point: bool, sjfb: Sequence[int] = DEFAULT_SJFB, pre_post: int = 1) -> ModelConfig:
+    """The digits DiT (8 blocks), or an FPDM with `pre_post` pre + one fixed-point block + `pre_post` post blocks
+    trained with S-JFB bounds `sjfb` = (n_min, N, m_min, M)."""
+    if not fixed_point:
+        return DIGITS_MODEL.validate()
+    n_lo, n_hi, m_lo, m_hi = sjfb
+    return replace(DIGITS_MODEL, fixed_point=True, fixed_point_pre_depth=pre_post, fixed_point_post_depth=pre_post,
+                   fixed_point_no_grad_min_iters=n_lo, fixed_point_no_grad_max_iters=n_hi,
+                   fixed_point_with_grad_min_iters=m_lo, fixed_point_with_grad_max_iters=m_hi).validate()
 
 
-def config_from_flags(flags: Sequence[str]) -> ModelConfig:
-    """The ModelConfig train.py would build from `flags` (to count training units before training)."""
-    import train
-    model_config, _, _, _ = train.parse_configs(list(flags))
-    return model_config
+def digits_training(name: str, steps: int, lr: float, runs_dir: Path, sample_grid: bool = True) -> TrainConfig:
+    """DIGITS_TRAINING for `steps` steps at `lr` into <runs_dir>/<name> (one log window per 100 steps)."""
+    return replace(DIGITS_TRAINING, lr=lr, max_steps=steps, log_every=max(1, min(100, steps)), ckpt_every=steps,
+                   output_dir=str(runs_dir), output_subdir=name, sample_grid=sample_grid).validate()
 
 
 def steps_for_units(total_units: float, config: ModelConfig) -> int:
@@ -126,56 +152,68 @@ def steps_for_units(total_units: float, config: ModelConfig) -> int:
     return max(1, int(round(total_units / training_units_per_step(config))))
 
 
-def train_digits_model(name: str, flags: Sequence[str], steps: int, lr: float, out_dir: Path, seed: int = 0,
-                       batch_size: int = 64, sample_grid: bool = True) -> dict[str, Any]:
-    """Train with train.main and explicit flags; returns the run folder, command, wall-clock, final loss, params."""
-    train_flags = ["--global_batch_size", str(batch_size), "--lr", str(lr), "--max_steps", str(steps),
-                   "--global_seed", str(seed), "--log_every", str(max(1, min(100, steps))),
-                   "--ckpt_every", str(steps), "--output_dir", str(out_dir), "--output_subdir", name,
-                   "--sample_grid", str(sample_grid)]
-    argv = [*flags, *train_flags]
+def run_training(model_config: ModelConfig, train_config: TrainConfig) -> Path:
+    """Train with the library and return the run folder (the one place experiments call training)."""
     import train
-    start = time.time()
-    run_dir = Path(train.main(argv))
-    seconds = time.time() - start
+    return Path(train.train(model_config, train_config))
+
+
+def train_command(model_config: ModelConfig, train_config: TrainConfig) -> str:
+    """The equivalent `python train.py` command (model, fixed_point, dataset and every non-default field), recorded
+    so a run can be repeated by hand."""
+    tokens = ["python", "train.py"]
+    for config in (model_config, train_config):
+        for f in fields(config):
+            value = getattr(config, f.name)
+            if f.name in ("model", "fixed_point", "dataset") or value != f.default:
+                tokens += [f"--{f.name}", str(value)]
+    return shlex.join(tokens)
+
+
+def train_digits_model(model_config: ModelConfig, train_config: TrainConfig) -> dict[str, Any]:
+    """Train and summarise: run folder, configs and command, wall-clock, final loss, loss curve, parameters."""
+    start_time = time.time()
+    run_dir = run_training(model_config, train_config)
+    seconds = time.time() - start_time
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"run_dir": str(run_dir), "command": "python train.py " + " ".join(argv), "steps": steps,
-            "wall_clock_s": seconds, "final_loss": metrics[-1]["loss"], "final_mse": metrics[-1]["mse"],
-            "loss_curve": [(m["step"], m["loss"]) for m in metrics], "num_params": summary["num_params"],
-            "threads": torch.get_num_threads()}
+    summary = read_json(run_dir / "summary.json", flag="--output_dir")
+    return {"run_dir": str(run_dir), "command": train_command(model_config, train_config),
+            "config": {"model": asdict(model_config), "train": asdict(train_config)},
+            "steps": train_config.max_steps, "wall_clock_s": seconds, "final_loss": metrics[-1]["loss"],
+            "final_mse": metrics[-1]["mse"], "loss_curve": [(m["step"], m["loss"]) for m in metrics],
+            "num_params": summary["num_params"], "threads": torch.get_num_threads()}
 
 
 def export_ema(run_dir: str | Path, path: str | Path, half: bool = True) -> Path:
     """Publish a run's EMA weights (fp16 to keep pretrained/ small) with checkpoint.save_safetensors."""
-    payload = load_checkpoint(Path(run_dir) / "checkpoints" / "latest.pt", flag="--run_dir")
-    config = model_config_from_dict(payload["config"]["model"])
-    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in payload["ema"].items()}
+    state, config = load_safetensors(Path(run_dir) / "ema.safetensors", flag="--output_dir")
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in state.items()}
     save_safetensors(state, config, path)
     return Path(path)
 
 
 def quick_models(out_dir: Path) -> tuple[Path, Path]:
-    """Tiny FPDM and DiT (3 training steps) for --quick runs, trained once per out_dir and reused."""
+    """Tiny FPDM and DiT (QUICK_MODEL_STEPS training steps) for --quick runs, trained once per out_dir and reused."""
     folder = out_dir / "quick_models"
     fpdm_path, dit_path = folder / "fpdm.safetensors", folder / "dit.safetensors"
     for path, fixed_point in ((fpdm_path, True), (dit_path, False)):
         if not path.is_file():
-            record = train_digits_model(path.stem, model_flags(fixed_point), steps=3, lr=1e-3,
-                                        out_dir=folder / "runs", sample_grid=False)
-            export_ema(record["run_dir"], path)
+            train_config = digits_training(path.stem, QUICK_MODEL_STEPS, lr=1e-3, runs_dir=folder / "runs",
+                                           sample_grid=False)
+            export_ema(run_training(digits_model(fixed_point), train_config), path)
     return fpdm_path, dit_path
 
 
-def resolve_checkpoints(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path]:
+def resolve_checkpoints(config: CheckpointConfig, out_dir: Path) -> tuple[Path, Path]:
     """(FPDM, DiT) weights: the flags, else the shipped models, else (under --quick) tiny quick models."""
-    if args.quick and not (args.fpdm_ckpt and args.dit_ckpt):
+    if config.quick and not (config.fpdm_ckpt and config.dit_ckpt):
         quick_fpdm, quick_dit = quick_models(out_dir)
-        return Path(args.fpdm_ckpt or quick_fpdm), Path(args.dit_ckpt or quick_dit)
-    fpdm_path, dit_path = Path(args.fpdm_ckpt or FPDM_CKPT), Path(args.dit_ckpt or DIT_CKPT)
+        return Path(config.fpdm_ckpt or quick_fpdm), Path(config.dit_ckpt or quick_dit)
+    fpdm_path, dit_path = Path(config.fpdm_ckpt or FPDM_CKPT), Path(config.dit_ckpt or DIT_CKPT)
     for path, flag in ((fpdm_path, "--fpdm_ckpt"), (dit_path, "--dit_ckpt")):
         if not path.is_file():
-            raise FileNotFoundError(f"{flag}: {path} does not exist; run experiments/exp1_equal_compute.py first")
+            raise FileNotFoundError(f"{flag}: {path} does not exist; run python -m experiments.exp1_equal_compute "
+                                    "first")
     return fpdm_path, dit_path
 
 
@@ -188,31 +226,33 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
 #                                   Sampling                                    #
 #################################################################################
 
-def sample_config(*, budget: int, iters: Optional[int] = None, ddim: bool = False, reuse: bool = False,
-                  solver: str = "iteration", schedule: str = "fixed", steps: Optional[int] = None,
-                  anderson_memory: int = 5) -> SampleConfig:
-    """A SampleConfig for a budgeted run (no guidance, as the paper's FID numbers); None steps/iters are derived."""
-    return SampleConfig(budget=budget, fixed_point_iters=iters, ddim=ddim, fixed_point_reuse_solution=reuse,
-                        fixed_point_solver=solver, iteration_schedule=schedule, cfg_scale=1.0,
-                        num_sampling_steps=steps, anderson_memory=anderson_memory)
+@dataclass
+class Drawn:
+    """Images drawn by `generate` with the plan they followed and what each batch's trajectory spent."""
+    images: np.ndarray                       # (N, H, W, C) uint8
+    labels: Optional[np.ndarray]             # (N,) class labels, None for an unconditional model
+    plan: IterationPlan
+    trajectories: list[sampling.TrajectoryStats]  # one per batch
+    stats: dict[str, Any]                    # records.summarize_stats over the batches
 
 
-def draw_samples(model: torch.nn.Module, model_config: ModelConfig, config: SampleConfig,
-                 num_samples: int, seed: int, batch_size: int = 500) -> dict[str, Any]:
-    """Draw `num_samples` images (random labels, per-image seeds) with sampling.py; images, labels, plan, stats."""
-    config, plan, notes = sampling.prepare_sampling(model_config, config, model=model)
-    indices = list(range(num_samples))
-    base_seed = seed * SEED_STRIDE
-    labels = sampling.image_labels(indices, base_seed, model_config.num_classes, label_mode="random")
-    images, trajectories, counts = [], [], []
-    for batch, pixels in sampling.sample_images(model, model_config, config, plan, indices, labels, seed=base_seed,
-                                                batch_size=batch_size):
-        images.append(pixels)
-        trajectories.append(batch.stats)
-        counts.append(len(batch.indices))
-    stats = summarize_stats(plan, trajectories, counts)
-    return {"images": np.concatenate(images), "labels": None if labels is None else labels.numpy(), "plan": plan,
-            "stats": stats, "trajectories": trajectories, "notes": notes}
+def generate(model: torch.nn.Module, model_config: ModelConfig, config: SampleConfig) -> Drawn:
+    """config.num_samples images, image i from seed config.seed + i with a random label, in batches of
+    config.batch_size (the one place experiments call the sampler)."""
+    config, plan, _ = sampling.prepare_sampling(model_config, config, model=model)
+    indices = list(range(config.num_samples))
+    labels = sampling.image_labels(indices, config.seed, model_config.num_classes, label_mode="random")
+    batches = list(sampling.sample_images(model, model_config, config, plan, indices, labels, seed=config.seed,
+                                          batch_size=config.batch_size))
+    trajectories = [batch.stats for batch, _ in batches]
+    stats = summarize_stats(plan, trajectories, [len(batch.indices) for batch, _ in batches])
+    return Drawn(np.concatenate([pixels for _, pixels in batches]), None if labels is None else labels.numpy(),
+                 plan, trajectories, stats)
+
+
+def fpdm_iteration_grid(model_config: ModelConfig, budget: int, candidates: Sequence[int]) -> list[int]:
+    """Iterations per step from `candidates` whose step (cost.blocks_per_step) fits at least once in `budget`."""
+    return [k for k in candidates if blocks_per_step(model_config, k) <= budget]
 
 
 #################################################################################
@@ -249,49 +289,68 @@ def evaluate_setting(model: torch.nn.Module, model_config: ModelConfig, evaluato
                      config: SampleConfig, num_samples: int, seeds: Sequence[int],
                      keep_trajectories: bool = False) -> dict[str, Any]:
     """FID and accuracy over sampling seeds (mean ± std), with the plan and the block passes actually spent."""
-    per_seed, stats, trajectories, plan, start = [], None, [], None, time.time()
+    per_seed, trajectories, drawn, start_time = [], [], None, time.time()
     for seed in seeds:
-        drawn = draw_samples(model, model_config, config, num_samples, seed)
-        per_seed.append({"seed": seed, **evaluator(drawn["images"], drawn["labels"])})
-        stats, plan = drawn["stats"], drawn["plan"]
+        drawn = generate(model, model_config, replace(config, seed=seed * SEED_STRIDE, num_samples=num_samples))
+        per_seed.append({"seed": seed, **evaluator(drawn.images, drawn.labels)})
         if keep_trajectories:
-            trajectories.extend(drawn["trajectories"])
+            trajectories.extend(drawn.trajectories)
     fid_mean, fid_std = mean_std([r["fid"] for r in per_seed])
     acc_mean, acc_std = mean_std([r["accuracy"] for r in per_seed])
     result = {"fid_mean": fid_mean, "fid_std": fid_std, "accuracy_mean": acc_mean, "accuracy_std": acc_std,
-              "per_seed": per_seed, "num_samples": num_samples, "num_steps": plan.num_steps,
-              "iters_per_step": plan.iters_per_step, "planned_blocks_per_image": plan.blocks_per_image,
-              "blocks_per_image_max": stats["blocks_per_image_max"], "within_budget": stats["within_budget"],
-              "sampler": "ddim" if config.ddim else "ddpm", "seconds": time.time() - start}
+              "per_seed": per_seed, "num_samples": num_samples, "num_steps": drawn.plan.num_steps,
+              "iters_per_step": drawn.plan.iters_per_step, "planned_blocks_per_image": drawn.plan.blocks_per_image,
+              "blocks_per_image_max": drawn.stats["blocks_per_image_max"],
+              "within_budget": drawn.stats["within_budget"], "sampler": "ddim" if config.ddim else "ddpm",
+              "seconds": time.time() - start_time}
     if keep_trajectories:
         result["_trajectories"] = trajectories
-        result["_plan"] = plan
     return result
 
 
-def fpdm_iteration_grid(budget: int, candidates: Sequence[int], pre: int = 1, post: int = 1) -> list[int]:
-    """Iterations per step from `candidates` that buy at least one step at `budget` (each step costs pre + k + post)."""
-    return [k for k in candidates if budget // (pre + k + post) >= 1]
+def search_and_evaluate(model: torch.nn.Module, model_config: ModelConfig, evaluator: DigitsEvaluator,
+                        config: SampleConfig, candidates: Sequence[int], search_samples: int, num_samples: int,
+                        seeds: Sequence[int]) -> dict[str, Any]:
+    """The FPDM's best allocation at config.budget: each k in `candidates` that fits (with and without solution
+    reuse) is scored on SEARCH_SEED with `search_samples` images; the winner is evaluated on `seeds`."""
+    search = []
+    for k in fpdm_iteration_grid(model_config, config.budget, candidates):
+        for reuse in (False, True):
+            setting = replace(config, fixed_point_iters=k, fixed_point_reuse_solution=reuse)
+            result = evaluate_setting(model, model_config, evaluator, setting, search_samples, [SEARCH_SEED])
+            search.append({"iters": k, "reuse": reuse, "search_fid": result["fid_mean"],
+                           "num_steps": result["num_steps"]})
+    best = min(search, key=lambda r: r["search_fid"])
+    setting = replace(config, fixed_point_iters=best["iters"], fixed_point_reuse_solution=best["reuse"])
+    result = evaluate_setting(model, model_config, evaluator, setting, num_samples, seeds)
+    return {**result, "best_iters": best["iters"], "best_reuse": best["reuse"], "search": search}
+
+
+def num_params(model: torch.nn.Module) -> int:
+    """Number of parameters of a model."""
+    return sum(p.numel() for p in model.parameters())
 
 
 #################################################################################
 #                                 Writing results                               #
 #################################################################################
 
-def write_result(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
+def finish(run: Run, payload: dict[str, Any], draw: Callable[[Any], Any]) -> dict[str, Any]:
+    """Write <out_dir>/<name>.json and the figure `draw(pyplot)` returns as <name>.png; returns the payload."""
+    write_result(run, payload)
+    plt = pyplot()
+    if plt is not None:
+        save_figure(plt, draw(plt), run.out_dir / f"{run.name}.png")
+    return payload
+
+
+def write_result(run: Run, payload: dict[str, Any]) -> Path:
     """Write <out_dir>/<name>.json (atomic, indented) with the command line that produced it."""
-    payload = {"experiment": name, "command": "python " + " ".join([_relative_script(sys.argv[0]), *sys.argv[1:]]),
-               "machine": machine_description(), "wall_clock_s": time.time() - _RUN_STARTED["time"], **payload}
-    path = out_dir / f"{name}.json"
+    payload = {"experiment": run.name, "command": run.command, "machine": machine_description(),
+               "wall_clock_s": time.time() - run.started, **payload}
+    path = run.out_dir / f"{run.name}.json"
     write_json(path, _strip_private(payload))
     return path
-
-
-def _relative_script(path: str) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return path
 
 
 def _strip_private(value: Any) -> Any:
@@ -320,11 +379,23 @@ def pyplot():
     return plt
 
 
-def save_figure(figure: Any, out_dir: Path, name: str) -> Path:
-    """Save and close a matplotlib figure as <out_dir>/<name>.png."""
-    path = out_dir / f"{name}.png"
+def save_figure(plt: Any, figure: Any, path: Path) -> Path:
+    """Save and close a matplotlib figure."""
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
     plt.close(figure)
     return path
+
+
+def log2_axis(axis: Any, ticks: Sequence[int], label: str) -> None:
+    """A base-2 log x axis labelled with the plain values `ticks`."""
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(list(ticks))
+    axis.set_xticklabels([str(t) for t in ticks])
+    axis.set_xlabel(label)
+
+
+def fid_errorbar(axis: Any, xs: Sequence[float], records: Sequence[dict[str, Any]], fmt: str, **kwargs: Any) -> None:
+    """digits-FID means of `records` against `xs`, with the std over sampling seeds as error bars."""
+    axis.errorbar(list(xs), [r["fid_mean"] for r in records], yerr=[r["fid_std"] for r in records], fmt=fmt,
+                  capsize=3, **kwargs)

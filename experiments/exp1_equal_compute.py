@@ -6,55 +6,60 @@ one fixed-point block and 1 post block, trained with S-JFB (n ~ U{0..N}, m ~ U{1
 
 Equal compute is counted in transformer-block passes per image (forward = 1 unit, backward = 2 units), not
 wall-clock: wall-clock on a shared 2-core CPU is noisy (other jobs), while block passes are what the paper's cost
-model counts and are machine-independent. DiT: 3 * 8 = 24 units per step. FPDM: 3 * (pre + post) + E[n] + 3 * E[m]
-(the n no-grad iterations are forward-only). The FPDM's step count is derived from the DiT's.
+model counts and are machine-independent (cost.training_units_per_step: DiT 3 * 8 = 24 units per step, FPDM
+3 * (pre + post) + E[n] + 3 * E[m], the n no-grad iterations being forward-only). The FPDM's step count is derived
+from the DiT's.
 
 The EMA weights are exported (fp16) to pretrained/{fpdm,dit}-digits.safetensors (`python sample.py` uses the FPDM).
 
-    python experiments/exp1_equal_compute.py            # full run (~15 min on 2 cores)
-    python experiments/exp1_equal_compute.py --quick --out_dir /tmp/exp1
+    python -m experiments.exp1_equal_compute            # full run (~15 min on 2 cores)
+    python -m experiments.exp1_equal_compute --quick --out_dir /tmp/exp1
 """
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import cli
+from config import UserError
+from cost import training_units_per_step
+from experiments import common
+from experiments.common import option
 
 NAME = "exp1_equal_compute"
+FULL, QUICK = {"dit_steps": 1000}, {"dit_steps": 4}
+
+
+@dataclass
+class Exp1Config(common.ExperimentConfig):
+    """Flags of experiment 1."""
+    dit_steps: Optional[int] = option(None, "DiT training steps; the FPDM's are derived (None: 1000, --quick 4).")
+    lr: float = option(1e-3, "AdamW learning rate (both models).")
+    sjfb: str = option("0,3,1,3", "FPDM S-JFB bounds n_min,N,m_min,M.")
+    export_dir: Optional[str] = option(None, "Where to write the shipped weights (None: pretrained/; --quick: "
+                                             "<out_dir>/pretrained).")
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Train both models for equal block-pass compute, export them and write the record and loss plot."""
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--dit_steps", type=int, default=None, help="DiT training steps (FPDM steps derived).")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (both models).")
-    parser.add_argument("--sjfb", default="0,3,1,3", help="FPDM S-JFB bounds n_min,N,m_min,M.")
-    parser.add_argument("--export_dir", default=None,
-                        help="Where to write the shipped weights (default pretrained/; --quick: <out_dir>/pretrained).")
-    args = parser.parse_args(argv)
-    out_dir = common.setup_run(args)
-    dit_steps = common.pick(args, "dit_steps", 1000, 4)
-    export_dir = Path(args.export_dir or (out_dir / "pretrained" if args.quick else common.PRETRAINED_DIR))
-    sjfb = tuple(int(v) for v in args.sjfb.split(","))
+    config, run = common.start(NAME, Exp1Config, __doc__, argv, FULL, QUICK)
+    export_dir = Path(config.export_dir or (run.out_dir / "pretrained" if config.quick else common.PRETRAINED_DIR))
+    sjfb = tuple(common.int_list(config.sjfb, "sjfb"))
     if len(sjfb) != 4:
-        raise ValueError(f"--sjfb must be four integers n_min,N,m_min,M (got {args.sjfb!r})")
+        raise UserError(f"--sjfb: must be four integers n_min,N,m_min,M (got {config.sjfb!r})")
 
-    dit_flags = common.model_flags(False)
-    fpdm_flags = common.model_flags(True, sjfb)
-    dit_config, fpdm_config = common.config_from_flags(dit_flags), common.config_from_flags(fpdm_flags)
-    units = dit_steps * common.training_units_per_step(dit_config)
+    dit_config, fpdm_config = common.digits_model(False), common.digits_model(True, sjfb)
+    units = config.dit_steps * training_units_per_step(dit_config)
     fpdm_steps = common.steps_for_units(units, fpdm_config)
 
-    runs_dir = out_dir / "runs" / NAME
+    runs_dir = run.out_dir / "runs" / NAME
     records = {}
-    for name, flags, steps, config in (("dit", dit_flags, dit_steps, dit_config),
-                                       ("fpdm", fpdm_flags, fpdm_steps, fpdm_config)):
-        record = common.train_digits_model(f"{name}-digits", flags, steps, args.lr, runs_dir,
-                                           sample_grid=not args.quick)
-        record["units_per_step"] = common.training_units_per_step(config)
+    for name, model_config, steps in (("dit", dit_config, config.dit_steps), ("fpdm", fpdm_config, fpdm_steps)):
+        train_config = common.digits_training(f"{name}-digits", steps, config.lr, runs_dir,
+                                              sample_grid=not config.quick)
+        record = common.train_digits_model(model_config, train_config)
+        record["units_per_step"] = training_units_per_step(model_config)
         record["total_units"] = record["units_per_step"] * steps
         record["exported_to"] = str(common.export_ema(record["run_dir"], export_dir / f"{name}-digits.safetensors"))
         records[name] = record
@@ -64,20 +69,16 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "compute_measure": "transformer-block passes per image (forward 1, backward 2)",
         "sjfb": {"n_min": sjfb[0], "N": sjfb[1], "m_min": sjfb[2], "M": sjfb[3]},
-        "lr": args.lr, "batch_size": 64, "seed": 0, "quick": args.quick,
+        "lr": config.lr, "batch_size": common.DIGITS_TRAINING.global_batch_size,
+        "seed": common.DIGITS_TRAINING.global_seed, "quick": config.quick,
         "param_ratio_fpdm_over_dit": records["fpdm"]["num_params"] / records["dit"]["num_params"],
         "models": records,
     }
-    common.write_result(out_dir, NAME, payload)
-    plot(out_dir, records)
-    return payload
+    return common.finish(run, payload, lambda plt: plot(plt, records))
 
 
-def plot(out_dir: Path, records: dict) -> None:
+def plot(plt: Any, records: dict) -> Any:
     """Training loss against training compute (block-pass units) for both models."""
-    plt = common.pyplot()
-    if plt is None:
-        return
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, record in records.items():
         steps, losses = zip(*record["loss_curve"])
@@ -89,8 +90,8 @@ def plot(out_dir: Path, records: dict) -> None:
     axis.set_yscale("log")
     axis.set_title("Exp. 1: equal training compute on digits")
     axis.legend()
-    common.save_figure(figure, out_dir, NAME)
+    return figure
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

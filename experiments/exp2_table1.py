@@ -7,17 +7,19 @@ The FPDM uses its best allocation per budget and sampler: a small grid of iterat
 Sec. 3.3) with and without solution reuse is searched on a SEPARATE sampling seed (common.SEARCH_SEED) with fewer
 samples; the winner is then evaluated on the reported seeds, so the selection is not made on the reported samples.
 
-    python experiments/exp2_table1.py
-    python experiments/exp2_table1.py --quick --out_dir /tmp/exp2
+    python -m experiments.exp2_table1
+    python -m experiments.exp2_table1 --quick --out_dir /tmp/exp2
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import cli
+from config import ModelConfig
+from cost import blocks_per_step
+from experiments import common
+from experiments.common import option
 
 NAME = "exp2_table1"
 PAPER = {  # Table 1 (ImageNet 256, FID-50K): blocks -> model -> sampler -> FID
@@ -25,92 +27,80 @@ PAPER = {  # Table 1 (ImageNet 256, FID-50K): blocks -> model -> sampler -> FID
     280: {"DiT": {"ddpm": 80.9, "ddim": 35.2}, "FPDM": {"ddpm": 43.3, "ddim": 22.4}},
     560: {"DiT": {"ddpm": 37.9, "ddim": 16.5}, "FPDM": {"ddpm": 26.1, "ddim": 19.6}},
 }
+PAPER_DIT = ModelConfig(model="DiT-XL/2")  # the paper's budgets are steps of this model
+
+
+@dataclass
+class Exp2Config(common.CheckpointConfig):
+    """Flags of experiment 2."""
+    dit_steps: Optional[str] = option(None, "Comma-separated DiT step counts; budgets = steps x depth (None: 5,10,20; "
+                                            "--quick 2).")
+    candidate_iters: Optional[str] = option(None, "FPDM iterations per step searched, comma list (None: 1,2,4,6; "
+                                                  "--quick 1,2).")
+    search_samples: Optional[int] = option(None, "Samples per search evaluation (None: 250, --quick 4).")
+
+
+FULL = {"dit_steps": "5,10,20", "candidate_iters": "1,2,4,6", "search_samples": 250, "seeds": 3, "num_samples": 1000}
+QUICK = {"dit_steps": "2", "candidate_iters": "1,2", "search_samples": 4, "seeds": 1, "num_samples": 16}
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate both models at the three budgets and both samplers; write JSON and plot."""
-    parser = common.base_parser(__doc__.splitlines()[0])
-    common.add_checkpoint_flags(parser)
-    parser.add_argument("--dit_steps", default=None, help="Comma-separated DiT step counts (budgets = steps x depth).")
-    parser.add_argument("--candidate_iters", default=None, help="FPDM iterations per step searched (comma list).")
-    parser.add_argument("--search_samples", type=int, default=None, help="Samples per search evaluation.")
-    args = parser.parse_args(argv)
-    out_dir = common.setup_run(args)
-    fpdm_path, dit_path = common.resolve_checkpoints(args, out_dir)
-    dit_steps = [int(s) for s in common.pick(args, "dit_steps", "5,10,20", "2").split(",")]
-    candidates = [int(k) for k in common.pick(args, "candidate_iters", "1,2,4,6", "1,2").split(",")]
-    search_samples = common.pick(args, "search_samples", 250, 4)
-    seeds = list(range(common.pick(args, "seeds", 3, 1)))
-    num_samples = common.pick(args, "num_samples", 1000, 16)
+    config, run = common.start(NAME, Exp2Config, __doc__, argv, FULL, QUICK)
+    fpdm_path, dit_path = common.resolve_checkpoints(config, run.out_dir)
+    dit_steps = common.int_list(config.dit_steps, "dit_steps")
+    candidates = common.int_list(config.candidate_iters, "candidate_iters")
+    seeds = list(range(config.seeds))
 
-    evaluator = common.DigitsEvaluator(args.classifier)
+    evaluator = common.DigitsEvaluator(config.classifier)
     fpdm, fpdm_config = common.load_model(fpdm_path)
     dit, dit_config = common.load_model(dit_path)
-    depth = common.blocks_per_step(dit_config, 0)
+    depth = blocks_per_step(dit_config, 0)
     rows = []
     for steps in dit_steps:
         budget = steps * depth
         for sampler in ("ddpm", "ddim"):
-            ddim = sampler == "ddim"
-            config = common.sample_config(budget=budget, ddim=ddim)
-            dit_result = common.evaluate_setting(dit, dit_config, evaluator, config, num_samples, seeds)
-            search = []
-            for k in common.fpdm_iteration_grid(budget, candidates):
-                for reuse in (False, True):
-                    config = common.sample_config(budget=budget, iters=k, ddim=ddim, reuse=reuse)
-                    result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, search_samples,
-                                                     [common.SEARCH_SEED])
-                    search.append({"iters": k, "reuse": reuse, "search_fid": result["fid_mean"],
-                                   "num_steps": result["num_steps"]})
-            best = min(search, key=lambda r: r["search_fid"])
-            config = common.sample_config(budget=budget, iters=best["iters"], ddim=ddim, reuse=best["reuse"])
-            fpdm_result = common.evaluate_setting(fpdm, fpdm_config, evaluator, config, num_samples, seeds)
-            paper_blocks = steps * 28
+            setting = replace(common.EVALUATION_SAMPLING, budget=budget, ddim=sampler == "ddim")
+            dit_result = common.evaluate_setting(dit, dit_config, evaluator, setting, config.num_samples, seeds)
+            fpdm_result = common.search_and_evaluate(fpdm, fpdm_config, evaluator, setting, candidates,
+                                                     config.search_samples, config.num_samples, seeds)
+            search = fpdm_result.pop("search")
+            paper_blocks = steps * blocks_per_step(PAPER_DIT, 0)
             rows.append({"budget": budget, "dit_steps": steps, "sampler": sampler, "paper_blocks": paper_blocks,
-                         "paper": PAPER.get(paper_blocks, {}), "DiT": dit_result,
-                         "FPDM": {**fpdm_result, "best_iters": best["iters"], "best_reuse": best["reuse"]},
+                         "paper": PAPER.get(paper_blocks, {}), "DiT": dit_result, "FPDM": fpdm_result,
                          "fpdm_search": search})
             print(f"{budget} blocks {sampler}: DiT {dit_result['fid_mean']:.2f}±{dit_result['fid_std']:.2f} "
-                  f"(acc {dit_result['accuracy_mean']:.3f}) | FPDM k={best['iters']} reuse={best['reuse']} "
-                  f"{fpdm_result['fid_mean']:.2f}±{fpdm_result['fid_std']:.2f} (acc {fpdm_result['accuracy_mean']:.3f})")
+                  f"(acc {dit_result['accuracy_mean']:.3f}) | FPDM k={fpdm_result['best_iters']} "
+                  f"reuse={fpdm_result['best_reuse']} {fpdm_result['fid_mean']:.2f}±{fpdm_result['fid_std']:.2f} "
+                  f"(acc {fpdm_result['accuracy_mean']:.3f})")
 
     payload = {"fpdm_ckpt": str(fpdm_path), "dit_ckpt": str(dit_path), "dit_depth": depth, "seeds": seeds,
-               "num_samples": num_samples, "search_seed": common.SEARCH_SEED, "search_samples": search_samples,
-               "candidate_iters": candidates, "quick": args.quick, "evaluator": evaluator.describe(),
-               "params": {"DiT": sum(p.numel() for p in dit.parameters()),
-                          "FPDM": sum(p.numel() for p in fpdm.parameters())},
-               "rows": rows}
-    common.write_result(out_dir, NAME, payload)
-    plot(out_dir, rows)
-    return payload
+               "num_samples": config.num_samples, "search_seed": common.SEARCH_SEED,
+               "search_samples": config.search_samples, "candidate_iters": candidates, "quick": config.quick,
+               "evaluator": evaluator.describe(),
+               "params": {"DiT": common.num_params(dit), "FPDM": common.num_params(fpdm)}, "rows": rows}
+    return common.finish(run, payload, lambda plt: plot(plt, rows))
 
 
-def plot(out_dir: Path, rows: list[dict]) -> None:
+def plot(plt: Any, rows: list[dict]) -> Any:
     """digits-FID against budget for both models and samplers (error bars: std over sampling seeds)."""
-    plt = common.pyplot()
-    if plt is None:
-        return
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for axis, sampler in zip(axes, ("ddpm", "ddim")):
         chosen = [r for r in rows if r["sampler"] == sampler]
         budgets = [r["budget"] for r in chosen]
         for model, marker in (("DiT", "o--"), ("FPDM", "s-")):
-            axis.errorbar(budgets, [r[model]["fid_mean"] for r in chosen], yerr=[r[model]["fid_std"] for r in chosen],
-                          fmt=marker, capsize=3, label=model)
+            common.fid_errorbar(axis, budgets, [r[model] for r in chosen], marker, label=model)
         for r in chosen:
             axis.annotate(f"k={r['FPDM']['best_iters']}{'+reuse' if r['FPDM']['best_reuse'] else ''}",
                           (r["budget"], r["FPDM"]["fid_mean"]), textcoords="offset points", xytext=(4, -12),
                           fontsize=8)
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(budgets)
-        axis.set_xticklabels([str(b) for b in budgets])
-        axis.set_xlabel("transformer-block passes per image")
+        common.log2_axis(axis, budgets, "transformer-block passes per image")
         axis.set_title(f"{sampler.upper()}")
         axis.legend()
     axes[0].set_ylabel("digits-FID (lower is better)")
     figure.suptitle("Exp. 2: Table 1 in miniature (budgets 40:80:160 = 140:280:560)")
-    common.save_figure(figure, out_dir, NAME)
+    return figure
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

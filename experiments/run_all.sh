@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the seven miniature reproductions (issue 5 + exp7) with their full settings on the CPU (about 30 min on 2 cores,
+# Run the seven miniature reproductions with their full settings on the CPU (about 30 min on 2 cores for exps 1-6,
 # plus about 12.5 min for exp7).
 # Two lanes of one-thread processes, as RESULTS.md was produced:
 #   stage 1: exp1 (trains + exports pretrained/*.safetensors)  ||  exp5 (trains its own three FPDMs)
@@ -17,7 +17,7 @@ mkdir -p "$LOGS"
 
 run() {  # run <name>: one experiment, logged and timed
     local start=$(date +%s)
-    "$PYTHON" "experiments/$1.py" --threads "$THREADS" > "$LOGS/$1.log" 2>&1
+    "$PYTHON" -m "experiments.$1" --threads "$THREADS" > "$LOGS/$1.log" 2>&1
     echo "$1: $(( $(date +%s) - start )) s"
 }
 
@@ -30,4 +30,4 @@ run exp2_table1 & lane_a=$!
 wait $lane_a && wait $lane_b
 
 run exp7_prepost
-"$PYTHON" experiments/summarize.py
+"$PYTHON" -m experiments.summarize

@@ -1,15 +1,24 @@
 """Print the Markdown tables of RESULTS.md from the experiments' JSON files (so every number there is traceable).
 
-    python experiments/summarize.py [--out_dir experiments/results]
+    python -m experiments.summarize [--out_dir experiments/results]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import cli
+from config import build_config, parse_flags
+
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class SummarizeConfig:
+    """Flags of summarize."""
+    out_dir: str = field(default=str(DEFAULT_OUT_DIR), metadata={"help": "Folder of the experiments' JSON files."})
 
 
 def load(out_dir: Path, name: str) -> dict | None:
@@ -146,10 +155,8 @@ def exp7(data: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Print every available table with the command that produced it."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR))
-    args = parser.parse_args(argv)
-    out_dir = Path(args.out_dir)
+    config = build_config(SummarizeConfig, parse_flags(__doc__, [SummarizeConfig], argv))
+    out_dir = Path(config.out_dir)
     for name, table in (("exp1_equal_compute", exp1), ("exp2_table1", exp2), ("exp3_smoothing", exp3),
                         ("exp4_reuse", exp4), ("exp5_sjfb", exp5), ("exp6_anderson", exp6),
                         ("exp7_prepost", exp7)):
@@ -162,4 +169,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

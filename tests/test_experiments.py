@@ -7,15 +7,13 @@ import importlib
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-
-import common  # noqa: E402
+from config import UserError
+from cost import training_units_per_step
+from experiments import common, exp7_prepost, summarize
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +27,7 @@ def quick_dir(tmp_path_factory):
 
 def run_quick(name: str, folder: Path, *extra: str) -> dict:
     """Run experiments/<name>.py --quick in-process and return its JSON."""
-    module = importlib.import_module(name)
+    module = importlib.import_module(f"experiments.{name}")
     module.main(["--quick", "--out_dir", str(folder), "--classifier", str(folder / "classifier.safetensors"),
                  *extra])
     assert (folder / f"{name}.png").is_file(), f"{name}.png not written"
@@ -44,11 +42,42 @@ def assert_fid_record(record: dict) -> None:
 
 
 def test_training_units_count_forward_and_backward():
-    dit = common.config_from_flags(common.model_flags(False))
-    fpdm = common.config_from_flags(common.model_flags(True, (0, 3, 1, 3)))
-    assert common.training_units_per_step(dit) == 24.0            # 8 blocks x (1 fwd + 2 bwd)
-    assert common.training_units_per_step(fpdm) == 6 + 1.5 + 6.0  # 3 x (pre + post) + E[n] + 3 E[m]
+    dit = common.digits_model(False)
+    fpdm = common.digits_model(True, (0, 3, 1, 3))
+    assert training_units_per_step(dit) == 24.0            # 8 blocks x (1 fwd + 2 bwd)
+    assert training_units_per_step(fpdm) == 6 + 1.5 + 6.0  # 3 x (pre + post) + E[n] + 3 E[m]
     assert common.steps_for_units(24.0 * 9, fpdm) == 16
+
+
+def test_iteration_grid_keeps_iterations_that_fit_one_step():
+    fpdm = common.digits_model(True, pre_post=2)  # a step costs 2 + k + 2 blocks (cost.blocks_per_step)
+    assert common.fpdm_iteration_grid(fpdm, 8, [1, 2, 4, 5, 6]) == [1, 2, 4]
+
+
+def test_flags_parse_into_the_script_config(tmp_path):
+    config, run = common.start("exp3_smoothing", importlib.import_module("experiments.exp3_smoothing").Exp3Config,
+                               "doc", ["--quick", "--out_dir", str(tmp_path), "--iters", "1,2", "--ddim"],
+                               full={"budget": 80, "iters": "9", "seeds": 2, "num_samples": 1000},
+                               quick={"budget": 16, "iters": "9", "seeds": 1, "num_samples": 16})
+    assert config.quick and config.ddim and config.budget == 16 and config.iters == "1,2" and config.seeds == 1
+    assert run.out_dir == tmp_path and run.command.startswith("python -m experiments.exp3_smoothing --quick")
+    with pytest.raises(UserError, match="--budget"):
+        common.start("exp3_smoothing", type(config), "doc", ["--budget", "0", "--out_dir", str(tmp_path)], {}, {})
+    with pytest.raises(UserError, match="--iters"):
+        common.int_list("1,x", "iters")
+
+
+def test_shipped_fpdm_matches_the_exp1_recipe():
+    record = exp7_prepost.check_exp1_recipe(1e-3)
+    assert record["recipe_matches_exp1"] and record["train"]["steps"] == 1778
+    with pytest.raises(UserError, match="lr"):
+        exp7_prepost.check_exp1_recipe(1e-4)
+
+
+def test_summarize_reads_the_recorded_results(capsys):
+    summarize.main(["--out_dir", str(common.DEFAULT_OUT_DIR)])
+    printed = capsys.readouterr().out
+    assert "not run" not in printed and printed.count("## exp") == 7
 
 
 def test_exp1_equal_compute(quick_dir):
