@@ -1,18 +1,40 @@
-"""Shared helpers for the benchmark scripts: repo import path, one-thread torch, machine description, tables."""
+"""Shared helpers for the benchmark scripts (run from the repository root as `python -m benchmarks.<name>`): flags,
+one-thread torch, machine description, tables and the JSON output."""
 from __future__ import annotations
 
 import os
 import platform
 import statistics
-import sys
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Sequence
+
+from config import UserError, build_config, parse_flags
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
-if str(REPO) not in sys.path:  # scripts run as `python benchmarks/x.py` from the repo root
-    sys.path.insert(0, str(REPO))
+
+#################################################################################
+#                                     Flags                                     #
+#################################################################################
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field that is one benchmark flag (config.parse_flags reads the `help` metadata)."""
+    return field(default=default, metadata={"help": help})
+
+
+def require_at_least(config: Any, names: Sequence[str], low: int = 1) -> None:
+    """Raise UserError naming the flag unless each field in `names` is None or >= `low`."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name}: must be >= {low} (got {value})")
+
+
+def parse_config(cls: type, doc: str, argv: Sequence[str] | None) -> Any:
+    """The validated `cls` from `argv` (the flags are its fields; --help shows `doc`)."""
+    return build_config(cls, parse_flags(doc, [cls], argv)).validate()
 
 
 #################################################################################
@@ -74,3 +96,10 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     median = statistics.median(values)
     return {"median": median, "min": values[0], "max": values[-1],
             "spread_pct": 100.0 * (values[-1] - values[0]) / (2 * median) if median else 0.0, "n": len(values)}
+
+
+def write_payload(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write the results JSON (records.write_json) and say where."""
+    from records import write_json  # here, not at the top: records imports torch (threads are limited first)
+    write_json(path, payload)
+    print(f"wrote {path}")

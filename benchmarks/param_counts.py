@@ -3,15 +3,17 @@
 Built on the meta device (no memory, instant), in the paper's ImageNet-256 latent setting (32x32x4 latents,
 1000 classes, learned sigma). The paper (Sec. 4.1) reports DiT-XL/2 674M vs FPDM-XL/2 86M parameters (87% fewer).
 
-    python benchmarks/param_counts.py            # all sizes -> benchmarks/results/param_counts.json
-    python benchmarks/param_counts.py --quick    # XL/2 and Ti/2 only
+    python -m benchmarks.param_counts            # all sizes -> benchmarks/results/param_counts.json
+    python -m benchmarks.param_counts --quick    # XL/2 and Ti/2 only
 """
 from __future__ import annotations
 
-import argparse
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
-from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info
+import cli
+from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, option, parse_config,
+                                     require_at_least, write_payload)
 
 PAPER = {"DiT-XL/2": {"dit_params": 674e6, "fpdm_params": 86e6, "reduction_pct": 87.0}}
 QUICK_MODELS = ("DiT-XL/2", "DiT-Ti/2")
@@ -49,43 +51,44 @@ def run(models: Sequence[str], pre_depth: int, post_depth: int) -> list[dict[str
 #                                     CLI                                       #
 #################################################################################
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Only DiT-XL/2 and DiT-Ti/2 (for CI).")
-    parser.add_argument("--models", default="", help="Comma-separated registry names (default: all).")
-    parser.add_argument("--pre_depth", type=int, default=1, help="FPDM explicit blocks before the fixed-point block.")
-    parser.add_argument("--post_depth", type=int, default=1, help="FPDM explicit blocks after the fixed-point block.")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "param_counts.json"), help="JSON output path.")
-    return parser
+@dataclass
+class ParamCountsConfig:
+    """Flags of the parameter-count benchmark."""
+    quick: bool = option(False, "Only DiT-XL/2 and DiT-Ti/2 (for CI).")
+    models: Optional[str] = option(None, "Comma-separated registry names (None: all, or XL/2 and Ti/2 with --quick).")
+    pre_depth: int = option(1, "FPDM explicit blocks before the fixed-point block.")
+    post_depth: int = option(1, "FPDM explicit blocks after the fixed-point block.")
+    out: str = option(str(RESULTS_DIR / "param_counts.json"), "JSON output path.")
+
+    def validate(self) -> "ParamCountsConfig":
+        """Depths are >= 0; returns self."""
+        require_at_least(self, ("pre_depth", "post_depth"), low=0)
+        return self
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Count, print a table, write JSON; returns the payload."""
-    args = build_parser().parse_args(argv)
+    config = parse_config(ParamCountsConfig, __doc__, argv)
     limit_threads(1)
     from models import DiT_models
 
-    if args.models:
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if config.models is not None:
+        models = [m.strip() for m in config.models.split(",") if m.strip()]
         for name in models:
             DiT_models[name]  # ValueError naming --model's valid names
     else:
-        models = list(QUICK_MODELS if args.quick else DiT_models)
-    rows = run(models, args.pre_depth, args.post_depth)
-    payload = {"benchmark": "param_counts", "quick": args.quick, "setting": "32x32x4 latents, 1000 classes, "
-               "learned sigma; FPDM pre/post depth = %d/%d" % (args.pre_depth, args.post_depth),
+        models = list(QUICK_MODELS if config.quick else DiT_models)
+    rows = run(models, config.pre_depth, config.post_depth)
+    payload = {"benchmark": "param_counts", "quick": config.quick, "setting": "32x32x4 latents, 1000 classes, "
+               "learned sigma; FPDM pre/post depth = %d/%d" % (config.pre_depth, config.post_depth),
                "rows": rows, "paper": PAPER, "machine": machine_info("meta")}
     print(format_table(["model", "DiT params", "FPDM params", "FPDM/DiT", "reduction %"],
                        [[r["model"], r["dit_params"], r["fpdm_params"], r["ratio_fpdm_over_dit"], r["reduction_pct"]]
                         for r in rows]))
     print("paper (XL/2): 674M vs 86M (87% fewer)")
-    from records import write_json  # here, not at the top: records imports torch (threads are limited first)
-    write_json(args.out, payload)
-    print(f"wrote {args.out}")
+    write_payload(config.out, payload)
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,15 +1,27 @@
 """Render the '## Benchmarks' markdown section of RESULTS.md from the JSON files in benchmarks/results/.
 
-    python benchmarks/report.py --out /tmp/benchmarks_section.md
+    python -m benchmarks.report --out /tmp/benchmarks_section.md
 """
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-from bench_common import RESULTS_DIR, format_table
+import cli
+from benchmarks.bench_common import RESULTS_DIR, format_table, option, parse_config
+
+
+@dataclass
+class ReportConfig:
+    """Flags of the report."""
+    results: str = option(str(RESULTS_DIR), "Folder of the benchmark JSON files.")
+    out: Optional[str] = option(None, "Markdown output path (None: stdout only).")
+
+    def validate(self) -> "ReportConfig":
+        """Nothing to check beyond the types; returns self."""
+        return self
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -103,11 +115,8 @@ def throughput_section(t: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Write the markdown section (stdout and --out)."""
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    parser.add_argument("--results", default=str(RESULTS_DIR), help="Folder of the benchmark JSON files.")
-    parser.add_argument("--out", default="", help="Markdown output path (default: stdout only).")
-    args = parser.parse_args(argv)
-    folder = Path(args.results)
+    config = parse_config(ReportConfig, __doc__, argv)
+    folder = Path(config.results)
     lines: list[str] = []
     for name, render in (("param_counts", param_section), ("train_memory", memory_section)):
         payload = load(folder / f"{name}.json")
@@ -118,10 +127,10 @@ def main(argv: Sequence[str] | None = None) -> str:
         lines += throughput_section({"runs": [run for payload in throughput for run in payload["runs"]]})
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if config.out:
+        Path(config.out).write_text(text + "\n")
     return text
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

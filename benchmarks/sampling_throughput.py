@@ -13,17 +13,20 @@ injection MLP and residuals, and the diffusion step. DiT and FPDM are measured i
 repeated; medians and spreads are reported. Shared CPUs are noisy: trust ratios, not absolute numbers. Weights are
 random (speed does not depend on their values); no classifier-free guidance (cfg_scale 1), DDPM steps.
 
-    python benchmarks/sampling_throughput.py             # Ti/2 digits (batch 64) and S/2 latents (batch 4)
-    python benchmarks/sampling_throughput.py --quick     # Ti/2 digits, tiny (CI)
-    python benchmarks/sampling_throughput.py --device cuda
+    python -m benchmarks.sampling_throughput             # Ti/2 digits (batch 64) and S/2 latents (batch 4)
+    python -m benchmarks.sampling_throughput --quick     # Ti/2 digits, tiny (CI)
+    python -m benchmarks.sampling_throughput --device cuda
 """
 from __future__ import annotations
 
-import argparse
 import time
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
-from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info, summarize
+import cli
+from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, option, parse_config,
+                                     require_at_least, summarize, write_payload)
+from config import UserError
 
 # name -> (registry model, data kwargs for ModelConfig, default batch, default steps)
 SIZES = {
@@ -155,50 +158,58 @@ def measure_size(size: str, batch: int, steps: int, repeats: int, bare_iters: in
 #                                     CLI                                       #
 #################################################################################
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Ti/2 digits, batch 8, 4 steps, 2 repeats (CI).")
-    parser.add_argument("--sizes", default="", help=f"Comma-separated sizes from {', '.join(SIZES)} "
-                                                    "(default: Ti/2-digits,S/2-latents).")
-    parser.add_argument("--batch", type=int, default=0, help="Images per batch (0: the size's default).")
-    parser.add_argument("--steps", type=int, default=0, help="Sampling steps (0: the size's default).")
-    parser.add_argument("--repeats", type=int, default=5, help="Interleaved repetitions (median and spread).")
-    parser.add_argument("--bare_iters", type=int, default=50, help="Calls per bare block timing.")
-    parser.add_argument("--device", default="auto", help="auto (CPU, and CUDA too when available), cpu or cuda.")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "sampling_throughput.json"), help="JSON output path.")
-    return parser
+@dataclass
+class ThroughputConfig:
+    """Flags of the sampling-throughput benchmark."""
+    quick: bool = option(False, "Ti/2 digits, batch 8, 4 steps, 2 repeats (CI).")
+    sizes: Optional[str] = option(None, f"Comma-separated sizes from {', '.join(SIZES)} (None: Ti/2-digits,"
+                                        "S/2-latents; --quick Ti/2-digits).")
+    batch: Optional[int] = option(None, "Images per batch (None: the size's default; --quick 8).")
+    steps: Optional[int] = option(None, "Sampling steps (None: the size's default; --quick 4).")
+    repeats: int = option(5, "Interleaved repetitions (median and spread; --quick 2).")
+    bare_iters: int = option(50, "Calls per bare block timing (--quick 10).")
+    device: str = option("auto", "auto (CPU, and CUDA too when available), cpu or cuda.")
+    out: str = option(str(RESULTS_DIR / "sampling_throughput.json"), "JSON output path.")
+
+    def validate(self) -> "ThroughputConfig":
+        """Known sizes and device, counts >= 1; returns self."""
+        require_at_least(self, ("batch", "steps", "repeats", "bare_iters"))
+        for size in self.size_list():
+            if size not in SIZES:
+                raise UserError(f"--sizes: unknown size {size!r}; valid: {', '.join(SIZES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device: must be auto, cpu or cuda (got {self.device!r})")
+        return self
+
+    def size_list(self) -> list[str]:
+        """The sizes to measure."""
+        if self.sizes is None:
+            return ["Ti/2-digits"] if self.quick else ["Ti/2-digits", "S/2-latents"]
+        return [s.strip() for s in self.sizes.split(",") if s.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Measure, print tables, write JSON; returns the payload."""
-    args = build_parser().parse_args(argv)
+    config = parse_config(ThroughputConfig, __doc__, argv)
     limit_threads(1)
     import torch
 
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()] or (
-        ["Ti/2-digits"] if args.quick else ["Ti/2-digits", "S/2-latents"])
-    for size in sizes:
-        if size not in SIZES:
-            raise ValueError(f"--sizes: unknown size {size!r}; valid: {', '.join(SIZES)}")
-    if args.device == "auto":
+    sizes = config.size_list()
+    if config.device == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    elif args.device in ("cpu", "cuda"):
-        devices = [args.device]
     else:
-        raise ValueError(f"--device must be auto, cpu or cuda (got {args.device!r})")
+        devices = [config.device]
     if "cuda" in devices and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available")
-    repeats, bare_iters = (2, 10) if args.quick else (args.repeats, args.bare_iters)
+        raise UserError("--device cuda: CUDA is not available")
+    repeats, bare_iters = (2, 10) if config.quick else (config.repeats, config.bare_iters)
 
     started = time.perf_counter()
     runs = []
     for device_name in devices:
         for size in sizes:
             _, _, default_batch, default_steps = SIZES[size]
-            batch = args.batch or (8 if args.quick else default_batch)
-            steps = args.steps or (4 if args.quick else default_steps)
+            batch = config.batch or (8 if config.quick else default_batch)
+            steps = config.steps or (4 if config.quick else default_steps)
             print(f"[{time.perf_counter() - started:6.1f}s] {size} on {device_name}: batch {batch}, {steps} steps, "
                   f"{repeats} repeats", flush=True)
             runs.append(measure_size(size, batch, steps, repeats, bare_iters, torch.device(device_name)))
@@ -219,13 +230,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"{run['size']} {run['device']}: sampling time FPDM/DiT at equal blocks = {r['median']:.3f} "
               f"[{r['min']:.3f}, {r['max']:.3f}]; FPDM fixed-point map / bare block = "
               f"{fp['map_over_block']['median']:.3f}")
-    payload = {"benchmark": "sampling_throughput", "quick": args.quick, "runs": runs,
+    payload = {"benchmark": "sampling_throughput", "quick": config.quick, "runs": runs,
                "machine": machine_info(devices[-1]), "total_runtime_s": time.perf_counter() - started}
-    from records import write_json  # here, not at the top: records imports torch (threads are limited first)
-    write_json(args.out, payload)
-    print(f"wrote {args.out}")
+    write_payload(config.out, payload)
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,7 +1,7 @@
 """Peak training memory and step time: DiT vs FPDM at the same batch and width (paper Sec. 4.1, Table 3).
 
-Every configuration runs in a FRESH PROCESS (this script re-invoking itself with --worker), one at a time, so a
-peak never leaks from one configuration into the next. Memory is measured three ways:
+Every configuration runs in a FRESH PROCESS (a new interpreter calling `worker_main`), one at a time, so a peak
+never leaks from one configuration into the next. Memory is measured three ways:
   * CPU: peak resident set size (resource.getrusage ru_maxrss), raw and minus the RSS measured right after the
     imports (the interpreter + torch baseline); RSS includes allocator slack, so it is indicative.
   * CUDA: torch.cuda.max_memory_allocated over the training steps (parameters, gradients, Adam state, activations).
@@ -10,23 +10,26 @@ peak never leaks from one configuration into the next. Memory is measured three 
 FPDM runs S-JFB (Algorithm 1) with the bounds pinned at their maxima n = N and m = M (the largest step training
 ever takes: memory grows with m only); the n-sweep shows that the n no-grad iterations cost no memory.
 
-    python benchmarks/train_memory.py                 # XL/2 (batch 2), S/2 (batch 8), Ti/2 (batch 64), n-sweeps
-    python benchmarks/train_memory.py --quick         # Ti/2 only, one step (CI)
-    python benchmarks/train_memory.py --skip_xl --no_optimizer
+    python -m benchmarks.train_memory                 # XL/2 (batch 2), S/2 (batch 8), Ti/2 (batch 64), n-sweeps
+    python -m benchmarks.train_memory --quick         # Ti/2 only, one step (CI)
+    python -m benchmarks.train_memory --skip_xl --no_optimizer
 The paper: FPDM-XL/2 10.2 GB vs DiT-XL/2 25.2 GB (ratio 0.40) at batch 64 on a V100.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
-from bench_common import RESULTS_DIR, format_table, limit_threads, machine_info
+import cli
+from benchmarks.bench_common import (REPO, RESULTS_DIR, format_table, limit_threads, machine_info, option,
+                                     parse_config, require_at_least, write_payload)
+from config import UserError
 
 RESULT_PREFIX = "TRAIN_MEMORY_RESULT "
 PAPER = {"setting": "XL/2, ImageNet 256 (32x32x4 latents), batch 64, V100", "dit_gb": 25.2, "fpdm_gb": 10.2,
@@ -43,6 +46,34 @@ DATA = {
 #                               Configurations                                  #
 #################################################################################
 
+@dataclass
+class MemoryConfig:
+    """Flags of the training-memory benchmark."""
+    quick: bool = option(False, "Ti/2 only, one step per configuration (CI).")
+    skip_xl: bool = option(False, "Skip the XL/2 pair (~11 GB each with AdamW).")
+    xl_batch: int = option(2, "Batch size of the XL/2 pair.")
+    xl_steps: int = option(1, "Training steps of the XL/2 runs (~1 min each on CPU).")
+    s_batch: int = option(8, "Batch size of the S/2 pair and n-sweep.")
+    steps: Optional[int] = option(None, "Steps per configuration (None: 1 with --quick, else 2; Ti/2: one more).")
+    sweep_n: Optional[str] = option(None, "Comma-separated no-grad iteration counts n, m fixed at 12 (None: 0,6,12,24;"
+                                          " --quick 0,12).")
+    sweep_sizes: str = option("S/2,XL/2", "Sizes of the FPDM n-sweep (S/2 at --s_batch, XL/2 at --xl_batch; full "
+                                          "mode only).")
+    no_optimizer: bool = option(False, "Forward + backward only (no AdamW state).")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    timeout: float = option(3600.0, "Seconds allowed per worker process.")
+    out: str = option(str(RESULTS_DIR / "train_memory.json"), "JSON output path.")
+
+    def validate(self) -> "MemoryConfig":
+        """Counts >= 1 and a known device; returns self."""
+        require_at_least(self, ("xl_batch", "xl_steps", "s_batch", "steps"))
+        if self.sweep_n is not None and not all(v.strip().isdigit() for v in self.sweep_n.split(",")):
+            raise UserError(f"--sweep_n: expected comma-separated whole numbers such as 0,12 (got {self.sweep_n!r})")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"--device: must be auto, cpu or cuda (got {self.device!r})")
+        return self
+
+
 def make_spec(group: str, model: str, fixed_point: bool, data: str, batch: int, steps: int, *,
               n: int = 12, m: int = 12, optimizer: bool = True) -> dict[str, Any]:
     """One configuration (a JSON-able dict handed to a worker process)."""
@@ -55,34 +86,36 @@ def spec_key(spec: dict[str, Any]) -> tuple:
     return tuple(sorted((k, v) for k, v in spec.items() if k != "group"))
 
 
-def build_specs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def build_specs(config: MemoryConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(DiT-vs-FPDM comparison specs, FPDM n-sweep specs) for the chosen mode."""
-    opt = not args.no_optimizer
-    sweep_n = [int(v) for v in args.sweep_n.split(",")] if args.sweep_n else ([0, 12] if args.quick else [0, 6, 12, 24])
+    opt = not config.no_optimizer
+    sweep_n = ([int(v) for v in config.sweep_n.split(",")] if config.sweep_n is not None
+               else [0, 12] if config.quick else [0, 6, 12, 24])
     pairs: list[dict[str, Any]] = []
-    if args.quick:
-        steps = args.steps or 1
+    if config.quick:
+        steps = config.steps or 1
         for fp in (False, True):
             pairs.append(make_spec("Ti/2 digits 8x8", "DiT-Ti/2", fp, "digits8", 64, steps, optimizer=opt))
         sweep = [make_spec("n-sweep Ti/2 digits 8x8", "DiT-Ti/2", True, "digits8", 64, steps, n=n, optimizer=opt)
                  for n in sweep_n]
         return pairs, sweep
-    if not args.skip_xl:
+    if not config.skip_xl:
         for fp in (False, True):
-            pairs.append(make_spec("XL/2 latents 32x32x4", "DiT-XL/2", fp, "latents32", args.xl_batch,
-                                   args.xl_steps, optimizer=opt))
-    steps = args.steps or 2
+            pairs.append(make_spec("XL/2 latents 32x32x4", "DiT-XL/2", fp, "latents32", config.xl_batch,
+                                   config.xl_steps, optimizer=opt))
+    steps = config.steps or 2
     for fp in (False, True):
-        pairs.append(make_spec("S/2 latents 32x32x4", "DiT-S/2", fp, "latents32", args.s_batch, steps, optimizer=opt))
+        pairs.append(make_spec("S/2 latents 32x32x4", "DiT-S/2", fp, "latents32", config.s_batch, steps,
+                               optimizer=opt))
     for fp in (False, True):
         pairs.append(make_spec("Ti/2 digits 8x8", "DiT-Ti/2", fp, "digits8", 64, steps + 1, optimizer=opt))
     sweep = []
-    for size in [s.strip() for s in args.sweep_sizes.split(",") if s.strip()]:
+    for size in [s.strip() for s in config.sweep_sizes.split(",") if s.strip()]:
         if size not in ("S/2", "XL/2"):
-            raise ValueError(f"--sweep_sizes: unknown size {size!r} (valid: S/2, XL/2)")
-        if size == "XL/2" and args.skip_xl:
+            raise UserError(f"--sweep_sizes: unknown size {size!r} (valid: S/2, XL/2)")
+        if size == "XL/2" and config.skip_xl:
             continue
-        batch, size_steps = (args.xl_batch, args.xl_steps) if size == "XL/2" else (args.s_batch, steps)
+        batch, size_steps = (config.xl_batch, config.xl_steps) if size == "XL/2" else (config.s_batch, steps)
         sweep += [make_spec(f"n-sweep {size} latents 32x32x4", f"DiT-{size}", True, "latents32", batch, size_steps,
                             n=n, optimizer=opt) for n in sweep_n]
     return pairs, sweep
@@ -202,14 +235,21 @@ def run_worker(spec: dict[str, Any], device_name: str) -> dict[str, Any]:
 #################################################################################
 
 def run_in_fresh_process(spec: dict[str, Any], device: str, timeout: float) -> dict[str, Any]:
-    """Run one configuration in a new Python process and parse its result line."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--device", device]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    """Run one configuration in a new Python process (worker_main) and parse its result line."""
+    code = "import sys; from benchmarks.train_memory import worker_main; worker_main(sys.argv[1], sys.argv[2])"
+    command = [sys.executable, "-c", code, json.dumps(spec), device]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
     raise RuntimeError(f"worker failed for {spec} (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def worker_main(spec_json: str, device: str) -> None:
+    """Entry point of a worker process: run one configuration and print its result line."""
+    result = run_worker(json.loads(spec_json), device)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 def memory_column(result: dict[str, Any]) -> str:
@@ -277,41 +317,15 @@ def print_tables(pairs: list[dict[str, Any]], sweep: list[dict[str, Any]], compa
                                                                             else []) for r in sweep]))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Ti/2 only, one step per configuration (CI).")
-    parser.add_argument("--skip_xl", action="store_true", help="Skip the XL/2 pair (~11 GB each with AdamW).")
-    parser.add_argument("--xl_batch", type=int, default=2, help="Batch size of the XL/2 pair.")
-    parser.add_argument("--xl_steps", type=int, default=1, help="Training steps of the XL/2 runs (~1 min each on CPU).")
-    parser.add_argument("--s_batch", type=int, default=8, help="Batch size of the S/2 pair and n-sweep.")
-    parser.add_argument("--steps", type=int, default=0, help="Steps per configuration (0: 1 quick, else 2; Ti: +1).")
-    parser.add_argument("--sweep_n", default="", help="Comma-separated no-grad iteration counts n (m fixed at 12).")
-    parser.add_argument("--sweep_sizes", default="S/2,XL/2", help="Sizes of the FPDM n-sweep (S/2 at --s_batch, "
-                        "XL/2 at --xl_batch; full mode only).")
-    parser.add_argument("--no_optimizer", action="store_true", help="Forward + backward only (no AdamW state).")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda.")
-    parser.add_argument("--timeout", type=float, default=3600, help="Seconds allowed per worker process.")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "train_memory.json"), help="JSON output path.")
-    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one configuration as JSON
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run every configuration in its own process, print tables, write JSON; returns the payload."""
-    args = build_parser().parse_args(argv)
-    if args.device == "auto":
+    config = parse_config(MemoryConfig, __doc__, argv)
+    device = config.device
+    if device == "auto":
         import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda (got {args.device!r})")
-    if args.worker:
-        result = run_worker(json.loads(args.worker), args.device)
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
-        return None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    pair_specs, sweep_specs = build_specs(args)
+    pair_specs, sweep_specs = build_specs(config)
     done: dict[tuple, dict[str, Any]] = {}
     started = time.perf_counter()
 
@@ -319,22 +333,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         key = spec_key(spec)
         if key not in done:
             print(f"[{time.perf_counter() - started:7.1f}s] running {spec}", flush=True)
-            done[key] = run_in_fresh_process(spec, args.device, args.timeout)
+            done[key] = run_in_fresh_process(spec, device, config.timeout)
         return {**done[key], "group": spec["group"]}
 
     pairs = [run(s) for s in pair_specs]
     sweep = [run(s) for s in sweep_specs]
     comparisons = compare_pairs(pairs)
     print_tables(pairs, sweep, comparisons)
-    payload = {"benchmark": "train_memory", "quick": args.quick, "device": args.device,
-               "no_optimizer": args.no_optimizer, "pairs": pairs, "comparisons": comparisons, "n_sweep": sweep,
-               "paper": PAPER, "machine": machine_info(args.device),
+    payload = {"benchmark": "train_memory", "quick": config.quick, "device": device,
+               "no_optimizer": config.no_optimizer, "pairs": pairs, "comparisons": comparisons, "n_sweep": sweep,
+               "paper": PAPER, "machine": machine_info(device),
                "total_runtime_s": time.perf_counter() - started}
-    from records import write_json  # here, not at the top: records imports torch (threads are limited first)
-    write_json(args.out, payload)
-    print(f"wrote {args.out}")
+    write_payload(config.out, payload)
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks import param_counts, report, sampling_throughput
 
-import param_counts  # noqa: E402
-import sampling_throughput  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_param_counts_quick_fpdm_is_87_percent_smaller_at_xl2(tmp_path):
@@ -33,7 +31,7 @@ def test_param_counts_rejects_unknown_model(tmp_path):
 
 def test_train_memory_quick_fresh_processes(tmp_path):
     out = tmp_path / "memory.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_memory.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_memory", "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = json.loads(out.read_text())
@@ -71,3 +69,11 @@ def test_sampling_throughput_quick(tmp_path):
 def test_sampling_throughput_rejects_unknown_size(tmp_path):
     with pytest.raises(ValueError, match="--sizes"):
         sampling_throughput.main(["--sizes", "Z/9", "--out", str(tmp_path / "t.json")])
+
+
+def test_report_renders_the_recorded_results(tmp_path):
+    out = tmp_path / "section.md"
+    text = report.main(["--out", str(out)])
+    assert out.read_text() == text + "\n"
+    for heading in ("### Parameter counts", "### Training memory", "### Sampling throughput"):
+        assert heading in text
