@@ -217,9 +217,23 @@ def resolve_checkpoints(config: CheckpointConfig, out_dir: Path) -> tuple[Path, 
     return fpdm_path, dit_path
 
 
-def load_model(path: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
+@dataclass
+class Loaded:
+    """A model loaded for sampling, with its weights file and ModelConfig."""
+    path: Path
+    model: torch.nn.Module
+    config: ModelConfig
+
+
+def load(path: str | Path) -> Loaded:
     """Load weights for sampling (eval mode, CPU) via checkpoint.load_model_for_sampling."""
-    return load_model_for_sampling(path, device="cpu", flag="--ckpt")
+    return Loaded(Path(path), *load_model_for_sampling(path, device="cpu", flag="--ckpt"))
+
+
+def load_models(config: CheckpointConfig, out_dir: Path) -> tuple[Loaded, Loaded]:
+    """The (FPDM, DiT) an evaluation script samples from (resolve_checkpoints), loaded."""
+    fpdm_path, dit_path = resolve_checkpoints(config, out_dir)
+    return load(fpdm_path), load(dit_path)
 
 
 #################################################################################
@@ -285,13 +299,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def evaluate_setting(model: torch.nn.Module, model_config: ModelConfig, evaluator: DigitsEvaluator,
-                     config: SampleConfig, num_samples: int, seeds: Sequence[int],
-                     keep_trajectories: bool = False) -> dict[str, Any]:
+def evaluate_setting(loaded: Loaded, evaluator: DigitsEvaluator, config: SampleConfig, num_samples: int,
+                     seeds: Sequence[int], keep_trajectories: bool = False) -> dict[str, Any]:
     """FID and accuracy over sampling seeds (mean ± std), with the plan and the block passes actually spent."""
     per_seed, trajectories, drawn, start_time = [], [], None, time.time()
     for seed in seeds:
-        drawn = generate(model, model_config, replace(config, seed=seed * SEED_STRIDE, num_samples=num_samples))
+        drawn = generate(loaded.model, loaded.config, replace(config, seed=seed * SEED_STRIDE,
+                                                              num_samples=num_samples))
         per_seed.append({"seed": seed, **evaluator(drawn.images, drawn.labels)})
         if keep_trajectories:
             trajectories.extend(drawn.trajectories)
@@ -308,21 +322,20 @@ def evaluate_setting(model: torch.nn.Module, model_config: ModelConfig, evaluato
     return result
 
 
-def search_and_evaluate(model: torch.nn.Module, model_config: ModelConfig, evaluator: DigitsEvaluator,
-                        config: SampleConfig, candidates: Sequence[int], search_samples: int, num_samples: int,
-                        seeds: Sequence[int]) -> dict[str, Any]:
+def search_and_evaluate(loaded: Loaded, evaluator: DigitsEvaluator, config: SampleConfig, candidates: Sequence[int],
+                        search_samples: int, num_samples: int, seeds: Sequence[int]) -> dict[str, Any]:
     """The FPDM's best allocation at config.budget: each k in `candidates` that fits (with and without solution
     reuse) is scored on SEARCH_SEED with `search_samples` images; the winner is evaluated on `seeds`."""
     search = []
-    for k in fpdm_iteration_grid(model_config, config.budget, candidates):
+    for k in fpdm_iteration_grid(loaded.config, config.budget, candidates):
         for reuse in (False, True):
             setting = replace(config, fixed_point_iters=k, fixed_point_reuse_solution=reuse)
-            result = evaluate_setting(model, model_config, evaluator, setting, search_samples, [SEARCH_SEED])
+            result = evaluate_setting(loaded, evaluator, setting, search_samples, [SEARCH_SEED])
             search.append({"iters": k, "reuse": reuse, "search_fid": result["fid_mean"],
                            "num_steps": result["num_steps"]})
     best = min(search, key=lambda r: r["search_fid"])
     setting = replace(config, fixed_point_iters=best["iters"], fixed_point_reuse_solution=best["reuse"])
-    result = evaluate_setting(model, model_config, evaluator, setting, num_samples, seeds)
+    result = evaluate_setting(loaded, evaluator, setting, num_samples, seeds)
     return {**result, "best_iters": best["iters"], "best_reuse": best["reuse"], "search": search}
 
 
@@ -393,6 +406,13 @@ def log2_axis(axis: Any, ticks: Sequence[int], label: str) -> None:
     axis.set_xticks(list(ticks))
     axis.set_xticklabels([str(t) for t in ticks])
     axis.set_xlabel(label)
+
+
+def finish_axis(axis: Any, ylabel: str, title: str, **legend: Any) -> None:
+    """Y label, title and legend of one panel."""
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(**legend)
 
 
 def fid_errorbar(axis: Any, xs: Sequence[float], records: Sequence[dict[str, Any]], fmt: str, **kwargs: Any) -> None:

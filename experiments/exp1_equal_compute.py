@@ -86,10 +86,8 @@ def plot(plt: Any, records: dict) -> Any:
         axis.plot(units, losses, marker=".", label=f"{name.upper()} ({record['num_params'] / 1e6:.2f}M params, "
                                                    f"{record['steps']} steps)")
     axis.set_xlabel("training compute (block-pass units per image: fwd 1, bwd 2)")
-    axis.set_ylabel("training loss (mean over log window)")
     axis.set_yscale("log")
-    axis.set_title("Exp. 1: equal training compute on digits")
-    axis.legend()
+    common.finish_axis(axis, "training loss (mean over log window)", "Exp. 1: equal training compute on digits")
     return figure
 
 

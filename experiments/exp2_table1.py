@@ -47,23 +47,21 @@ QUICK = {"dit_steps": "2", "candidate_iters": "1,2", "search_samples": 4, "seeds
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate both models at the three budgets and both samplers; write JSON and plot."""
     config, run = common.start(NAME, Exp2Config, __doc__, argv, FULL, QUICK)
-    fpdm_path, dit_path = common.resolve_checkpoints(config, run.out_dir)
+    fpdm, dit = common.load_models(config, run.out_dir)
     dit_steps = common.int_list(config.dit_steps, "dit_steps")
     candidates = common.int_list(config.candidate_iters, "candidate_iters")
     seeds = list(range(config.seeds))
 
     evaluator = common.DigitsEvaluator(config.classifier)
-    fpdm, fpdm_config = common.load_model(fpdm_path)
-    dit, dit_config = common.load_model(dit_path)
-    depth = blocks_per_step(dit_config, 0)
+    depth = blocks_per_step(dit.config, 0)
     rows = []
     for steps in dit_steps:
         budget = steps * depth
         for sampler in ("ddpm", "ddim"):
             setting = replace(common.EVALUATION_SAMPLING, budget=budget, ddim=sampler == "ddim")
-            dit_result = common.evaluate_setting(dit, dit_config, evaluator, setting, config.num_samples, seeds)
-            fpdm_result = common.search_and_evaluate(fpdm, fpdm_config, evaluator, setting, candidates,
-                                                     config.search_samples, config.num_samples, seeds)
+            dit_result = common.evaluate_setting(dit, evaluator, setting, config.num_samples, seeds)
+            fpdm_result = common.search_and_evaluate(fpdm, evaluator, setting, candidates, config.search_samples,
+                                                     config.num_samples, seeds)
             search = fpdm_result.pop("search")
             paper_blocks = steps * blocks_per_step(PAPER_DIT, 0)
             rows.append({"budget": budget, "dit_steps": steps, "sampler": sampler, "paper_blocks": paper_blocks,
@@ -74,11 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"reuse={fpdm_result['best_reuse']} {fpdm_result['fid_mean']:.2f}±{fpdm_result['fid_std']:.2f} "
                   f"(acc {fpdm_result['accuracy_mean']:.3f})")
 
-    payload = {"fpdm_ckpt": str(fpdm_path), "dit_ckpt": str(dit_path), "dit_depth": depth, "seeds": seeds,
+    payload = {"fpdm_ckpt": str(fpdm.path), "dit_ckpt": str(dit.path), "dit_depth": depth, "seeds": seeds,
                "num_samples": config.num_samples, "search_seed": common.SEARCH_SEED,
                "search_samples": config.search_samples, "candidate_iters": candidates, "quick": config.quick,
                "evaluator": evaluator.describe(),
-               "params": {"DiT": common.num_params(dit), "FPDM": common.num_params(fpdm)}, "rows": rows}
+               "params": {"DiT": common.num_params(dit.model), "FPDM": common.num_params(fpdm.model)}, "rows": rows}
     return common.finish(run, payload, lambda plt: plot(plt, rows))
 
 

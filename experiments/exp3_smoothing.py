@@ -39,27 +39,24 @@ QUICK = {"budget": 16, "iters": "1,6", "seeds": 1, "num_samples": 16}
 def main(argv: list[str] | None = None) -> dict:
     """FPDM digits-FID across iterations per step at one budget, with the DiT point; JSON and plot."""
     config, run = common.start(NAME, Exp3Config, __doc__, argv, FULL, QUICK)
-    fpdm_path, dit_path = common.resolve_checkpoints(config, run.out_dir)
+    fpdm, dit = common.load_models(config, run.out_dir)
     seeds = list(range(config.seeds))
-
     evaluator = common.DigitsEvaluator(config.classifier)
-    fpdm, fpdm_config = common.load_model(fpdm_path)
-    dit, dit_config = common.load_model(dit_path)
     setting = replace(common.EVALUATION_SAMPLING, budget=config.budget, ddim=config.ddim)
     points = []
-    for k in common.fpdm_iteration_grid(fpdm_config, config.budget, common.int_list(config.iters, "iters")):
-        result = common.evaluate_setting(fpdm, fpdm_config, evaluator, replace(setting, fixed_point_iters=k),
-                                         config.num_samples, seeds)
+    for k in common.fpdm_iteration_grid(fpdm.config, config.budget, common.int_list(config.iters, "iters")):
+        result = common.evaluate_setting(fpdm, evaluator, replace(setting, fixed_point_iters=k), config.num_samples,
+                                         seeds)
         points.append({"iters": k, **result})
         print(f"k={k}: {result['num_steps']} steps, FID {result['fid_mean']:.2f} ± {result['fid_std']:.2f}")
-    dit_result = common.evaluate_setting(dit, dit_config, evaluator, setting, config.num_samples, seeds)
+    dit_result = common.evaluate_setting(dit, evaluator, setting, config.num_samples, seeds)
     best = min(points, key=lambda p: p["fid_mean"])
     payload = {"budget": config.budget, "sampler": "ddim" if config.ddim else "ddpm", "reuse": False, "seeds": seeds,
-               "num_samples": config.num_samples, "fpdm_ckpt": str(fpdm_path), "dit_ckpt": str(dit_path),
+               "num_samples": config.num_samples, "fpdm_ckpt": str(fpdm.path), "dit_ckpt": str(dit.path),
                "quick": config.quick, "evaluator": evaluator.describe(), "fpdm": points, "dit": dit_result,
                "best_iters": best["iters"], "best_fid": best["fid_mean"],
                "paper": {"budget": 280, "best_iters": "4-8", "dit_equivalent_iters": 26}}
-    dit_iters = default_sampling_iters(fpdm_config)  # the FPDM step that costs one DiT step
+    dit_iters = default_sampling_iters(fpdm.config)  # the FPDM step that costs one DiT step
     return common.finish(run, payload, lambda plt: plot(plt, points, dit_result, dit_iters, config.budget))
 
 
@@ -74,9 +71,8 @@ def plot(plt: Any, points: list[dict], dit: dict, dit_iters: int, budget: int) -
     common.fid_errorbar(axis, [dit_iters], [dit], "o", color="C3", label=f"DiT, 8 blocks x {dit['num_steps']} steps")
     axis.axhline(dit["fid_mean"], color="C3", linestyle="--", linewidth=1)
     common.log2_axis(axis, ks, "fixed-point iterations per timestep")
-    axis.set_ylabel("digits-FID (lower is better)")
-    axis.set_title(f"Exp. 3: timestep smoothing at {budget} blocks/image")
-    axis.legend(fontsize=8)
+    common.finish_axis(axis, "digits-FID (lower is better)", f"Exp. 3: timestep smoothing at {budget} blocks/image",
+                       fontsize=8)
     return figure
 
 

@@ -41,18 +41,16 @@ QUICK = {"budget": 16, "iters": "1,2", "diag_iters": 2, "diag_batches": 2, "seed
 def main(argv: list[str] | None = None) -> dict:
     """FID with/without reuse across iterations per step, plus per-timestep residuals; JSON and plot."""
     config, run = common.start(NAME, Exp4Config, __doc__, argv, FULL, QUICK)
-    fpdm_path, _ = common.resolve_checkpoints(config, run.out_dir)
+    fpdm, _ = common.load_models(config, run.out_dir)
     seeds = list(range(config.seeds))
-
     evaluator = common.DigitsEvaluator(config.classifier)
-    fpdm, fpdm_config = common.load_model(fpdm_path)
     setting = replace(common.EVALUATION_SAMPLING, budget=config.budget)
     sweep = []
-    for k in common.fpdm_iteration_grid(fpdm_config, config.budget, common.int_list(config.iters, "iters")):
+    for k in common.fpdm_iteration_grid(fpdm.config, config.budget, common.int_list(config.iters, "iters")):
         row = {"iters": k}
         for reuse in (False, True):
             row["reuse" if reuse else "no_reuse"] = common.evaluate_setting(
-                fpdm, fpdm_config, evaluator, replace(setting, fixed_point_iters=k, fixed_point_reuse_solution=reuse),
+                fpdm, evaluator, replace(setting, fixed_point_iters=k, fixed_point_reuse_solution=reuse),
                 config.num_samples, seeds)
         row["num_steps"] = row["reuse"]["num_steps"]
         sweep.append(row)
@@ -61,12 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     diagnostics = {}
     for reuse in (False, True):
-        drawn = common.generate(fpdm, fpdm_config, replace(
+        drawn = common.generate(fpdm.model, fpdm.config, replace(
             setting, fixed_point_iters=config.diag_iters, fixed_point_reuse_solution=reuse, seed=0,
             num_samples=DIAG_BATCH_SIZE * config.diag_batches, batch_size=DIAG_BATCH_SIZE))
         label = "reuse" if reuse else "no_reuse"
         records.write_diagnostics(run.out_dir / f"{NAME}_delta_{label}.json", drawn.plan, drawn.trajectories,
-                                  setup={"fpdm_ckpt": str(fpdm_path), "reuse": reuse}, plot=False)
+                                  setup={"fpdm_ckpt": str(fpdm.path), "reuse": reuse}, plot=False)
         deltas = np.array([s.delta_per_step for s in drawn.trajectories], dtype=np.float64)  # (batches, steps)
         diagnostics[label] = {
             "timesteps": drawn.trajectories[0].timesteps,
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     no_reuse, reuse = np.array(diagnostics["no_reuse"]["delta_mean"]), np.array(diagnostics["reuse"]["delta_mean"])
     payload = {"budget": config.budget, "sampler": "ddpm", "seeds": seeds, "num_samples": config.num_samples,
-               "fpdm_ckpt": str(fpdm_path), "quick": config.quick, "evaluator": evaluator.describe(), "sweep": sweep,
+               "fpdm_ckpt": str(fpdm.path), "quick": config.quick, "evaluator": evaluator.describe(), "sweep": sweep,
                "diag_iters": config.diag_iters, "diag_batches": config.diag_batches,
                "diag_batch_size": DIAG_BATCH_SIZE, "diagnostics": diagnostics,
                "fraction_timesteps_reuse_lowers_delta": float(np.mean(reuse < no_reuse)),
@@ -91,9 +89,7 @@ def plot(plt: Any, sweep: list[dict], diagnostics: dict, budget: int, diag_iters
     for key, style in (("no_reuse", "o--"), ("reuse", "s-")):
         common.fid_errorbar(axes[0], ks, [r[key] for r in sweep], style, label=key.replace("_", " "))
     common.log2_axis(axes[0], ks, "fixed-point iterations per timestep")
-    axes[0].set_ylabel("digits-FID")
-    axes[0].set_title(f"(a) reuse vs no reuse, {budget} blocks/image")
-    axes[0].legend()
+    common.finish_axis(axes[0], "digits-FID", f"(a) reuse vs no reuse, {budget} blocks/image")
     for key, color in (("no_reuse", "C0"), ("reuse", "C1")):
         d = diagnostics[key]
         for curve in d["delta_per_batch"]:
@@ -107,14 +103,12 @@ def plot(plt: Any, sweep: list[dict], diagnostics: dict, budget: int, diag_iters
     axes[1].set_yscale("log")
     axes[1].invert_xaxis()
     axes[1].set_xlabel("timestep t (sampling runs right to left)")
-    axes[1].set_ylabel("delta_t (last relative residual)")
-    axes[1].set_title(f"(b) delta_t per timestep, k={diag_iters} (10 batches x 32)")
-    axes[1].legend()
+    common.finish_axis(axes[1], "delta_t (last relative residual)",
+                       f"(b) delta_t per timestep, k={diag_iters} "
+                       f"({len(diagnostics['reuse']['delta_per_batch'])} batches x {DIAG_BATCH_SIZE})")
     axes[2].set_yscale("log")
     axes[2].set_xlabel("iteration")
-    axes[2].set_ylabel("relative residual")
-    axes[2].set_title("(c) convergence within a timestep (batch 0)")
-    axes[2].legend(fontsize=6, ncol=2)
+    common.finish_axis(axes[2], "relative residual", "(c) convergence within a timestep (batch 0)", fontsize=6, ncol=2)
     return figure
 
 

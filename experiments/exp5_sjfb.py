@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               common.steps_for_units(units, model_config), config.lr,
                                               run.out_dir / "runs" / NAME, sample_grid=False)
         record = common.train_digits_model(model_config, train_config)
-        model, loaded_config = common.load_model(Path(record["run_dir"]) / "checkpoints" / "latest.pt")
-        evaluation = common.evaluate_setting(model, loaded_config, evaluator, setting, config.num_samples, seeds)
+        trained = common.load(Path(record["run_dir"]) / "checkpoints" / "latest.pt")
+        evaluation = common.evaluate_setting(trained, evaluator, setting, config.num_samples, seeds)
         results[label] = {"bounds": dict(zip(("n_min", "N", "m_min", "M"), bounds)),
                           "units_per_step": training_units_per_step(model_config), "train": record, **evaluation}
         print(f"{label}: {record['steps']} steps, loss {record['final_loss']:.4f}, FID {evaluation['fid_mean']:.2f} "

@@ -38,20 +38,18 @@ QUICK = {"budgets": "16", "iters": "2,6", "seeds": 1, "num_samples": 16}
 def main(argv: list[str] | None = None) -> dict:
     """FID and residuals of both solvers across iterations per step at one budget; JSON and plot."""
     config, run = common.start(NAME, Exp6Config, __doc__, argv, FULL, QUICK)
-    fpdm_path, _ = common.resolve_checkpoints(config, run.out_dir)
+    fpdm, _ = common.load_models(config, run.out_dir)
     budgets = common.int_list(config.budgets, "budgets")
     seeds = list(range(config.seeds))
-
     evaluator = common.DigitsEvaluator(config.classifier)
-    fpdm, fpdm_config = common.load_model(fpdm_path)
     rows = []
     for budget in budgets:
-        for k in common.fpdm_iteration_grid(fpdm_config, budget, common.int_list(config.iters, "iters")):
+        for k in common.fpdm_iteration_grid(fpdm.config, budget, common.int_list(config.iters, "iters")):
             row = {"budget": budget, "iters": k}
             for solver in SOLVERS:
                 setting = replace(common.EVALUATION_SAMPLING, budget=budget, fixed_point_iters=k,
                                   fixed_point_solver=solver, anderson_memory=config.anderson_memory)
-                result = common.evaluate_setting(fpdm, fpdm_config, evaluator, setting, config.num_samples, seeds,
+                result = common.evaluate_setting(fpdm, evaluator, setting, config.num_samples, seeds,
                                                  keep_trajectories=True)
                 deltas = np.array([s.delta_per_step for s in result.pop("_trajectories")], dtype=np.float64)
                 result["mean_delta"] = float(np.nanmean(deltas))
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"(delta {row['iteration']['mean_delta']:.3g}) | anderson {row['anderson']['fid_mean']:.2f} "
                   f"(delta {row['anderson']['mean_delta']:.3g})")
     payload = {"budgets": budgets, "sampler": "ddpm", "reuse": False, "anderson_memory": config.anderson_memory,
-               "seeds": seeds, "num_samples": config.num_samples, "fpdm_ckpt": str(fpdm_path), "quick": config.quick,
+               "seeds": seeds, "num_samples": config.num_samples, "fpdm_ckpt": str(fpdm.path), "quick": config.quick,
                "evaluator": evaluator.describe(), "rows": rows}
     return common.finish(run, payload, lambda plt: plot(plt, rows))
 

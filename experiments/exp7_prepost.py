@@ -192,11 +192,10 @@ def _evaluate_task(ckpt: str, budget: int, candidates: Sequence[int], search_sam
     """exp2's DDPM protocol for one model and budget: search k (and reuse) on SEARCH_SEED, evaluate on `seeds`."""
     torch.set_num_threads(threads)
     evaluator = common.DigitsEvaluator(classifier)
-    model, model_config = common.load_model(ckpt)
+    loaded = common.load(ckpt)
     setting = replace(common.EVALUATION_SAMPLING, budget=budget)
-    result = common.search_and_evaluate(model, model_config, evaluator, setting, candidates, search_samples,
-                                        num_samples, seeds)
-    return {"budget": budget, **result, "num_params": common.num_params(model)}
+    result = common.search_and_evaluate(loaded, evaluator, setting, candidates, search_samples, num_samples, seeds)
+    return {"budget": budget, **result, "num_params": common.num_params(loaded.model)}
 
 
 def plot(plt: Any, payload: dict) -> Any:
@@ -211,9 +210,8 @@ def plot(plt: Any, payload: dict) -> Any:
             axis.annotate(f"k={r['best_iters']}{'+R' if r['best_reuse'] else ''}", (r["budget"], r["fid_mean"]),
                           textcoords="offset points", xytext=(4, 4), fontsize=7)
     common.log2_axis(axis, budgets, "transformer-block passes per image (DDPM)")
-    axis.set_ylabel("digits-FID (lower is better)")
-    axis.set_title("Exp. 7: explicit pre/post blocks at equal training compute (Fig. 7)")
-    axis.legend()
+    common.finish_axis(axis, "digits-FID (lower is better)",
+                       "Exp. 7: explicit pre/post blocks at equal training compute (Fig. 7)")
     return figure
 
 

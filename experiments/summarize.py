@@ -8,8 +8,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import cli
+from benchmarks.bench_common import format_table
 from config import build_config, parse_flags
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -37,13 +39,28 @@ def acc(record: dict) -> str:
     return f"{100 * record['accuracy_mean']:.1f} ± {100 * record['accuracy_std']:.1f}"
 
 
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table as lines (cells already formatted)."""
+    return format_table(headers, rows).split("\n")
+
+
+def search_key(iters: int, reuse: bool) -> str:
+    """Column name of one allocation searched: k, with +R for solution reuse."""
+    return f"k={iters}{'+R' if reuse else ''}"
+
+
+def search_cells(search: list[dict], keys: Sequence[tuple[int, bool]]) -> list[str]:
+    """Search-seed FID of each (iterations, reuse) in `keys`, '-' where it was not searched (did not fit)."""
+    by_key = {(s["iters"], s["reuse"]): s["search_fid"] for s in search}
+    return [f"{by_key[key]:.1f}" if key in by_key else "-" for key in keys]
+
+
 def exp1(data: dict) -> list[str]:
     """Training table."""
-    lines = ["| model | params | steps | units/step | total units | wall-clock (s) | final loss |",
-             "|---|---|---|---|---|---|---|"]
-    for name, m in data["models"].items():
-        lines.append(f"| {name.upper()} | {m['num_params']:,} | {m['steps']} | {m['units_per_step']:g} | "
-                     f"{m['total_units']:,.0f} | {m['wall_clock_s']:.0f} | {m['final_loss']:.4f} |")
+    lines = table(["model", "params", "steps", "units/step", "total units", "wall-clock (s)", "final loss"],
+                  [[name.upper(), f"{m['num_params']:,}", str(m["steps"]), f"{m['units_per_step']:g}",
+                    f"{m['total_units']:,.0f}", f"{m['wall_clock_s']:.0f}", f"{m['final_loss']:.4f}"]
+                   for name, m in data["models"].items()])
     lines.append(f"\nFPDM / DiT parameters: {data['param_ratio_fpdm_over_dit']:.3f}")
     for name, m in data["models"].items():
         lines.append(f"\n{name.upper()} command: `{m['command']}`")
@@ -52,45 +69,36 @@ def exp1(data: dict) -> list[str]:
 
 def exp2(data: dict) -> list[str]:
     """Table 1 in miniature."""
-    lines = ["| budget (paper) | sampler | DiT FID | FPDM FID | paper DiT | paper FPDM | DiT acc % | FPDM acc % | "
-             "FPDM allocation (search winner) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in data["rows"]:
-        paper = r.get("paper") or {}
-        p_dit = paper.get("DiT", {}).get(r["sampler"], "-")
-        p_fpdm = paper.get("FPDM", {}).get(r["sampler"], "-")
-        f = r["FPDM"]
-        lines.append(f"| {r['budget']} ({r['paper_blocks']}) | {r['sampler'].upper()} | {fid(r['DiT'])} | {fid(f)} | "
-                     f"{p_dit} | {p_fpdm} | {acc(r['DiT'])} | {acc(f)} | k={f['best_iters']}, {f['num_steps']} "
-                     f"steps, reuse={f['best_reuse']} |")
+        paper, f = r.get("paper") or {}, r["FPDM"]
+        paper_dit, paper_fpdm = (str(paper.get(model, {}).get(r["sampler"], "-")) for model in ("DiT", "FPDM"))
+        rows.append([f"{r['budget']} ({r['paper_blocks']})", r["sampler"].upper(), fid(r["DiT"]), fid(f), paper_dit,
+                     paper_fpdm, acc(r["DiT"]), acc(f),
+                     f"k={f['best_iters']}, {f['num_steps']} steps, reuse={f['best_reuse']}"])
+    lines = table(["budget (paper)", "sampler", "DiT FID", "FPDM FID", "paper DiT", "paper FPDM", "DiT acc %",
+                   "FPDM acc %", "FPDM allocation (search winner)"], rows)
     lines.append("\nSearch (seed {}, {} samples each):".format(data["search_seed"], data["search_samples"]))
-    lines.append("\n| budget | sampler | " + " | ".join(
-        f"k={s['iters']}{'+R' if s['reuse'] else ''}" for s in data["rows"][0]["fpdm_search"]) + " |")
-    lines.append("|---|---|" + "---|" * len(data["rows"][0]["fpdm_search"]))
-    for r in data["rows"]:
-        by_key = {(s["iters"], s["reuse"]): s["search_fid"] for s in r["fpdm_search"]}
-        cells = [f"{by_key[(s['iters'], s['reuse'])]:.1f}" if (s["iters"], s["reuse"]) in by_key else "-"
-                 for s in data["rows"][0]["fpdm_search"]]
-        lines.append(f"| {r['budget']} | {r['sampler'].upper()} | " + " | ".join(cells) + " |")
-    return lines
+    keys = [(s["iters"], s["reuse"]) for s in data["rows"][0]["fpdm_search"]]
+    searched = table(["budget", "sampler", *(search_key(*key) for key in keys)],
+                     [[str(r["budget"]), r["sampler"].upper(), *search_cells(r["fpdm_search"], keys)]
+                      for r in data["rows"]])
+    return lines + ["\n" + searched[0], *searched[1:]]
 
 
 def exp3(data: dict) -> list[str]:
     """Smoothing sweep."""
-    lines = ["| iterations/step | timesteps | FPDM FID | acc % |", "|---|---|---|---|"]
-    for p in data["fpdm"]:
-        lines.append(f"| {p['iters']} | {p['num_steps']} | {fid(p)} | {acc(p)} |")
     d = data["dit"]
-    lines.append(f"| DiT (8 blocks) | {d['num_steps']} | {fid(d)} | {acc(d)} |")
-    return lines
+    return table(["iterations/step", "timesteps", "FPDM FID", "acc %"],
+                 [[str(p["iters"]), str(p["num_steps"]), fid(p), acc(p)] for p in data["fpdm"]]
+                 + [["DiT (8 blocks)", str(d["num_steps"]), fid(d), acc(d)]])
 
 
 def exp4(data: dict) -> list[str]:
     """Reuse sweep and residual summary."""
-    lines = ["| iterations/step | timesteps | FID no reuse | FID reuse | acc % no reuse | acc % reuse |",
-             "|---|---|---|---|---|---|"]
-    for r in data["sweep"]:
-        lines.append(f"| {r['iters']} | {r['num_steps']} | {fid(r['no_reuse'])} | {fid(r['reuse'])} | "
-                     f"{acc(r['no_reuse'])} | {acc(r['reuse'])} |")
+    lines = table(["iterations/step", "timesteps", "FID no reuse", "FID reuse", "acc % no reuse", "acc % reuse"],
+                  [[str(r["iters"]), str(r["num_steps"]), fid(r["no_reuse"]), fid(r["reuse"]), acc(r["no_reuse"]),
+                    acc(r["reuse"])] for r in data["sweep"]])
     d = data["diagnostics"]
     lines.append(f"\nResiduals at k={data['diag_iters']}: mean delta_t over timesteps "
                  f"{d['no_reuse']['mean_delta_over_timesteps']:.4f} (no reuse) vs "
@@ -101,52 +109,45 @@ def exp4(data: dict) -> list[str]:
 
 def exp5(data: dict) -> list[str]:
     """Training-method comparison."""
-    lines = ["| method | n | m | units/step | steps | final loss | FID | acc % |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for name, v in data["variants"].items():
         b = v["bounds"]
-        lines.append(f"| {name} | U{{{b['n_min']}..{b['N']}}} | "
-                     f"{'U{%d..%d}' % (b['m_min'], b['M']) if b['m_min'] != b['M'] else b['M']} | "
-                     f"{v['units_per_step']:g} | {v['train']['steps']} | {v['train']['final_loss']:.4f} | {fid(v)} | "
-                     f"{acc(v)} |")
-    return lines
+        m = f"U{{{b['m_min']}..{b['M']}}}" if b["m_min"] != b["M"] else str(b["M"])
+        rows.append([name, f"U{{{b['n_min']}..{b['N']}}}", m, f"{v['units_per_step']:g}", str(v["train"]["steps"]),
+                     f"{v['train']['final_loss']:.4f}", fid(v), acc(v)])
+    return table(["method", "n", "m", "units/step", "steps", "final loss", "FID", "acc %"], rows)
 
 
 def exp6(data: dict) -> list[str]:
     """Solver comparison."""
-    lines = ["| budget | iterations/step | timesteps | FID iteration | FID Anderson | mean delta_t iteration | "
-             "mean delta_t Anderson |", "|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        lines.append(f"| {r['budget']} | {r['iters']} | {r['num_steps']} | {fid(r['iteration'])} | "
-                     f"{fid(r['anderson'])} | {r['iteration']['mean_delta']:.4f} | {r['anderson']['mean_delta']:.4f} |")
-    return lines
+    return table(["budget", "iterations/step", "timesteps", "FID iteration", "FID Anderson", "mean delta_t iteration",
+                  "mean delta_t Anderson"],
+                 [[str(r["budget"]), str(r["iters"]), str(r["num_steps"]), fid(r["iteration"]), fid(r["anderson"]),
+                   f"{r['iteration']['mean_delta']:.4f}", f"{r['anderson']['mean_delta']:.4f}"] for r in data["rows"]])
 
 
 def exp7(data: dict) -> list[str]:
     """Pre/post depth comparison (DDPM, each model's own allocation search)."""
     depths = list(data["models"])
-    lines = ["| pre = post | params | training steps | units/step | total units | final loss | "
-             + " | ".join(f"FID @ {b}" for b in data["budgets"]) + " |", "|---|---|---|---|---|---|"
-             + "---|" * len(data["budgets"])]
+    rows = []
     for depth in depths:
         m = data["models"][depth]
-        cells = [f"{fid(r)} (k={r['best_iters']}{'+R' if r['best_reuse'] else ''}, {r['num_steps']} steps)"
-                 for r in m["rows"]]
         train = m.get("train", {})
-        loss = f"{train['final_loss']:.4f}" if "final_loss" in train else "-"
-        lines.append(f"| {depth} | {m['num_params']:,} | {train.get('steps', '-')} | {m['units_per_step']:g} | "
-                     f"{m.get('total_units', math.nan):,.0f} | {loss} | " + " | ".join(cells) + " |")
+        rows.append([depth, f"{m['num_params']:,}", str(train.get("steps", "-")), f"{m['units_per_step']:g}",
+                     f"{m.get('total_units', math.nan):,.0f}",
+                     f"{train['final_loss']:.4f}" if "final_loss" in train else "-",
+                     *(f"{fid(r)} ({search_key(r['best_iters'], r['best_reuse'])}, {r['num_steps']} steps)"
+                       for r in m["rows"])])
+    lines = table(["pre = post", "params", "training steps", "units/step", "total units", "final loss",
+                   *(f"FID @ {b}" for b in data["budgets"])], rows)
     lines.append("\nBest pre = post per budget: " + ", ".join(
         f"{b}: {d}" for b, d in data["best_pre_post_per_budget"].items()))
     lines.append(f"\nSearch (seed {data['search_seed']}, {data['search_samples']} samples each):")
-    lines.append("\n| pre = post | budget | " + " | ".join(
-        f"k={k}{'+R' if r else ''}" for k in data["candidate_iters"] for r in (False, True)) + " |")
-    lines.append("|---|---|" + "---|" * (2 * len(data["candidate_iters"])))
-    for depth in depths:
-        for r in data["models"][depth]["rows"]:
-            by_key = {(s["iters"], s["reuse"]): s["search_fid"] for s in r["search"]}
-            cells = [f"{by_key[(k, reuse)]:.1f}" if (k, reuse) in by_key else "-"
-                     for k in data["candidate_iters"] for reuse in (False, True)]
-            lines.append(f"| {depth} | {r['budget']} | " + " | ".join(cells) + " |")
+    keys = [(k, reuse) for k in data["candidate_iters"] for reuse in (False, True)]
+    searched = table(["pre = post", "budget", *(search_key(*key) for key in keys)],
+                     [[depth, str(r["budget"]), *search_cells(r["search"], keys)]
+                      for depth in depths for r in data["models"][depth]["rows"]])
+    lines += ["\n" + searched[0], *searched[1:]]
     for depth in depths:
         if "source" not in data["models"][depth].get("train", {"source": None}):
             lines.append(f"\npre = post = {depth} command: `{data['models'][depth]['train']['command']}`")
