@@ -1,7 +1,7 @@
 """Shared helpers for the miniature reproductions in experiments/.
 
 Everything here is a thin layer over the library: training is `train.main([...])` with explicit flags, compute
-plans come from `sampling.prepare_sampling` / `allocation`, trajectories from `sampling.sample_images`, and
+plans come from `sampling.prepare_sampling` / `allocation`, trajectories from `sampling.generate`, and
 digits-FID / classifier accuracy from `classifier` (on fid.py's Frechet distance). No sampling, allocation or FID
 logic is re-implemented here.
 
@@ -204,15 +204,10 @@ def draw_samples(model: torch.nn.Module, model_config: ModelConfig, config: Samp
     indices = list(range(num_samples))
     base_seed = seed * SEED_STRIDE
     labels = sampling.image_labels(indices, base_seed, model_config.num_classes, label_mode="random")
-    images, trajectories, counts = [], [], []
-    for batch, pixels in sampling.sample_images(model, model_config, config, plan, indices, labels, seed=base_seed,
-                                                batch_size=batch_size):
-        images.append(pixels)
-        trajectories.append(batch.stats)
-        counts.append(len(batch.indices))
-    stats = summarize_stats(plan, trajectories, counts)
-    return {"images": np.concatenate(images), "labels": None if labels is None else labels.numpy(), "plan": plan,
-            "stats": stats, "trajectories": trajectories, "notes": notes}
+    drawn = sampling.generate(model, model_config, config, plan, indices, labels, seed=base_seed, batch_size=batch_size)
+    stats = summarize_stats(plan, drawn.trajectories, drawn.counts)
+    return {"images": drawn.images, "labels": None if labels is None else labels.numpy(), "plan": plan,
+            "stats": stats, "trajectories": drawn.trajectories, "notes": notes}
 
 
 #################################################################################

@@ -214,13 +214,16 @@ def test_image_i_is_the_same_whatever_the_batch_size(fpdm, ddim):
     labels = sampling.image_labels(range(7), 5, 10, label_mode="random")
     results = {}
     for batch_size in (3, 5):
-        chunks = list(sampling.sample_images(fpdm, TINY_FPDM, config, plan, list(range(7)), labels, seed=5,
-                                             batch_size=batch_size))
-        results[batch_size] = (torch.cat([b.samples for b, _ in chunks]), np.concatenate([p for _, p in chunks]))
+        samples = []
+        drawn = sampling.generate(fpdm, TINY_FPDM, config, plan, list(range(7)), labels, seed=5,
+                                  batch_size=batch_size, on_batch=lambda batch, _: samples.append(batch.samples))
+        results[batch_size] = (torch.cat(samples), drawn.images)
     torch.testing.assert_close(results[3][0], results[5][0], rtol=0, atol=1e-5)
     assert np.abs(results[3][1].astype(int) - results[5][1].astype(int)).max() <= 1
     assert not torch.allclose(results[3][0][0], results[3][0][1])  # images differ from each other
-    other_seed = list(sampling.sample_images(fpdm, TINY_FPDM, config, plan, [0], labels[:1], seed=6, batch_size=1))
+    other_seed = []
+    sampling.generate(fpdm, TINY_FPDM, config, plan, [0], labels[:1], seed=6, batch_size=1,
+                      on_batch=lambda batch, pixels: other_seed.append((batch, pixels)))
     assert not torch.allclose(other_seed[0][0].samples[0], results[3][0][0])
 
 
@@ -314,13 +317,15 @@ def test_original_readme_commands_run(fpdm_ckpt, tmp_path, monkeypatch):
     first = sample.main(["--ckpt", str(fpdm_ckpt), "--fixed_point", "True", "--fixed_point_pre_depth", "1",
                          "--fixed_point_post_depth", "1", "--cfg_scale", "4.0", "--num_sampling_steps", "20"])
     assert first["stats"]["blocks_per_image_max"] == 20 * (1 + 6 + 1)  # default: DiT-Ti/4 depth 8 - pre - post = 6
+    (tmp_path / "second").mkdir()
+    monkeypatch.chdir(tmp_path / "second")  # another setup never shares a folder with the first
     second = sample.main(["--ckpt", str(fpdm_ckpt), "--fixed_point", "True", "--fixed_point_pre_depth", "1",
                           "--fixed_point_post_depth", "1", "--cfg_scale", "4.0", "--fixed_point_iters", "12",
                           "--num_sampling_steps", "40", "--fixed_point_reuse_solution", "True"])
     assert second["stats"]["blocks_per_image_max"] == 40 * 14
-    written = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    written = sorted(p.name for p in (tmp_path / "second" / "samples").iterdir())
     assert written[:16] == [f"{i:06d}.png" for i in range(16)] and "grid.png" in written
-    setup = json.loads((tmp_path / "samples" / "setup.json").read_text())
+    setup = json.loads((tmp_path / "second" / "samples" / "setup.json").read_text())
     assert setup["setup"]["plan"]["blocks_per_image"] == 560 and setup["stats"]["within_budget"]
 
 
@@ -355,8 +360,10 @@ def test_latent_models_decode_with_the_vae_and_train_grid(fpdm, tmp_path):
     model = build(latent)
     config = SampleConfig(cfg_scale=1.0)
     plan = fixed_plan(steps=2, iters=1)
-    (batch, pixels), = sampling.sample_images(model, latent, config, plan, [0, 1], torch.tensor([3, 4]), seed=0,
-                                             batch_size=2, vae=FakeVAE())
+    drawn = []
+    sampling.generate(model, latent, config, plan, [0, 1], torch.tensor([3, 4]), seed=0, batch_size=2,
+                      vae=FakeVAE(), on_batch=lambda batch, pixels: drawn.append((batch, pixels)))
+    (batch, pixels), = drawn
     assert batch.samples.shape == (2, 4, 4, 4) and pixels.shape == (2, 32, 32, 3) and pixels.dtype == np.uint8
     grid = sampling.sample_grid_png(fpdm, TINY_FPDM, tmp_path / "grid.png", num_images=4, num_sampling_steps=3)
     from PIL import Image
@@ -398,8 +405,7 @@ def test_sample_ddp_two_processes_packs_and_resumes(fpdm, fpdm_ckpt, tmp_path):
     plan = fixed_plan(steps=3, iters=2)
     labels = sampling.image_labels(range(5), 3, 10, label_mode="random")
     assert first["arr_1"].tolist() == labels.tolist()
-    local = np.concatenate([p for _, p in sampling.sample_images(fpdm, TINY_FPDM, config, plan, list(range(5)),
-                                                                 labels, seed=3, batch_size=5)])
+    local = sampling.generate(fpdm, TINY_FPDM, config, plan, list(range(5)), labels, seed=3, batch_size=5).images
     assert np.abs(local.astype(int) - first["arr_0"][..., :1].astype(int)).max() <= 1
 
     # Resume: existing PNGs are kept, only the new indices are drawn.
