@@ -308,7 +308,7 @@ def budget_for_macs(model_config: Any, sample_config: Any, max_macs: float, cfg:
     derives it; since adding a step can lower the cost, every S is tried and the largest B kept.
     """
     flag = f"--budget_gmacs {max_macs / 1e9:g}"
-    steps, iters = sample_config.num_sampling_steps, sample_config.fixed_point_iters
+    steps, num_iters = sample_config.num_sampling_steps, sample_config.fixed_point_iters
     base = macs_per_step(model_config, 0, cfg)                  # a: a step without iterations (DiT: a whole step)
     if not model_config.fixed_point:
         steps = min(int(max_macs // base), model_config.diffusion_steps) if steps is None else steps
@@ -319,15 +319,15 @@ def budget_for_macs(model_config: Any, sample_config: Any, max_macs: float, cfg:
     per_iter = macs_per_step(model_config, 1, cfg) - base       # d
     fixed = model_config.fixed_point_pre_depth + model_config.fixed_point_post_depth
     if steps is not None:
-        if iters is not None and sample_config.iteration_schedule != "adaptive":
+        if num_iters is not None and sample_config.iteration_schedule != "adaptive":
             raise UserError(f"{flag} with both --num_sampling_steps and --fixed_point_iters: give at most two of them")
         budget = steps * fixed + int((max_macs - steps * base) // per_iter)
         if budget < steps * (fixed + 1):
             raise UserError(f"{flag} cannot pay for --num_sampling_steps {steps}: each step costs at least "
                             f"{(base + per_iter) / 1e9:g} GMACs per image")
         return budget
-    k = default_sampling_iters(model_config) if iters is None else iters
-    step_blocks, step_macs = fixed + k, base + k * per_iter
+    num_iters = default_sampling_iters(model_config) if num_iters is None else num_iters
+    step_blocks, step_macs = fixed + num_iters, base + num_iters * per_iter
     budget = 0
     for s in range(1, model_config.diffusion_steps + 1):
         if s * step_macs > max_macs:
@@ -335,5 +335,6 @@ def budget_for_macs(model_config: Any, sample_config: Any, max_macs: float, cfg:
         extra = min(step_blocks - 1, int((max_macs - s * step_macs) // per_iter))  # leftover blocks: iterations
         budget = max(budget, s * step_blocks + extra)
     if budget == 0:
-        raise UserError(f"{flag} cannot pay for one step of {k} iterations ({step_macs / 1e9:g} GMACs per image)")
+        raise UserError(f"{flag} cannot pay for one step of {num_iters} iterations ({step_macs / 1e9:g} GMACs per "
+                        "image)")
     return budget

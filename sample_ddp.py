@@ -144,8 +144,7 @@ def finish(sample_dir: Path, model_config: Any, config: SampleDDPConfig, plan: A
     all_trajectories = [s for part in everything for s in part[0]]
     all_counts = [c for part in everything for c in part[1]]
     seconds = max(part[2] for part in everything)
-    stats = sampling.Generated(None, None, all_trajectories, all_counts, seconds).summary(plan, model_config, config)
-    stats.pop("seconds")
+    stats = sampling.summarize(plan, model_config, config, all_trajectories, all_counts)
     npz = pack_npz(sample_dir, config.num_samples, labels)
     record = read_setup(sample_dir) or {"setup": setup, "runs": []}
     record["runs"].append({"num_fid_samples": config.num_samples, "generated_now": sum(all_counts),

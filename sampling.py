@@ -362,8 +362,8 @@ def sample_batch(model: Any, model_config: ModelConfig, plan: IterationPlan, con
         diffusion = make_sampling_diffusion(model_config, plan.num_steps, config.timestep_spacing)
     if diffusion.num_timesteps != plan.num_steps:
         raise ValueError(f"the diffusion has {diffusion.num_timesteps} steps but the plan {plan.num_steps}")
-    random = ImageRandom(seed, indices, model_config.num_classes)
-    labels = random.labels() if labels is None else labels
+    rng = ImageRandom(seed, indices, model_config.num_classes)
+    labels = rng.labels() if labels is None else labels
     if model_config.num_classes > 0 and labels.shape != (len(indices),):
         raise ValueError(f"a class-conditional model needs one label per image ({len(indices)})")
     precision = effective_precision(config.precision, device)
@@ -381,7 +381,7 @@ def sample_batch(model: Any, model_config: ModelConfig, plan: IterationPlan, con
             solver_kwargs["solver_options"] = {"memory": config.anderson_memory}
 
     shape = (model_config.in_channels, model_config.input_size, model_config.input_size)
-    x = random.normal(shape, device)                     # (N, C, H, W): x_T
+    x = rng.normal(shape, device)                        # (N, C, H, W): x_T
     stats = TrajectoryStats()
     previous_solution: Optional[Tensor] = None           # (N or 2N, T, D): reset for every batch
     with matmul_precision(precision, device):
@@ -393,20 +393,19 @@ def sample_batch(model: Any, model_config: ModelConfig, plan: IterationPlan, con
             if model_config.fixed_point:
                 model_kwargs.update(solver_kwargs, num_iters=num_iters, init=previous_solution if reuse else None,
                                     tol=plan.fixed_point_tol if plan.adaptive else None)
-            noise = random.normal(shape, device)         # (N, C, H, W): this step's noise, per image
+            noise = rng.normal(shape, device)            # (N, C, H, W): this step's noise, per image
             if config.ddim:
                 out = diffusion.ddim_sample(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
                                             eta=config.ddim_eta, noise=noise)
             else:
                 out = diffusion.p_sample(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
                                          noise=noise)
-            state = out["model_extra"]
-            iters = state.num_iters
+            state = out["model_extra"]                   # FixedPointStats: what the step actually ran
             stats.timesteps.append(int(diffusion.timestep_map[index]))
             stats.iteration_caps.append(num_iters)
-            stats.iters_per_step.append(iters)
+            stats.iters_per_step.append(state.num_iters)
             stats.blocks_per_step.append(state.blocks)
-            stats.macs_per_step.append(cost.macs_per_step(model_config, iters, cfg=guided))
+            stats.macs_per_step.append(cost.macs_per_step(model_config, state.num_iters, cfg=guided))
             stats.residuals_per_step.append([float(r) for r in state.residuals])
             stats.reused_solution.append(bool(reuse))
             if model_config.fixed_point and config.fixed_point_reuse_solution:
@@ -431,15 +430,20 @@ class Generated:
     seconds: float                       # wall-clock of the whole loop
 
     def summary(self, plan: IterationPlan, model_config: ModelConfig, config: SampleConfig) -> dict[str, Any]:
-        """records.summarize_stats plus GMACs per image (spent, and planned) and the seconds."""
-        stats = summarize_stats(plan, self.trajectories, self.counts)
-        if self.trajectories:
-            total = sum(s.macs_per_image * c for s, c in zip(self.trajectories, self.counts))
-            stats["gmacs_per_image"] = total / sum(self.counts) / 1e9
-            stats["gmacs_per_image_max"] = max(s.macs_per_image for s in self.trajectories) / 1e9
-        stats["planned_gmacs_per_image"] = planned_macs(model_config, plan, config.cfg_scale != 1.0) / 1e9
-        stats["seconds"] = self.seconds
-        return stats
+        """summarize() of these trajectories, plus the seconds."""
+        return {**summarize(plan, model_config, config, self.trajectories, self.counts), "seconds": self.seconds}
+
+
+def summarize(plan: IterationPlan, model_config: ModelConfig, config: SampleConfig,
+              trajectories: Sequence[TrajectoryStats], counts: Sequence[int]) -> dict[str, Any]:
+    """records.summarize_stats (blocks spent against the plan) plus GMACs per image, spent and planned."""
+    stats = summarize_stats(plan, trajectories, counts)
+    if trajectories:
+        total = sum(s.macs_per_image * c for s, c in zip(trajectories, counts))
+        stats["gmacs_per_image"] = total / sum(counts) / 1e9
+        stats["gmacs_per_image_max"] = max(s.macs_per_image for s in trajectories) / 1e9
+    stats["planned_gmacs_per_image"] = planned_macs(model_config, plan, config.cfg_scale != 1.0) / 1e9
+    return stats
 
 
 def batches(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
