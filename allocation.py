@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from config import DEFAULT_FIXED_POINT_TOL, DEFAULT_SAMPLING_STEPS, UserError
-from cost import blocks_per_step, default_sampling_iters, fpdm_step_blocks
+from cost import blocks_per_step, default_sampling_iters, fpdm_step_blocks, macs_per_step
 
 SCHEDULES = ("fixed", "increasing", "decreasing", "adaptive")
 
@@ -289,3 +289,52 @@ def plan_for_model(model_config: Any, sample_config: Any) -> IterationPlan:
                            default_iters=default_sampling_iters(model_config),
                            fixed_point_tol=DEFAULT_FIXED_POINT_TOL if sample_config.fixed_point_tol is None
                            else sample_config.fixed_point_tol, **common)
+
+
+#################################################################################
+#                                  MAC budgets                                  #
+#################################################################################
+
+def planned_macs(model_config: Any, plan: IterationPlan, cfg: bool = False) -> int:
+    """MACs per image of a plan (adaptive: its per-step caps, the most it can spend); cfg doubles the rows."""
+    return sum(macs_per_step(model_config, k, cfg) for k in plan.iters_per_step)
+
+
+def budget_for_macs(model_config: Any, sample_config: Any, max_macs: float, cfg: bool = False) -> int:
+    """The largest --budget (block passes per image) whose plan costs at most `max_macs` MACs per image.
+
+    cost.macs_per_step is affine in the iterations, a + k d, so S steps with I iterations in all cost S a + I d, and
+    a budget B buys I = B - S (pre + post). S is --num_sampling_steps, or B // (pre + k + post) as plan_for_model
+    derives it; since adding a step can lower the cost, every S is tried and the largest B kept.
+    """
+    flag = f"--budget_gmacs {max_macs / 1e9:g}"
+    steps, num_iters = sample_config.num_sampling_steps, sample_config.fixed_point_iters
+    base = macs_per_step(model_config, 0, cfg)                  # a: a step without iterations (DiT: a whole step)
+    if not model_config.fixed_point:
+        steps = min(int(max_macs // base), model_config.diffusion_steps) if steps is None else steps
+        if steps < 1 or steps * base > max_macs:
+            raise UserError(f"{flag}: a DiT step costs {base / 1e9:g} GMACs per image"
+                            f"{' (x2 with guidance)' if cfg else ''}; {max(steps, 1)} steps do not fit")
+        return steps * blocks_per_step(model_config, 0)
+    per_iter = macs_per_step(model_config, 1, cfg) - base       # d
+    fixed = model_config.fixed_point_pre_depth + model_config.fixed_point_post_depth
+    if steps is not None:
+        if num_iters is not None and sample_config.iteration_schedule != "adaptive":
+            raise UserError(f"{flag} with both --num_sampling_steps and --fixed_point_iters: give at most two of them")
+        budget = steps * fixed + int((max_macs - steps * base) // per_iter)
+        if budget < steps * (fixed + 1):
+            raise UserError(f"{flag} cannot pay for --num_sampling_steps {steps}: each step costs at least "
+                            f"{(base + per_iter) / 1e9:g} GMACs per image")
+        return budget
+    num_iters = default_sampling_iters(model_config) if num_iters is None else num_iters
+    step_blocks, step_macs = fixed + num_iters, base + num_iters * per_iter
+    budget = 0
+    for s in range(1, model_config.diffusion_steps + 1):
+        if s * step_macs > max_macs:
+            break
+        extra = min(step_blocks - 1, int((max_macs - s * step_macs) // per_iter))  # leftover blocks: iterations
+        budget = max(budget, s * step_blocks + extra)
+    if budget == 0:
+        raise UserError(f"{flag} cannot pay for one step of {num_iters} iterations ({step_macs / 1e9:g} GMACs per "
+                        "image)")
+    return budget

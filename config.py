@@ -19,6 +19,7 @@ TRACKERS = ("none", "wandb", "tensorboard")
 DEFAULT_SAMPLING_STEPS = 250     # DiT's default number of denoising steps
 DEFAULT_CFG_SCALE = 4.0          # guidance of the paper's qualitative figures (class-conditional models)
 DEFAULT_FIXED_POINT_TOL = 1e-3   # relative residual at which --iteration_schedule adaptive stops a timestep
+LATENT_IMAGE_MULTIPLE = 16       # extract_features.py: 8x VAE downsampling x patch size 2 (even latents, >= 2x2)
 
 
 class UserError(ValueError):
@@ -163,13 +164,18 @@ class SampleConfig:
     num_samples: int = _flag(16, "Number of images to draw.")
     class_labels: str = _flag("", "Comma-separated class labels, cycled over images ('': image i gets class i mod "
                                   "num_classes with sample.py, a random class with sample_ddp.py).")
-    output_dir: str = _flag("samples", "Folder for the PNGs and the record.")
+    output_dir: str = _flag("samples", "Folder for the PNGs and setup.json. A folder holding another setup's run (or "
+                                       "PNGs without a setup.json) is refused: pass a new folder; rerunning the "
+                                       "same setup overwrites its own files.")
     batch_size: int = _flag(32, "Images per forward batch (on each process).")
     fixed_point_iters: Optional[int] = _flag(None, "Fixed-point iterations per timestep. None: the model's default "
                                                    "(derived from --budget and the steps when both are given).")
     fixed_point_reuse_solution: bool = _flag(False, "Start each timestep's iteration from the previous solution (Sec. 3.3).")
     budget: Optional[int] = _flag(None, "Total transformer-block forward passes per image. None: derived from the "
                                         "steps and iterations.")
+    budget_gmacs: Optional[float] = _flag(None, "Compute budget in GMACs per image (guidance's doubled batch "
+                                                "included): becomes the largest --budget whose plan fits (cost.py's "
+                                                "analytic MACs). None: no MAC budget.")
     iteration_schedule: str = _flag("fixed", "Iterations across timesteps.",
                                     choices=["fixed", "increasing", "decreasing", "adaptive"])
     fixed_point_tol: Optional[float] = _flag(None, "adaptive schedule: stop a timestep when the relative residual is "
@@ -178,6 +184,10 @@ class SampleConfig:
     anderson_memory: int = _flag(5, "Anderson acceleration: number of past iterates mixed.")
     diagnostics: str = _flag("", "Write per-timestep residuals (the paper's delta_t, Fig. 6) to this JSON file.")
     device: str = _flag("auto", "auto, cpu, cuda or cuda:N.")
+    precision: str = _flag("auto", "Network arithmetic: fp32, tf32 (CUDA matmuls in TF32) or bf16 (autocast around the "
+                                   "network call only; the fixed-point iterate and the diffusion step stay fp32). auto: "
+                                   "tf32 on CUDA, fp32 on the CPU. The resolved value is recorded in setup.json.",
+                           choices=["auto", "fp32", "tf32", "bf16"])
 
     def validate(self) -> "SampleConfig":
         """Refuse bad values of single flags (checks against the checkpoint live in sampling.py); returns self."""
@@ -193,6 +203,8 @@ class SampleConfig:
         _check(self.ddim_eta >= 0, "ddim_eta", "must be >= 0", self.ddim_eta)
         _check(self.fixed_point_tol is None or self.fixed_point_tol > 0, "fixed_point_tol", "must be > 0",
                self.fixed_point_tol)
+        _check(self.budget_gmacs is None or (math.isfinite(self.budget_gmacs) and self.budget_gmacs > 0),
+               "budget_gmacs", "must be a positive number", self.budget_gmacs)
         return self
 
 
@@ -209,8 +221,8 @@ class SampleDDPConfig(SampleConfig):
     output_dir: str = _flag("samples", "Folder holding the run's PNGs, setup.json and the packed .npz.",
                             aliases=["--sample_dir"])
     batch_size: int = _flag(32, "Images per forward batch on each process.", aliases=["--per_proc_batch_size"])
-    tf32: Optional[bool] = _flag(None, "Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less exact). "
-                                       "None: PyTorch's own setting.")
+    tf32: Optional[bool] = _flag(None, "DiT's flag: True is --precision tf32, False --precision fp32. None: "
+                                       "--precision decides.")
 
 
 @dataclass
@@ -228,8 +240,10 @@ class EvaluateConfig:
                            choices=["all", "train", "test"])
     inception: Optional[str] = _flag(None, "TorchScript FID Inception file (inception-2015-12-05.pt); never downloaded (None: "
                                     "digits features).")
-    classifier: Optional[str] = _flag(None, "safetensors cache of the digits classifier (trained and written if absent; None: "
-                                     "trained, not cached).")
+    classifier: Optional[str] = _flag(None, "safetensors file of the digits classifier; a missing file is an error "
+                                            "unless --train_classifier True (None: trained now, not cached).")
+    train_classifier: bool = _flag(False, "Train the digits classifier and write it to --classifier when that file "
+                                          "does not exist.")
     classifier_seed: int = _flag(0, "Seed of the digits classifier's training.")
     setup: Optional[str] = _flag(None, "JSON file with the sampling setup (None: setup.json beside --samples, as sample_ddp.py "
                            "writes it).")
@@ -253,7 +267,8 @@ class ExtractConfig:
     features_path: str = _flag("", "Output folder (pass it to train.py as --feature_path).", required=True,
                                aliases=["--feature_path"])
     vae: str = _flag("ema", "AutoencoderKL: local folder or hub name (ema, mse shortcuts).")
-    image_size: int = _flag(256, "Centre-crop size in pixels.")
+    image_size: int = _flag(256, "Centre-crop size in pixels: a positive multiple of 16 (the VAE downsamples 8x and "
+                                 "patch-2 models need an even latent size, at least 2x2).")
     batch_size: int = _flag(32, "Images per encoder batch.")
     flip: bool = _flag(False, "Also store latents of the horizontally mirrored images (served as extra items).")
     chunk_size: int = _flag(256, "Images per chunk file.")
@@ -267,6 +282,9 @@ class ExtractConfig:
         _check_choices(self)
         for name in ("image_size", "batch_size", "chunk_size"):
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.image_size % LATENT_IMAGE_MULTIPLE == 0, "image_size",
+               f"must be a multiple of {LATENT_IMAGE_MULTIPLE} (the VAE's 8x downsampling times a patch size of 2)",
+               self.image_size)
         _check(self.num_workers >= 0, "num_workers", "must be >= 0", self.num_workers)
         return self
 

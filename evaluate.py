@@ -2,7 +2,7 @@
 Evaluate a sample archive from sample_ddp.py: FID (digits-FID or Inception FID) and classifier accuracy.
 
 Examples:
-    # digits-FID against all 1797 real digits, classifier trained now (seed 0) or read from a cache
+    # digits-FID against all 1797 real digits with the shipped classifier (8x8 samples of a digits model)
     python evaluate.py --samples samples/fpdm-digits.npz --classifier results/digits_classifier.safetensors \\
         --setup samples/fpdm-digits.json --out results/eval.jsonl
     # Inception FID with the TorchScript FID Inception and an ADM reference batch (statistics are read from it)
@@ -28,6 +28,8 @@ from config import EvaluateConfig, UserError, build_config, parse_flags
 from data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, load_digits_uint8
 from images import load_sample_npz
 from records import SETUP_FILE, append_eval_record, read_json
+
+DIGITS_IMAGE_SIZE = (8, 8)  # the digits classifier's input (sklearn digits); other sizes are refused, not resized
 
 
 #################################################################################
@@ -67,6 +69,11 @@ def resolve_options(options: EvaluateConfig) -> EvaluateConfig:
             and not os.path.exists(options.ref_stats)):
         raise FileNotFoundError(f"--ref_stats: reference statistics file not found: {options.ref_stats} (pass "
                                 "--ref_npz or --dataset too to compute and cache it)")
+    if (options.features == "digits" and options.classifier is not None and not os.path.exists(options.classifier)
+            and not options.train_classifier):
+        raise UserError(f"--classifier {options.classifier}: file not found; pass the digits classifier's safetensors "
+                        "file (e.g. experiments/results/digits_classifier.safetensors), or --train_classifier True to "
+                        "train one and write it there")
     beside = os.path.join(os.path.dirname(os.path.abspath(options.samples)), SETUP_FILE)
     if options.setup is None and os.path.isfile(beside):
         options = replace(options, setup=beside)             # sample_ddp.py's record
@@ -82,8 +89,13 @@ def load_sampling_setup(path: str, flag: str = "--setup") -> dict[str, Any]:
 
 
 def digits_extractor(options: EvaluateConfig) -> FeatureExtractor:
-    """The digits classifier's 64-d features (loaded from --classifier, or trained now and cached there)."""
-    model, test_accuracy = classifier.load_or_train_digits_classifier(options.classifier, seed=options.classifier_seed)
+    """The digits classifier's 64-d features (loaded from --classifier; trained now when it is None, or absent with
+    --train_classifier True, and then written there)."""
+    try:
+        model, test_accuracy = classifier.load_or_train_digits_classifier(options.classifier,
+                                                                          seed=options.classifier_seed)
+    except ValueError as error:  # an unreadable or mismatching classifier file
+        raise UserError(str(error)) from None
     name = classifier.digits_feature_extractor_id(model)
     setup = {"name": name, "feature_dim": classifier.DIGITS_FEATURE_DIM, "classifier_path": options.classifier,
              "classifier_seed": options.classifier_seed, "classifier_test_accuracy": test_accuracy,
@@ -121,8 +133,14 @@ def reference_stats(options: EvaluateConfig, extractor: FeatureExtractor,
         return fid.FeatureStats.from_features(extractor.extract(real_images), feature_extractor=extractor.name,
                                               source=source)
 
-    reference = fid.load_or_compute_reference_stats(options.ref_stats, compute, feature_extractor=extractor.name,
-                                                    source=source)
+    try:
+        reference = fid.load_or_compute_reference_stats(options.ref_stats, compute, feature_extractor=extractor.name,
+                                                        source=source)
+    except ValueError as error:  # an unreadable or mismatching statistics file
+        raise UserError(str(error)) from None
+    if not (np.isfinite(reference.mu).all() and np.isfinite(reference.sigma).all()):
+        where = options.ref_stats or options.ref_npz or f"--dataset {options.dataset}"
+        raise UserError(f"the reference statistics of {where} are not finite (NaN or inf); nothing was recorded")
     if not reference.feature_extractor:
         fid.record_warning(f"reference statistics {options.ref_stats} do not say which feature extractor made them; "
                            "the FID is only meaningful if it is the same network as --features/--inception",
@@ -138,18 +156,28 @@ def evaluate_samples(options: EvaluateConfig) -> dict[str, Any]:
     """Evaluate an ADM-format sample archive; returns (and appends to options.out) {metrics, setup, warnings}."""
     options = resolve_options(options)
     sampling = load_sampling_setup(options.setup) if options.setup is not None else None  # fail before compute
-    images, labels = load_sample_npz(options.samples)
+    try:
+        images, labels = load_sample_npz(options.samples)
+    except ValueError as error:  # not an ADM-format archive
+        raise UserError(str(error)) from None
     if options.features == "digits" and labels is not None and (labels.min() < 0 or labels.max() > 9):
         raise UserError(f"--samples: {options.samples}: labels (arr_1) must be digits 0..9 for classifier accuracy; "
                          f"got range {labels.min()}..{labels.max()}")
+    if options.features == "digits" and images.shape[1:3] != DIGITS_IMAGE_SIZE:
+        raise UserError(f"--samples {options.samples}: the digits classifier takes {DIGITS_IMAGE_SIZE[0]}x"
+                        f"{DIGITS_IMAGE_SIZE[1]} images; got {images.shape[1]}x{images.shape[2]} (not resized: pass "
+                        "samples of a digits model, or --features inception)")
     record_warnings: list[str] = []
     message = fid.sample_count_warning(images.shape[0])
     if message:
         record_warnings.append(message)
 
     extractor = digits_extractor(options) if options.features == "digits" else inception_extractor(options)
-    reference, reference_setup = reference_stats(options, extractor, record_warnings)
     sample_features = extractor.extract(images)                           # (N, D)
+    if not np.isfinite(sample_features).all():
+        raise UserError(f"--samples {options.samples}: the {extractor.name} features of these samples are not finite "
+                        "(NaN or inf); nothing was recorded")
+    reference, reference_setup = reference_stats(options, extractor, record_warnings)
     if sample_features.shape[0] <= sample_features.shape[1]:
         fid.record_warning(f"{sample_features.shape[0]} samples for {sample_features.shape[1]}-d features: the "
                            "sample covariance is rank-deficient", record_warnings)

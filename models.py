@@ -486,8 +486,10 @@ class FPDM(DiT):
 
         def f(z: Tensor) -> Tensor:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                return checkpoint(self.fixed_point_map, z, injection, c, use_reentrant=False)
-            return self.fixed_point_map(z, injection, c)
+                fz = checkpoint(self.fixed_point_map, z, injection, c, use_reentrant=False)
+            else:
+                fz = self.fixed_point_map(z, injection, c)
+            return fz.to(z.dtype)  # the iterate keeps z0's dtype: fp32 under bf16 autocast (residuals, reuse)
 
         with torch.no_grad():
             z, no_grad_stats = solve(f, z0.detach(), num_no_grad_iters, tol, **options)  # (N, T, D), stores nothing

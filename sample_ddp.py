@@ -16,11 +16,10 @@ The default --cfg_scale is 4.0 for class-conditional models (the guidance of the
 is commonly reported both without guidance (--cfg_scale 1) and with a low scale (DiT: 1.5): pass the one you mean.
 The official DiT spellings (--num-fid-samples, --per-proc-batch-size, --sample-dir, --global-seed, --cfg-scale,
 --num-sampling-steps, --tf32) are accepted; they set the same fields as sample.py's --num_samples, --batch_size,
---output_dir and --seed (config.SampleDDPConfig).
+--output_dir, --seed and --precision (--tf32 True is --precision tf32; config.SampleDDPConfig).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,8 +31,7 @@ import distributed
 import sampling
 from config import SampleDDPConfig, UserError, config_diff
 from images import load_png_rgb, save_png, save_sample_npz
-from records import (SETUP_FILE, describe_plan, read_json, sampling_setup, summarize_stats, to_jsonable,
-                     write_diagnostics, write_json)
+from records import SETUP_FILE, describe_plan, read_json, sampling_setup, to_jsonable, write_diagnostics, write_json
 from sample import parse_args
 from vae import load_vae_for
 
@@ -59,7 +57,7 @@ def pack_npz(sample_dir: Path, num_samples: int, labels: Any) -> Path:
     """Pack images 0..N-1 into an ADM-evaluator .npz (arr_0 uint8 NHWC RGB; arr_1 labels when conditional)."""
     missing = [i for i in range(num_samples) if not image_path(sample_dir, i).is_file()]
     if missing:
-        raise RuntimeError(f"--sample_dir {sample_dir}: {len(missing)} images missing (first {missing[:5]}); rerun")
+        raise UserError(f"--sample_dir {sample_dir}: {len(missing)} images missing (first {missing[:5]}); rerun")
     first = load_png_rgb(image_path(sample_dir, 0))
     pixels = np.empty((num_samples, *first.shape), dtype=np.uint8)  # (N, H, W, 3)
     for i in range(num_samples):
@@ -83,12 +81,11 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         device = state.device                                 # cuda:LOCAL_RANK, already made current
     else:
         device = sampling.resolve_device(config.device)
-    if config.tf32 is not None and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
 
     # Everything that can fail does so before anything is written (identically on every rank).
     model, model_config, ckpt = sampling.load_sampling_model(config.ckpt, device, config.use_ema, model_flags)
-    config, plan, notes = sampling.prepare_sampling(model_config, config, model=model)
+    sampling.check_finite_weights(model, ckpt)
+    config, plan, notes = sampling.prepare_sampling(model_config, config, model=model, device=device)
     class_labels = sampling.parse_class_labels(config.class_labels, model_config.num_classes)
     vae = load_vae_for(model_config, config.vae, device)
     sample_dir = Path(config.output_dir)
@@ -96,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         ckpt=ckpt, model_config=model_config, config=config, plan=plan, notes=notes, exclude=NOT_IN_SETUP,
         label_mode="random" if not class_labels else "given", vae=config.vae if model_config.latent else None)
     recorded = read_setup(sample_dir)
+    if recorded is None and any((sample_dir / "images").glob("*.png")):
+        raise UserError(f"--sample_dir {sample_dir} holds PNGs in images/ but no {SETUP_FILE} saying how they were "
+                        "made; use a new --sample_dir")
     if recorded is not None and recorded.get("setup") != to_jsonable(setup):
         raise UserError(f"--sample_dir {sample_dir} holds samples from a different setup (recorded != now: "
                          f"{'; '.join(config_diff(recorded.get('setup', {}), to_jsonable(setup))[:8])}); "
@@ -109,47 +109,47 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
             write_json(sample_dir / SETUP_FILE, {"setup": setup, "runs": []})
     distributed.barrier()
 
-    todo = [i for i in rank_indices(config.num_samples, rank, world_size)
-            if not image_path(sample_dir, i).is_file()]
-    labels = sampling.image_labels(todo, config.seed, model_config.num_classes, class_labels,
-                                   label_mode="random")
-    start = time.time()
-    trajectories, counts = [], []
-    for batch, pixels in sampling.sample_images(model, model_config, config, plan, todo, labels,
-                                                seed=config.seed, batch_size=config.batch_size,
-                                                device=device, vae=vae):
+    def save(batch: sampling.SampleBatch, pixels: np.ndarray) -> None:
         for index, image in zip(batch.indices, pixels):
             save_png(image, image_path(sample_dir, index))
-        trajectories.append(batch.stats)
-        counts.append(len(batch.indices))
-    seconds = time.time() - start
+
+    todo = [i for i in rank_indices(config.num_samples, rank, world_size)
+            if not image_path(sample_dir, i).is_file()]
+    labels = sampling.image_labels(todo, config.seed, model_config.num_classes, class_labels, label_mode="random")
+    try:
+        generated = sampling.generate(model, model_config, config, plan, todo, labels, seed=config.seed,
+                                      batch_size=config.batch_size, device=device, vae=vae, on_batch=save,
+                                      keep_images=False)
+    except sampling.NonFiniteError as error:
+        raise UserError(f"--ckpt {str(ckpt)!r}: {error}; stopped before writing that batch") from None
     if not config.diagnostics:  # keep only delta_t: full residual curves of 50K images are not worth gathering
-        for stats in trajectories:
+        for stats in generated.trajectories:
             stats.residuals_per_step = [r[-1:] for r in stats.residuals_per_step]
 
-    everything = distributed.gather_object((trajectories, counts, seconds))
+    everything = distributed.gather_object((generated.trajectories, generated.counts, generated.seconds))
     distributed.barrier()
     npz = None
     if distributed.is_main():
         all_labels = sampling.image_labels(range(config.num_samples), config.seed,
                                            model_config.num_classes, class_labels, label_mode="random")
-        npz = finish(sample_dir, config, plan, setup, everything, all_labels, world_size, device)
+        npz = finish(sample_dir, model_config, config, plan, setup, everything, all_labels, world_size, device)
     distributed.shutdown()
     return npz
 
 
-def finish(sample_dir: Path, config: SampleDDPConfig, plan: Any, setup: dict[str, Any],
+def finish(sample_dir: Path, model_config: Any, config: SampleDDPConfig, plan: Any, setup: dict[str, Any],
            everything: list[tuple[list[Any], list[int], float]], labels: Any, world_size: int,
            device: torch.device) -> Path:
     """Rank 0: pack the .npz, add this run to setup.json, write diagnostics and report the blocks spent."""
     all_trajectories = [s for part in everything for s in part[0]]
     all_counts = [c for part in everything for c in part[1]]
-    stats = summarize_stats(plan, all_trajectories, all_counts)
+    seconds = max(part[2] for part in everything)
+    stats = sampling.summarize(plan, model_config, config, all_trajectories, all_counts)
     npz = pack_npz(sample_dir, config.num_samples, labels)
     record = read_setup(sample_dir) or {"setup": setup, "runs": []}
     record["runs"].append({"num_fid_samples": config.num_samples, "generated_now": sum(all_counts),
                            "world_size": world_size, "per_proc_batch_size": config.batch_size,
-                           "device": str(device), "seconds_max_rank": max(part[2] for part in everything),
+                           "device": str(device), "seconds_max_rank": seconds,
                            "stats": stats, "npz": str(npz)})
     write_json(sample_dir / SETUP_FILE, record)
     if config.diagnostics and all_trajectories:

@@ -1,19 +1,26 @@
 """The FPDM / DiT sampling pipeline shared by sample.py, sample_ddp.py, train.py's end-of-training grid and experiments.
 
-One denoising trajectory (``sample_batch``) runs diffusion's single-step ``p_sample`` / ``ddim_sample`` over the
-timesteps of an ``allocation.IterationPlan`` and, per step, tells the model how many fixed-point iterations to run
-(the plan, or the adaptive cap plus ``--fixed_point_tol``), which solver to use, and where to start: with solution
-reuse (Sec. 3.3) the previous step's fixed-point solution, carried per sample as a local variable of this function
-(never stored on the model). Under classifier-free guidance the diffusion runs on N rows and the model function
-duplicates them into the conditional and unconditional halves, so the carried solution has 2N rows and each half
-reuses its own.
+``generate`` is the one generation loop: it splits image indices into batches, runs one denoising trajectory per
+batch (``sample_batch``), decodes each batch to uint8 pixels and hands it to an optional ``on_batch`` callback (so
+sample_ddp.py writes files as it goes). ``sample_batch`` runs diffusion's single-step ``p_sample`` / ``ddim_sample``
+over the timesteps of an ``allocation.IterationPlan`` and, per step, tells the model how many fixed-point iterations
+to run (the plan, or the adaptive cap plus ``--fixed_point_tol``), which solver to use, and where to start: with
+solution reuse (Sec. 3.3) the previous step's fixed-point solution, carried per sample as a local variable (never
+stored on the model). Under classifier-free guidance ``denoise`` duplicates the N rows into the conditional and
+unconditional halves, so the carried solution has 2N rows and each half reuses its own.
 
-Randomness is per image: image i draws its class label (when not given), its initial noise and every step's noise
+Randomness is per image (``ImageRandom``): image i draws its class label, its initial noise and every step's noise
 from a generator seeded with ``seed + i``, in that order, so image i is the same whatever the batch size or the
 number of processes (except under the adaptive schedule, whose stopping rule looks at the whole batch).
+
+Precision (``--precision``): bf16 autocasts the network call only; the fixed-point iterate, its residuals and the
+diffusion arithmetic stay fp32. tf32 lets CUDA matmuls use TF32 for the duration of a batch.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -22,11 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from allocation import IterationPlan, plan_for_model
+from allocation import IterationPlan, budget_for_macs, plan_for_model, planned_macs
 from checkpoint import BUNDLED_CHECKPOINT, load_model_for_sampling
 from config import DEFAULT_CFG_SCALE, ModelConfig, SampleConfig, UserError, config_diff
+import cost
 from images import decode_to_uint8, make_grid, save_png
-from models import classifier_free_guidance
+from models import FixedPointStats, classifier_free_guidance
+from records import summarize_stats
 from solvers import get_solver
 
 TIMESTEP_SPACINGS = ("default", "trailing")
@@ -150,19 +159,91 @@ def validate_sample_config(model_config: ModelConfig, config: SampleConfig,
     return config, notes
 
 
+
+def check_finite_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
+    """Refuse a checkpoint whose weights hold NaN or inf: every sample would be non-finite."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise UserError(f"--ckpt {str(ckpt)!r}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); "
+                        "nothing was written. Use another checkpoint (e.g. an earlier one of the run)")
+
+
+#################################################################################
+#                                   Precision                                   #
+#################################################################################
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
+def effective_precision(precision: str, device: torch.device | str) -> str:
+    """--precision on `device`: auto is tf32 on CUDA and fp32 elsewhere; tf32 means fp32 off CUDA."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        return "tf32" if cuda else "fp32"
+    return "fp32" if precision == "tf32" and not cuda else precision
+
+
+def resolve_precision(config: SampleConfig, device: torch.device | str) -> tuple[SampleConfig, list[str]]:
+    """The config with its precision resolved for `device` (what is recorded), and notes.
+
+    sample_ddp.py's DiT flag --tf32 True/False is an alias of --precision tf32/fp32.
+    """
+    notes: list[str] = []
+    precision, tf32 = config.precision, getattr(config, "tf32", None)
+    if tf32 is not None:
+        alias = "tf32" if tf32 else "fp32"
+        if precision not in ("auto", alias):
+            raise UserError(f"--tf32 {tf32} (= --precision {alias}) disagrees with --precision {precision}: give one")
+        precision = alias
+    resolved = effective_precision(precision, device)
+    if precision == "tf32" and resolved != "tf32":
+        notes.append(f"--precision tf32 applies to CUDA only: {torch.device(device)} runs fp32")
+    return replace(config, precision=resolved), notes
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str, device: torch.device | str) -> Iterator[None]:
+    """Allow TF32 in CUDA matmuls and convolutions for `precision` tf32 only (restored afterwards)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    allow = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 #################################################################################
 #                              Per-image randomness                             #
 #################################################################################
 
-def image_generators(seed: int, indices: Sequence[int], num_classes: int) -> list[torch.Generator]:
-    """One CPU generator per image, seeded seed + i, positioned after the image's label draw."""
-    generators = []
-    for index in indices:
-        generator = torch.Generator().manual_seed(seed + int(index))
+class ImageRandom:
+    """Per-image random streams (one CPU generator per image, seeded seed + i, as EDM's StackedRandomGenerator).
+
+    Each stream draws, in this order: the image's class label (class-conditional models; drawn even when labels are
+    given, so the noise never depends on how labels were chosen), x_T, then one noise per step. Image i is therefore
+    the same whatever batch or process it lands in.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int], num_classes: int):
+        self.generators = [torch.Generator().manual_seed(seed + int(i)) for i in indices]
+        self._labels: Optional[Tensor] = None
         if num_classes > 0:
-            torch.randint(num_classes, (1,), generator=generator)  # the label draw comes first in every stream
-        generators.append(generator)
-    return generators
+            self._labels = torch.cat([torch.randint(num_classes, (1,), generator=g) for g in self.generators])
+
+    def labels(self) -> Optional[Tensor]:
+        """Each image's random class label, (N,) int64; None for an unconditional model."""
+        return None if self._labels is None else self._labels.clone()
+
+    def normal(self, shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+        """One standard-normal draw of `shape` per image: (N, *shape) on `device`."""
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators]).to(device)
 
 
 def image_labels(indices: Sequence[int], seed: int, num_classes: int, class_labels: Optional[Sequence[int]] = None,
@@ -170,7 +251,7 @@ def image_labels(indices: Sequence[int], seed: int, num_classes: int, class_labe
     """Class label of each image: --class_labels cycled over image indices, else by `label_mode`.
 
     label_mode "cycle": image i gets class i % num_classes (sample.py: a grid shows every class);
-    "random": drawn from the image's own generator (seed + i), as FID sampling does. None if unconditional.
+    "random": the image's own stream (ImageRandom, seed + i), as FID sampling does. None if unconditional.
     """
     if num_classes == 0:
         return None
@@ -180,14 +261,7 @@ def image_labels(indices: Sequence[int], seed: int, num_classes: int, class_labe
         return torch.tensor([int(i) % num_classes for i in indices], dtype=torch.long)
     if label_mode != "random":
         raise ValueError(f"label_mode must be cycle or random (got {label_mode!r})")
-    labels = [torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(seed + int(i))).item()
-              for i in indices]
-    return torch.tensor(labels, dtype=torch.long)
-
-
-def _draw(generators: list[torch.Generator], shape: Sequence[int], device: torch.device) -> Tensor:
-    """Stack one standard-normal draw of `shape` per image; (N, *shape) on `device`."""
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
+    return ImageRandom(seed, indices, num_classes).labels()
 
 
 #################################################################################
@@ -202,6 +276,7 @@ class TrajectoryStats:
     iteration_caps: list[int] = field(default_factory=list)     # iterations allowed (plan or adaptive cap)
     iters_per_step: list[int] = field(default_factory=list)     # fixed-point iterations actually run
     blocks_per_step: list[int] = field(default_factory=list)    # block passes per image actually run
+    macs_per_step: list[int] = field(default_factory=list)      # MACs per image actually run (cost.macs_per_step)
     residuals_per_step: list[list[float]] = field(default_factory=list)  # relative residual after each iteration
     reused_solution: list[bool] = field(default_factory=list)   # whether the step started from the previous solution
 
@@ -211,13 +286,19 @@ class TrajectoryStats:
         return sum(self.blocks_per_step)
 
     @property
+    def macs_per_image(self) -> int:
+        """Total multiply-accumulates per image for this trajectory (guidance's doubled rows included)."""
+        return sum(self.macs_per_step)
+
+    @property
     def delta_per_step(self) -> list[Optional[float]]:
         """The paper's delta_t (Fig. 6b/c): the residual of the last iteration at each step."""
         return [r[-1] if r else None for r in self.residuals_per_step]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {**asdict(self), "blocks_per_image": self.blocks_per_image, "delta_per_step": self.delta_per_step}
+        return {**asdict(self), "blocks_per_image": self.blocks_per_image, "macs_per_image": self.macs_per_image,
+                "delta_per_step": self.delta_per_step}
 
 
 @dataclass
@@ -229,59 +310,68 @@ class SampleBatch:
     stats: TrajectoryStats
 
 
+class NonFiniteError(UserError):
+    """The model produced NaN or inf: the run stops before writing the batch (scripts name the checkpoint)."""
+
+
 def make_sampling_diffusion(model_config: ModelConfig, num_steps: int, timestep_spacing: str = "default"):
     """The checkpoint's diffusion respaced to `num_steps` (DiT's even spacing, or trailing)."""
     if timestep_spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"--timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)} (got {timestep_spacing!r})")
+        raise UserError(f"--timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)} (got {timestep_spacing!r})")
     respacing = str(num_steps) if timestep_spacing == "default" else f"trailing{num_steps}"
     return model_config.create_diffusion(respacing)
 
 
-def make_denoiser(model: Callable, num_rows: int, cfg_scale: float, cfg_channels: Optional[int],
-                  null_class: int, in_channels: int) -> Callable:
-    """Model function for diffusion: (x (N,...), t, y, **fixed-point kwargs) -> ((N, C_out, H, W), FixedPointStats).
+def denoise(model: Any, x: Tensor, t: Tensor, y: Optional[Tensor] = None, *, cfg_scale: float,
+            cfg_channels: Optional[int], null_class: int, in_channels: int, bf16: bool = False,
+            **fixed_point_kwargs: Any) -> tuple[Tensor, FixedPointStats]:
+    """The model function diffusion calls: (x (N, ...), t, y, fixed-point kwargs) -> ((N, C_out, H, W) fp32, stats).
 
     With guidance it runs the model on 2N rows (conditional half, unconditional half) and returns the guided
-    conditional half; the stats' solution then has 2N rows.
+    conditional half; the stats' solution then has 2N rows. bf16 autocasts the network call only; its output is
+    cast to fp32 before guidance and the diffusion step. A non-finite output raises NonFiniteError.
     """
-    guided = cfg_scale != 1.0
-
-    def denoise(x: Tensor, t: Tensor, y: Optional[Tensor] = None, **fixed_point_kwargs: Any):
-        if guided:
-            x = torch.cat([x, x], dim=0)                                 # (2N, C, H, W)
-            t = torch.cat([t, t], dim=0)                                 # (2N,)
-            y = torch.cat([y, torch.full_like(y, null_class)], dim=0)    # (2N,)
+    num_rows = x.shape[0]
+    if cfg_scale != 1.0:
+        x = torch.cat([x, x], dim=0)                                 # (2N, C, H, W)
+        t = torch.cat([t, t], dim=0)                                 # (2N,)
+        y = torch.cat([y, torch.full_like(y, null_class)], dim=0)    # (2N,)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out, stats = model.forward_with_stats(x, t, y, **fixed_point_kwargs)  # (N or 2N, C_out, H, W)
-        if guided:
-            out = classifier_free_guidance(out, cfg_scale, cfg_channels, in_channels)
-        return out[:num_rows], stats                                     # (N, C_out, H, W)
-
-    return denoise
+    out = out.float()
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(f"the model output is not finite (NaN or inf) at timestep {int(t[0])}")
+    if cfg_scale != 1.0:
+        out = classifier_free_guidance(out, cfg_scale, cfg_channels, in_channels)
+    return out[:num_rows], stats                                     # (N, C_out, H, W)
 
 
 @torch.no_grad()
-def sample_batch(model: Callable, model_config: ModelConfig, plan: IterationPlan, config: SampleConfig,
-                 indices: Sequence[int], labels: Optional[Tensor], *, seed: int, device: torch.device | str = "cpu",
-                 diffusion: Any = None) -> SampleBatch:
+def sample_batch(model: Any, model_config: ModelConfig, plan: IterationPlan, config: SampleConfig,
+                 indices: Sequence[int], labels: Optional[Tensor] = None, *, seed: int,
+                 device: torch.device | str = "cpu", diffusion: Any = None) -> SampleBatch:
     """Denoise one batch of images (image i from seed + i) following `plan`; nothing is stored on the model.
 
-    config supplies the sampler (ddim, ddim_eta, timestep_spacing), guidance (cfg_scale, cfg_channels) and the
-    fixed-point options (fixed_point_reuse_solution, fixed_point_solver, anderson_memory); steps and iterations
-    come from the plan.
+    config supplies the sampler (ddim, ddim_eta, timestep_spacing), guidance (cfg_scale, cfg_channels), precision
+    and the fixed-point options (fixed_point_reuse_solution, fixed_point_solver, anderson_memory); steps and
+    iterations come from the plan. labels None on a class-conditional model: each image's random label.
     """
     device = torch.device(device)
     indices = [int(i) for i in indices]
-    num_rows = len(indices)
     if diffusion is None:
         diffusion = make_sampling_diffusion(model_config, plan.num_steps, config.timestep_spacing)
     if diffusion.num_timesteps != plan.num_steps:
         raise ValueError(f"the diffusion has {diffusion.num_timesteps} steps but the plan {plan.num_steps}")
-    if model_config.num_classes > 0 and (labels is None or labels.shape != (num_rows,)):
-        raise ValueError(f"a class-conditional model needs one label per image ({num_rows})")
-    shape = (model_config.in_channels, model_config.input_size, model_config.input_size)
-    generators = image_generators(seed, indices, model_config.num_classes)
-    denoise = make_denoiser(model, num_rows, config.cfg_scale, parse_cfg_channels(config.cfg_channels),
-                            null_class=model_config.num_classes, in_channels=model_config.in_channels)
+    rng = ImageRandom(seed, indices, model_config.num_classes)
+    labels = rng.labels() if labels is None else labels
+    if model_config.num_classes > 0 and labels.shape != (len(indices),):
+        raise ValueError(f"a class-conditional model needs one label per image ({len(indices)})")
+    precision = effective_precision(config.precision, device)
+    guided = config.cfg_scale != 1.0
+    model_fn = functools.partial(denoise, model, cfg_scale=config.cfg_scale,
+                                 cfg_channels=parse_cfg_channels(config.cfg_channels),
+                                 null_class=model_config.num_classes, in_channels=model_config.in_channels,
+                                 bf16=precision == "bf16")
     y = labels.to(device) if labels is not None else None
     clip_denoised = not model_config.latent  # pixels live in [-1, 1]; latents are unbounded
     solver_kwargs: dict[str, Any] = {}
@@ -290,71 +380,140 @@ def sample_batch(model: Callable, model_config: ModelConfig, plan: IterationPlan
         if config.fixed_point_solver == "anderson":
             solver_kwargs["solver_options"] = {"memory": config.anderson_memory}
 
-    x = _draw(generators, shape, device)                 # (N, C, H, W): x_T
+    shape = (model_config.in_channels, model_config.input_size, model_config.input_size)
+    x = rng.normal(shape, device)                        # (N, C, H, W): x_T
     stats = TrajectoryStats()
     previous_solution: Optional[Tensor] = None           # (N or 2N, T, D): reset for every batch
-    for step, index in enumerate(range(plan.num_steps - 1, -1, -1)):
-        t = torch.full((num_rows,), index, device=device, dtype=torch.long)
-        cap = plan.iteration_cap(step, stats.blocks_per_image)
-        model_kwargs: dict[str, Any] = {"y": y}
-        reuse = model_config.fixed_point and config.fixed_point_reuse_solution and previous_solution is not None
-        if model_config.fixed_point:
-            model_kwargs.update(solver_kwargs, num_iters=cap, tol=plan.fixed_point_tol if plan.adaptive else None,
-                                init=previous_solution if reuse else None)
-        noise = _draw(generators, shape, device)         # (N, C, H, W): this step's noise, per image
-        if config.ddim:
-            out = diffusion.ddim_sample(denoise, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                        eta=config.ddim_eta, noise=noise)
-        else:
-            out = diffusion.p_sample(denoise, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                     noise=noise)
-        state = out.get("model_extra")
-        iters = state.num_iters if state is not None else cap
-        stats.timesteps.append(int(diffusion.timestep_map[index]))
-        stats.iteration_caps.append(cap)
-        stats.iters_per_step.append(iters)
-        stats.blocks_per_step.append(state.blocks if state is not None else plan.step_blocks(iters))
-        stats.residuals_per_step.append([float(r) for r in state.residuals] if state is not None else [])
-        stats.reused_solution.append(bool(reuse))
-        if model_config.fixed_point and config.fixed_point_reuse_solution and state is not None:
-            previous_solution = state.solution
-        x = out["sample"]
+    with matmul_precision(precision, device):
+        for step, index in enumerate(range(plan.num_steps - 1, -1, -1)):
+            t = torch.full((len(indices),), index, device=device, dtype=torch.long)
+            num_iters = plan.iteration_cap(step, stats.blocks_per_image)   # the plan's (or adaptive) iterations
+            model_kwargs: dict[str, Any] = {"y": y}
+            reuse = model_config.fixed_point and config.fixed_point_reuse_solution and previous_solution is not None
+            if model_config.fixed_point:
+                model_kwargs.update(solver_kwargs, num_iters=num_iters, init=previous_solution if reuse else None,
+                                    tol=plan.fixed_point_tol if plan.adaptive else None)
+            noise = rng.normal(shape, device)            # (N, C, H, W): this step's noise, per image
+            if config.ddim:
+                out = diffusion.ddim_sample(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                            eta=config.ddim_eta, noise=noise)
+            else:
+                out = diffusion.p_sample(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                         noise=noise)
+            state = out["model_extra"]                   # FixedPointStats: what the step actually ran
+            stats.timesteps.append(int(diffusion.timestep_map[index]))
+            stats.iteration_caps.append(num_iters)
+            stats.iters_per_step.append(state.num_iters)
+            stats.blocks_per_step.append(state.blocks)
+            stats.macs_per_step.append(cost.macs_per_step(model_config, state.num_iters, cfg=guided))
+            stats.residuals_per_step.append([float(r) for r in state.residuals])
+            stats.reused_solution.append(bool(reuse))
+            if model_config.fixed_point and config.fixed_point_reuse_solution:
+                previous_solution = state.solution
+            x = out["sample"]
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError("the samples are not finite (NaN or inf) after the last step")
     return SampleBatch(indices, labels, x.float().cpu(), stats)
 
 
-def iterate_batches(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+#################################################################################
+#                            The generation loop                                #
+#################################################################################
+
+@dataclass
+class Generated:
+    """What generate() drew, in the order of the indices it was given."""
+    images: Optional[np.ndarray]         # (N, H, W, C) uint8 (None with keep_images=False)
+    labels: Optional[Tensor]             # (N,) class labels used (None if unconditional)
+    trajectories: list[TrajectoryStats]  # one per batch
+    counts: list[int]                    # images per batch
+    seconds: float                       # wall-clock of the whole loop
+
+    def summary(self, plan: IterationPlan, model_config: ModelConfig, config: SampleConfig) -> dict[str, Any]:
+        """summarize() of these trajectories, plus the seconds."""
+        return {**summarize(plan, model_config, config, self.trajectories, self.counts), "seconds": self.seconds}
+
+
+def summarize(plan: IterationPlan, model_config: ModelConfig, config: SampleConfig,
+              trajectories: Sequence[TrajectoryStats], counts: Sequence[int]) -> dict[str, Any]:
+    """records.summarize_stats (blocks spent against the plan) plus GMACs per image, spent and planned."""
+    stats = summarize_stats(plan, trajectories, counts)
+    if trajectories:
+        total = sum(s.macs_per_image * c for s, c in zip(trajectories, counts))
+        stats["gmacs_per_image"] = total / sum(counts) / 1e9
+        stats["gmacs_per_image_max"] = max(s.macs_per_image for s in trajectories) / 1e9
+    stats["planned_gmacs_per_image"] = planned_macs(model_config, plan, config.cfg_scale != 1.0) / 1e9
+    return stats
+
+
+def batches(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     """Consecutive chunks of `indices` (the last one may be smaller)."""
-    indices = list(indices)
+    indices = [int(i) for i in indices]
     for start in range(0, len(indices), batch_size):
         yield indices[start:start + batch_size]
+
+
+def generate(model: Any, model_config: ModelConfig, config: SampleConfig, plan: IterationPlan,
+             indices: Sequence[int], labels: Optional[Tensor] = None, *, seed: int, batch_size: int,
+             device: torch.device | str = "cpu", vae: Any = None,
+             on_batch: Optional[Callable[[SampleBatch, np.ndarray], None]] = None,
+             keep_images: bool = True) -> Generated:
+    """Draw images `indices` (image i from seed + i) in batches of `batch_size`: the one generation loop.
+
+    labels: (len(indices),) aligned with indices, or None (class-conditional models: each image's random label).
+    on_batch(batch, pixels) is called after each batch with its uint8 (n, H, W, C) pixels, e.g. to write files;
+    keep_images=False drops the pixels afterwards (50K-image runs). A non-finite batch raises NonFiniteError
+    before on_batch sees it.
+    """
+    diffusion = make_sampling_diffusion(model_config, plan.num_steps, config.timestep_spacing)
+    indices = [int(i) for i in indices]
+    position = {i: k for k, i in enumerate(indices)}
+    images, used_labels, trajectories, counts = [], [], [], []
+    start = time.time()
+    for chunk in batches(indices, batch_size):
+        chunk_labels = None if labels is None else labels[[position[i] for i in chunk]]
+        batch = sample_batch(model, model_config, plan, config, chunk, chunk_labels, seed=seed, device=device,
+                             diffusion=diffusion)
+        pixels = decode_to_uint8(batch.samples, model_config, vae)      # (n, H, W, C) uint8
+        if on_batch is not None:
+            on_batch(batch, pixels)
+        if keep_images:
+            images.append(pixels)
+        if batch.labels is not None:
+            used_labels.append(batch.labels)
+        trajectories.append(batch.stats)
+        counts.append(len(chunk))
+    return Generated(images=np.concatenate(images) if keep_images and images else None,
+                     labels=torch.cat(used_labels) if used_labels else None,
+                     trajectories=trajectories, counts=counts, seconds=time.time() - start)
 
 
 #################################################################################
 #                          Convenience for other scripts                        #
 #################################################################################
 
-def prepare_sampling(model_config: ModelConfig, config: SampleConfig,
-                     model: Any = None) -> tuple[SampleConfig, IterationPlan, list[str]]:
-    """Validate flags against the model and plan the compute: (effective config, plan, notes)."""
+def prepare_sampling(model_config: ModelConfig, config: SampleConfig, model: Any = None,
+                     device: torch.device | str = "cpu") -> tuple[SampleConfig, IterationPlan, list[str]]:
+    """Validate flags against the model, resolve --precision for `device`, turn --budget_gmacs into a block
+    budget and plan the compute: (effective config, plan, notes)."""
     config, notes = validate_sample_config(model_config, config, model=model)
+    config, precision_notes = resolve_precision(config, device)
+    notes += precision_notes
+    if config.budget_gmacs is not None:
+        budget = budget_for_macs(model_config, config, config.budget_gmacs * 1e9, cfg=config.cfg_scale != 1.0)
+        if config.budget is not None and config.budget != budget:
+            raise UserError(f"--budget {config.budget} and --budget_gmacs {config.budget_gmacs} (= {budget} blocks) "
+                            "disagree: give one of them")
+        config = replace(config, budget=budget)
+        notes.append(f"--budget_gmacs {config.budget_gmacs}: the largest block budget that fits is {budget} blocks "
+                     "per image")
     plan = plan_for_model(model_config, config)
+    if config.budget_gmacs is not None:
+        assert planned_macs(model_config, plan, config.cfg_scale != 1.0) <= config.budget_gmacs * 1e9
     return config, plan, notes
 
 
-def sample_images(model: Callable, model_config: ModelConfig, config: SampleConfig, plan: IterationPlan,
-                  indices: Sequence[int], labels: Optional[Tensor], *, seed: int, batch_size: int,
-                  device: torch.device | str = "cpu", vae: Any = None) -> Iterator[tuple[SampleBatch, np.ndarray]]:
-    """Yield (batch, uint8 images (n, H, W, C)) for `indices` in chunks of `batch_size`; labels align with indices."""
-    diffusion = make_sampling_diffusion(model_config, plan.num_steps, config.timestep_spacing)
-    position = {int(i): k for k, i in enumerate(indices)}
-    for chunk in iterate_batches(indices, batch_size):
-        chunk_labels = None if labels is None else labels[[position[i] for i in chunk]]
-        batch = sample_batch(model, model_config, plan, config, chunk, chunk_labels, seed=seed, device=device,
-                             diffusion=diffusion)
-        yield batch, decode_to_uint8(batch.samples, model_config, vae)
-
-
-def sample_grid_png(model: Callable, model_config: ModelConfig, path: str | Path, *,
+def sample_grid_png(model: Any, model_config: ModelConfig, path: str | Path, *,
                     device: torch.device | str = "cpu", num_images: int = 16, num_sampling_steps: int = 50,
                     ddim: bool = True, cfg_scale: float = 1.0, seed: int = 0, vae: Any = None) -> Path:
     """Draw a small grid (train.py's end-of-training preview): DDIM, no guidance, class i % num_classes.
@@ -366,13 +525,13 @@ def sample_grid_png(model: Callable, model_config: ModelConfig, path: str | Path
         model.eval()
     config = SampleConfig(num_sampling_steps=num_sampling_steps, ddim=ddim, cfg_scale=cfg_scale, seed=seed,
                           num_samples=num_images)
-    config, plan, _ = prepare_sampling(model_config, config)
-    labels = image_labels(range(num_images), seed, model_config.num_classes)
-    drawn = [pixels for _, pixels in sample_images(model, model_config, config, plan, list(range(num_images)),
-                                                    labels, seed=seed, batch_size=num_images, device=device,
-                                                    vae=vae)]
+    config, plan, _ = prepare_sampling(model_config, config, device=device)
+    indices = list(range(num_images))
+    labels = image_labels(indices, seed, model_config.num_classes)
+    drawn = generate(model, model_config, config, plan, indices, labels, seed=seed, batch_size=num_images,
+                     device=device, vae=vae)
     if was_training and hasattr(model, "train"):
         model.train()
     path = Path(path)
-    save_png(make_grid(np.concatenate(drawn)), path)
+    save_png(make_grid(drawn.images), path)
     return path

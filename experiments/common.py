@@ -256,12 +256,10 @@ def generate(model: torch.nn.Module, model_config: ModelConfig, config: SampleCo
     config, plan, _ = sampling.prepare_sampling(model_config, config, model=model)
     indices = list(range(config.num_samples))
     labels = sampling.image_labels(indices, config.seed, model_config.num_classes, label_mode="random")
-    batches = list(sampling.sample_images(model, model_config, config, plan, indices, labels, seed=config.seed,
-                                          batch_size=config.batch_size))
-    trajectories = [batch.stats for batch, _ in batches]
-    stats = summarize_stats(plan, trajectories, [len(batch.indices) for batch, _ in batches])
-    return Drawn(np.concatenate([pixels for _, pixels in batches]), None if labels is None else labels.numpy(),
-                 plan, trajectories, stats)
+    drawn = sampling.generate(model, model_config, config, plan, indices, labels, seed=config.seed,
+                              batch_size=config.batch_size)
+    stats = drawn.summary(plan, model_config, config)
+    return Drawn(drawn.images, None if labels is None else labels.numpy(), plan, drawn.trajectories, stats)
 
 
 def fpdm_iteration_grid(model_config: ModelConfig, budget: int, candidates: Sequence[int]) -> list[int]:

@@ -6,9 +6,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate
+from config import UserError
 from data import load_digits_uint8
+from fid import FeatureStats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +20,7 @@ def test_evaluate_cli_digits_end_to_end(tmp_path, trained_classifier):
     _, accuracy, classifier_path = trained_classifier
     images, labels = load_digits_uint8("test")
     samples = tmp_path / "samples.npz"
-    np.savez(samples, images[:200].repeat(2, axis=1).repeat(2, axis=2), labels[:200])  # 16x16 "samples"
+    np.savez(samples, images[:200], labels[:200])  # 8x8 RGB "samples" (real digits)
     setup = {"ckpt": "results/000/checkpoints/0001000.pt", "ema": True, "sampler": "ddpm", "num_sampling_steps": 10,
              "fixed_point_iters": 4, "iteration_schedule": "fixed", "budget": 60, "cfg_scale": 1.0, "vae": None}
     (tmp_path / "setup.json").write_text(json.dumps(setup))
@@ -88,3 +91,49 @@ def test_evaluate_script_reports_missing_file(tmp_path):
     assert result.returncode == 2
     assert "--samples" in result.stderr and "absent.npz" in result.stderr
     assert not (tmp_path / "eval.jsonl").exists()
+
+
+def test_digits_features_refuse_other_sizes_and_missing_classifiers(tmp_path, trained_classifier):
+    _, _, classifier_path = trained_classifier
+    images, labels = load_digits_uint8("test")
+    big = tmp_path / "big.npz"
+    np.savez(big, images[:20].repeat(4, axis=1).repeat(4, axis=2), labels[:20])  # 32x32: never shrunk silently
+    out = tmp_path / "eval.jsonl"
+    with pytest.raises(UserError, match=r"--samples .*big.npz.*8x8.*32x32"):
+        evaluate.main(["--samples", str(big), "--classifier", classifier_path, "--out", str(out)])
+    small = tmp_path / "small.npz"
+    np.savez(small, images[:80], labels[:80])
+    typo = tmp_path / "digits_clasifier.safetensors"
+    with pytest.raises(UserError, match=r"--classifier .*digits_clasifier.safetensors.*--train_classifier"):
+        evaluate.main(["--samples", str(small), "--classifier", str(typo), "--out", str(out)])
+    assert not typo.exists() and not out.exists()
+    with pytest.warns(UserWarning, match="50,000"):
+        evaluate.main(["--samples", str(small), "--classifier", str(typo), "--train_classifier", "True",
+                       "--out", str(out)])
+    assert typo.is_file() and len(out.read_text().splitlines()) == 1
+
+
+class NaNFeatures(torch.nn.Module):
+    """A feature network (FID Inception call convention) whose features are all NaN."""
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return torch.full((img.shape[0], 6), float("nan"))
+
+
+def test_non_finite_features_or_reference_stop_naming_the_file(tmp_path, inception_stand_in):
+    _, inception_path = inception_stand_in
+    rng = np.random.default_rng(8)
+    np.savez(tmp_path / "real.npz", rng.integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "fake.npz", rng.integers(0, 128, size=(30, 16, 16, 3), dtype=np.uint8))
+    nan_path = str(tmp_path / "nan-inception.pt")
+    torch.jit.script(NaNFeatures()).save(nan_path)
+    out = tmp_path / "eval.jsonl"
+    with pytest.raises(UserError, match=r"--samples .*fake.npz.*not finite"), pytest.warns(UserWarning):
+        evaluate.main(["--samples", str(tmp_path / "fake.npz"), "--inception", nan_path,
+                       "--ref_npz", str(tmp_path / "real.npz"), "--out", str(out)])
+    stats = tmp_path / "nan_stats.npz"
+    FeatureStats(mu=np.full(6, np.nan), sigma=np.eye(6), n=40).save(str(stats))
+    with pytest.raises(UserError, match=r"nan_stats.npz.*not finite"), pytest.warns(UserWarning):
+        evaluate.main(["--samples", str(tmp_path / "fake.npz"), "--inception", inception_path,
+                       "--ref_stats", str(stats), "--out", str(out)])
+    assert not out.exists()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import extract_features
+from config import UserError
 from data import ImageFolderDataset, LatentDataset
 from vae import encode_images, vae_downsampling
 
@@ -68,3 +69,14 @@ def test_extract_features_resumes_and_rebuilds(tmp_path, image_folder, vae_dir, 
     with pytest.raises(ValueError, match="--features_path.*image_size"):
         extract_features.main(["--data_path", str(image_folder), "--features_path", str(out), "--vae", str(vae_dir),
                                "--image_size", "16", "--chunk_size", "3"])
+
+
+@pytest.mark.parametrize("size", ["12", "24", "8"])
+def test_extract_features_image_size_must_give_even_latents(tmp_path, image_folder, size, capsys):
+    with pytest.raises(UserError, match=f"--image_size: must be a multiple of 16.*got {size}"):
+        extract_features.main(["--data_path", str(image_folder), "--features_path", str(tmp_path / "f"),
+                               "--image_size", size])
+    assert not (tmp_path / "f").exists()
+    with pytest.raises(SystemExit):
+        extract_features.main(["--help"])
+    assert "multiple of 16" in capsys.readouterr().out

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+import cost
 import sample
 import sample_ddp
 import sampling
-from allocation import plan_iterations
+from allocation import plan_for_model, plan_iterations, planned_macs
 from checkpoint import save_checkpoint, save_safetensors
-from config import ModelConfig, SampleConfig
+from config import ModelConfig, SampleConfig, UserError
 from models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,13 +215,16 @@ def test_image_i_is_the_same_whatever_the_batch_size(fpdm, ddim):
     labels = sampling.image_labels(range(7), 5, 10, label_mode="random")
     results = {}
     for batch_size in (3, 5):
-        chunks = list(sampling.sample_images(fpdm, TINY_FPDM, config, plan, list(range(7)), labels, seed=5,
-                                             batch_size=batch_size))
-        results[batch_size] = (torch.cat([b.samples for b, _ in chunks]), np.concatenate([p for _, p in chunks]))
+        samples = []
+        drawn = sampling.generate(fpdm, TINY_FPDM, config, plan, list(range(7)), labels, seed=5,
+                                  batch_size=batch_size, on_batch=lambda batch, _: samples.append(batch.samples))
+        results[batch_size] = (torch.cat(samples), drawn.images)
     torch.testing.assert_close(results[3][0], results[5][0], rtol=0, atol=1e-5)
     assert np.abs(results[3][1].astype(int) - results[5][1].astype(int)).max() <= 1
     assert not torch.allclose(results[3][0][0], results[3][0][1])  # images differ from each other
-    other_seed = list(sampling.sample_images(fpdm, TINY_FPDM, config, plan, [0], labels[:1], seed=6, batch_size=1))
+    other_seed = []
+    sampling.generate(fpdm, TINY_FPDM, config, plan, [0], labels[:1], seed=6, batch_size=1,
+                      on_batch=lambda batch, pixels: other_seed.append((batch, pixels)))
     assert not torch.allclose(other_seed[0][0].samples[0], results[3][0][0])
 
 
@@ -314,13 +318,15 @@ def test_original_readme_commands_run(fpdm_ckpt, tmp_path, monkeypatch):
     first = sample.main(["--ckpt", str(fpdm_ckpt), "--fixed_point", "True", "--fixed_point_pre_depth", "1",
                          "--fixed_point_post_depth", "1", "--cfg_scale", "4.0", "--num_sampling_steps", "20"])
     assert first["stats"]["blocks_per_image_max"] == 20 * (1 + 6 + 1)  # default: DiT-Ti/4 depth 8 - pre - post = 6
+    (tmp_path / "second").mkdir()
+    monkeypatch.chdir(tmp_path / "second")  # another setup never shares a folder with the first
     second = sample.main(["--ckpt", str(fpdm_ckpt), "--fixed_point", "True", "--fixed_point_pre_depth", "1",
                           "--fixed_point_post_depth", "1", "--cfg_scale", "4.0", "--fixed_point_iters", "12",
                           "--num_sampling_steps", "40", "--fixed_point_reuse_solution", "True"])
     assert second["stats"]["blocks_per_image_max"] == 40 * 14
-    written = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    written = sorted(p.name for p in (tmp_path / "second" / "samples").iterdir())
     assert written[:16] == [f"{i:06d}.png" for i in range(16)] and "grid.png" in written
-    setup = json.loads((tmp_path / "samples" / "setup.json").read_text())
+    setup = json.loads((tmp_path / "second" / "samples" / "setup.json").read_text())
     assert setup["setup"]["plan"]["blocks_per_image"] == 560 and setup["stats"]["within_budget"]
 
 
@@ -355,8 +361,10 @@ def test_latent_models_decode_with_the_vae_and_train_grid(fpdm, tmp_path):
     model = build(latent)
     config = SampleConfig(cfg_scale=1.0)
     plan = fixed_plan(steps=2, iters=1)
-    (batch, pixels), = sampling.sample_images(model, latent, config, plan, [0, 1], torch.tensor([3, 4]), seed=0,
-                                             batch_size=2, vae=FakeVAE())
+    drawn = []
+    sampling.generate(model, latent, config, plan, [0, 1], torch.tensor([3, 4]), seed=0, batch_size=2,
+                      vae=FakeVAE(), on_batch=lambda batch, pixels: drawn.append((batch, pixels)))
+    (batch, pixels), = drawn
     assert batch.samples.shape == (2, 4, 4, 4) and pixels.shape == (2, 32, 32, 3) and pixels.dtype == np.uint8
     grid = sampling.sample_grid_png(fpdm, TINY_FPDM, tmp_path / "grid.png", num_images=4, num_sampling_steps=3)
     from PIL import Image
@@ -398,8 +406,7 @@ def test_sample_ddp_two_processes_packs_and_resumes(fpdm, fpdm_ckpt, tmp_path):
     plan = fixed_plan(steps=3, iters=2)
     labels = sampling.image_labels(range(5), 3, 10, label_mode="random")
     assert first["arr_1"].tolist() == labels.tolist()
-    local = np.concatenate([p for _, p in sampling.sample_images(fpdm, TINY_FPDM, config, plan, list(range(5)),
-                                                                 labels, seed=3, batch_size=5)])
+    local = sampling.generate(fpdm, TINY_FPDM, config, plan, list(range(5)), labels, seed=3, batch_size=5).images
     assert np.abs(local.astype(int) - first["arr_0"][..., :1].astype(int)).max() <= 1
 
     # Resume: existing PNGs are kept, only the new indices are drawn.
@@ -421,3 +428,216 @@ def test_sample_ddp_refuses_a_different_setup_in_the_same_folder(fpdm_ckpt, tmp_
     assert sample_ddp.main(common) == sample_dir / "samples_2.npz"
     with pytest.raises(ValueError, match=r"different setup.*fixed_point_iters: 1 != 2"):
         sample_ddp.main([*common, "--fixed_point_iters", "2"])
+
+
+#################################################################################
+#                       The generation loop and randomness                      #
+#################################################################################
+
+def test_image_random_streams_are_per_image():
+    labels = sampling.ImageRandom(3, range(20), 10).labels()
+    assert torch.equal(labels, sampling.image_labels(range(20), 3, 10, label_mode="random"))
+    assert sampling.ImageRandom(3, range(4), 0).labels() is None
+    first, second = sampling.ImageRandom(3, [5, 6], 10), sampling.ImageRandom(3, [4, 5], 10)
+    for _ in range(2):  # x_T, then a step's noise: image 5 draws the same whichever batch it is in
+        torch.testing.assert_close(first.normal((1, 2, 2))[0], second.normal((1, 2, 2))[1], rtol=0, atol=0)
+    stream = torch.Generator().manual_seed(3 + 7)  # label first, then the noise
+    label = torch.randint(10, (1,), generator=stream)
+    noise = torch.randn((1, 2, 2), generator=stream)
+    random = sampling.ImageRandom(3, [7], 10)
+    assert torch.equal(random.labels(), label) and torch.equal(random.normal((1, 2, 2))[0], noise)
+
+
+def test_generate_collects_batches_and_calls_on_batch(fpdm):
+    plan = fixed_plan(steps=2, iters=1)
+    seen = []
+    drawn = sampling.generate(fpdm, TINY_FPDM, SampleConfig(cfg_scale=1.0), plan, [4, 2, 9, 0, 1], None, seed=1,
+                              batch_size=2, on_batch=lambda batch, pixels: seen.append((batch.indices, pixels)))
+    assert [indices for indices, _ in seen] == [[4, 2], [9, 0], [1]] and drawn.counts == [2, 2, 1]
+    assert drawn.images.shape == (5, 8, 8, 1) and drawn.images.dtype == np.uint8
+    assert np.array_equal(drawn.images, np.concatenate([pixels for _, pixels in seen]))
+    assert torch.equal(drawn.labels, sampling.image_labels([4, 2, 9, 0, 1], 1, 10, label_mode="random"))
+    assert len(drawn.trajectories) == 3 and drawn.seconds > 0
+    kept = sampling.generate(fpdm, TINY_FPDM, SampleConfig(cfg_scale=1.0), plan, [0], None, seed=1, batch_size=2,
+                             keep_images=False)
+    assert kept.images is None and kept.counts == [1]
+
+
+#################################################################################
+#                      Folders, non-finite numbers, one-line errors             #
+#################################################################################
+
+def test_sample_py_never_mixes_setups_in_one_folder(fpdm_ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--ckpt", str(fpdm_ckpt), "--output_dir", str(out), "--num_samples", "3", "--cfg_scale", "1"]
+    sample.main([*common, "--num_sampling_steps", "2"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    sample.main([*common, "--num_sampling_steps", "2", "--batch_size", "2"])  # same images: overwritten in place
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert all((out / name).read_bytes() == data for name, data in before.items() if name.endswith(".png"))
+    with pytest.raises(UserError, match=rf"--output_dir {out}.*num_sampling_steps: 2 != 3.*another --output_dir"):
+        sample.main([*common, "--num_sampling_steps", "3"])
+    with pytest.raises(UserError, match="num_samples: 3 != 2"):  # fewer images would leave a stale 000002.png
+        sample.main([*common[:-4], "--num_samples", "2", "--cfg_scale", "1", "--num_sampling_steps", "2"])
+    assert all((out / name).read_bytes() == data for name, data in before.items() if name.endswith(".png"))
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "000000.png").write_bytes(before["000000.png"])
+    with pytest.raises(UserError, match=r"--output_dir .*stray holds 1 PNGs .*no setup.json"):
+        sample.main(["--ckpt", str(fpdm_ckpt), "--output_dir", str(stray), "--num_sampling_steps", "2"])
+    assert sorted(p.name for p in stray.iterdir()) == ["000000.png"]
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    assert "another setup's run" in " ".join(capsys.readouterr().out.split())
+
+
+def _run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+@pytest.mark.parametrize("script", ["sample.py", "sample_ddp.py"])
+def test_nan_weights_stop_with_one_line_and_no_images(fpdm, tmp_path, script):
+    weights = tmp_path / "nan.safetensors"
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in fpdm.state_dict().items()}
+    save_safetensors(state, TINY_FPDM, weights)
+    out = tmp_path / "out"
+    result = _run_script(script, "--ckpt", str(weights), "--output_dir", str(out), "--num_samples", "2",
+                         "--num_sampling_steps", "2", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --ckpt") and "nan.safetensors" in lines[0]
+    assert "NaN" in lines[0] and not list(tmp_path.rglob("*.png")) and not out.exists()
+
+
+def test_sample_py_bad_flag_is_one_line(tmp_path):
+    result = _run_script("sample.py", "--budget", "-5", "--output_dir", str(tmp_path / "x"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --budget: must be >= 1 (got -5)"
+    assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_model_output_stops_before_writing(fpdm, fpdm_ckpt, tmp_path, monkeypatch):
+    plan = fixed_plan(steps=3, iters=1)
+    real_denoise = sampling.denoise
+    calls = []
+
+    def nan_at_second_step(model, x, t, y=None, **kwargs):
+        calls.append(1)
+        model = Spy(model) if len(calls) < 2 else NaNModel(model)
+        return real_denoise(model, x, t, y, **kwargs)
+
+    class NaNModel(Spy):
+        def forward_with_stats(self, x, t, y=None, **kwargs):
+            out, stats = self.model.forward_with_stats(x, t, y, **kwargs)
+            return out * float("nan"), stats
+
+    monkeypatch.setattr(sampling, "denoise", nan_at_second_step)
+    written = []
+    with pytest.raises(sampling.NonFiniteError, match="not finite"):
+        sampling.generate(fpdm, TINY_FPDM, SampleConfig(cfg_scale=1.0), plan, [0, 1], None, seed=0, batch_size=2,
+                          on_batch=lambda batch, pixels: written.append(batch))
+    assert len(calls) == 2 and not written
+    calls.clear()
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"--ckpt .*fpdm.pt.*not finite.*timestep"):
+        sample.main(["--ckpt", str(fpdm_ckpt), "--output_dir", str(out), "--num_sampling_steps", "3"])
+    assert not out.exists()
+
+
+#################################################################################
+#                                   Precision                                   #
+#################################################################################
+
+def test_bf16_keeps_the_iterate_and_the_diffusion_in_fp32(fpdm):
+    plan = fixed_plan(steps=3, iters=2)
+    spies, samples = {}, {}
+    for precision in ("fp32", "bf16"):
+        spies[precision] = Spy(fpdm)
+        samples[precision] = run_batch(spies[precision], TINY_FPDM, plan, [0, 1], precision=precision,
+                                       fixed_point_reuse_solution=True).samples
+    for call in spies["bf16"].calls:
+        assert call["solution"].dtype == torch.float32 and call["x"].dtype == torch.float32
+    assert samples["bf16"].dtype == torch.float32
+    difference = (samples["bf16"] - samples["fp32"]).abs().max()
+    assert 0 < difference < 0.2  # bf16 did run (the network rounds differently), and stays close
+
+
+def test_precision_flags_resolve_and_are_recorded(fpdm_ckpt, tmp_path):
+    from config import SampleDDPConfig
+    assert sampling.resolve_precision(SampleConfig(), "cpu")[0].precision == "fp32"
+    assert sampling.resolve_precision(SampleConfig(), "cuda")[0].precision == "tf32"
+    config, notes = sampling.resolve_precision(SampleConfig(precision="tf32"), "cpu")
+    assert config.precision == "fp32" and "CUDA only" in notes[0]
+    assert sampling.resolve_precision(SampleDDPConfig(tf32=True), "cuda")[0].precision == "tf32"
+    assert sampling.resolve_precision(SampleDDPConfig(tf32=False), "cuda")[0].precision == "fp32"
+    with pytest.raises(UserError, match="--tf32 True.*--precision bf16"):
+        sampling.resolve_precision(SampleDDPConfig(tf32=True, precision="bf16"), "cuda")
+    with pytest.raises(UserError, match="--precision: must be one of auto, fp32, tf32, bf16"):
+        sample.main(["--ckpt", str(fpdm_ckpt), "--precision", "fp16"])
+    record = sample.main(["--ckpt", str(fpdm_ckpt), "--output_dir", str(tmp_path / "out"), "--num_samples", "2",
+                          "--num_sampling_steps", "2", "--precision", "bf16"])
+    saved = json.loads((tmp_path / "out" / "setup.json").read_text())
+    assert record["setup"]["sample_config"]["precision"] == saved["setup"]["sample_config"]["precision"] == "bf16"
+
+
+def test_bf16_digits_are_as_good_as_fp32():
+    from classifier import classifier_accuracy, load_or_train_digits_classifier
+    from checkpoint import load_model_for_sampling
+    model, model_config = load_model_for_sampling(REPO / "pretrained" / "fpdm-digits.safetensors")
+    digits_classifier, _ = load_or_train_digits_classifier(
+        str(REPO / "experiments" / "results" / "digits_classifier.safetensors"))
+    accuracy = {}
+    for precision in ("fp32", "bf16"):
+        config, plan, _ = sampling.prepare_sampling(model_config, SampleConfig(
+            num_sampling_steps=8, fixed_point_iters=3, ddim=True, cfg_scale=1.0, precision=precision), model=model)
+        drawn = sampling.generate(model, model_config, config, plan, list(range(32)), None, seed=0, batch_size=32)
+        accuracy[precision] = classifier_accuracy(digits_classifier, drawn.images.repeat(3, axis=-1),
+                                                  drawn.labels.numpy())
+    print(f"classifier accuracy of 32 digits, fp32 vs bf16: {accuracy}")
+    assert accuracy["fp32"] > 0.8 and abs(accuracy["bf16"] - accuracy["fp32"]) <= 0.10
+
+
+#################################################################################
+#                                     MACs                                      #
+#################################################################################
+
+@pytest.mark.parametrize("cfg_scale", ["1", "4"])
+def test_setup_records_gmacs_of_the_iterations_run(fpdm_ckpt, tmp_path, cfg_scale):
+    out = tmp_path / "out"
+    record = sample.main(["--ckpt", str(fpdm_ckpt), "--output_dir", str(out), "--num_samples", "3",
+                          "--batch_size", "2", "--num_sampling_steps", "3", "--fixed_point_iters", "2",
+                          "--cfg_scale", cfg_scale])
+    expected = cost.macs_per_step(TINY_FPDM, 2, cfg=cfg_scale != "1") * 3 / 1e9
+    saved = json.loads((out / "setup.json").read_text())["stats"]
+    assert saved["gmacs_per_image"] == pytest.approx(expected, rel=1e-12) == record["stats"]["gmacs_per_image"]
+    assert saved["planned_gmacs_per_image"] == pytest.approx(expected, rel=1e-12)
+    assert saved["blocks_per_image_max"] == 3 * (1 + 2 + 1)  # next to the blocks
+
+
+@pytest.mark.parametrize("model_config, extra", [
+    (TINY_FPDM, []), (TINY_FPDM, ["--fixed_point_iters", "3"]), (TINY_FPDM, ["--num_sampling_steps", "5"]),
+    (TINY_FPDM, ["--cfg_scale", "4"]), (TINY_DIT, []),
+])
+def test_budget_gmacs_is_the_largest_plan_that_fits(tmp_path, model_config, extra):
+    weights = tmp_path / "model.safetensors"
+    save_safetensors(build(model_config).state_dict(), model_config, weights)
+    gmacs = 0.09
+    record = sample.main(["--ckpt", str(weights), "--output_dir", str(tmp_path / "out"), "--num_samples", "2",
+                          "--budget_gmacs", str(gmacs), *([] if "--cfg_scale" in extra else ["--cfg_scale", "1"]),
+                          *extra])
+    assert record["stats"]["gmacs_per_image"] <= gmacs
+    config = SampleConfig(**{**record["setup"]["sample_config"], "budget_gmacs": None})
+    budget = config.budget
+    guided = config.cfg_scale != 1.0
+    assert record["setup"]["plan"]["blocks_per_image"] == budget
+    for larger in range(budget + 1, budget + 60):  # no larger block budget spending more blocks fits
+        try:
+            plan = plan_for_model(model_config, replace(config, budget=larger))
+        except UserError:
+            continue
+        assert plan.blocks_per_image == budget or planned_macs(model_config, plan, guided) > gmacs * 1e9, larger
+    with pytest.raises(UserError, match="--budget_gmacs"):
+        sample.main(["--ckpt", str(weights), "--output_dir", str(tmp_path / "b"), "--budget_gmacs", "0.001"])
+    with pytest.raises(UserError, match="--budget_gmacs: must be a positive number"):
+        sample.main(["--ckpt", str(weights), "--output_dir", str(tmp_path / "b"), "--budget_gmacs", "-1"])
