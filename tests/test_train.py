@@ -14,6 +14,7 @@ import checkpoint
 from config import ModelConfig
 from models import create_model
 import train
+import training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +80,12 @@ def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):
     path = tmp_path / "latest.pt"
     checkpoint.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, path)
 
-    def crash(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"partial")
+    def crash(obj, f, *args, **kwargs):  # f: the temporary file's path or its open handle
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as handle:
+                handle.write(b"partial")
+        else:
+            f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)
@@ -92,7 +96,7 @@ def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real = train.compute_loss
+    real = training.compute_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -102,8 +106,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
             terms = {k: v * float("nan") for k, v in terms.items()}
         return terms
 
-    monkeypatch.setattr(train, "compute_loss", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match="step 3"):
+    monkeypatch.setattr(training, "compute_loss", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match="step 3"):
         run_train(tmp_path, "--max_steps", "5", "--ckpt_every", "2", "--output_subdir", "nan")
     good = load_weights(tmp_path / "nan")
     assert good["step"] == 2
