@@ -104,16 +104,15 @@ def numbered_checkpoints(ckpt_dir: Path) -> dict[int, Path]:
 
 
 def prune_checkpoints(ckpt_dir: Path, step: int, keep_last: int, milestone_every: int = 0) -> list[Path]:
-    """Delete numbered checkpoints beyond the `keep_last` newest up to `step` (0: keep all); returns those deleted.
+    """Keep the `keep_last` newest numbered checkpoints up to `step` (0: keep all) and every milestone (a step
+    divisible by milestone_every > 0); delete the rest and return them.
 
-    Milestones (steps divisible by milestone_every > 0) are always kept; checkpoints after `step` (left by a run
-    resumed from an earlier one) are not this save's to judge and stay.
+    Checkpoints after `step` (left by a run resumed from an earlier one) are not this save's to judge and stay.
     """
     if keep_last == 0:
         return []
-    candidates = sorted(s for s in numbered_checkpoints(ckpt_dir).items()
-                        if s[0] <= step and not (milestone_every and s[0] % milestone_every == 0))
-    stale = [path for _, path in candidates[:-keep_last]]
+    older = sorted((s, path) for s, path in numbered_checkpoints(ckpt_dir).items() if s <= step)[:-keep_last]
+    stale = [path for s, path in older if not (milestone_every and s % milestone_every == 0)]
     for path in stale:
         path.unlink()
     return stale

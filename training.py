@@ -317,25 +317,28 @@ def train(state: TrainState, data: TrainingData, model_config: ModelConfig, conf
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
     window = LogWindow()
-    while state.step < total_steps:
-        epoch, offset = divmod(state.step, data.steps_per_epoch)
-        for indices in data.epoch(epoch, config.global_seed)[offset:]:
-            x, y = collate(data.dataset, indices, accelerator.device)
-            if vae is not None:
-                x = encode_images(vae, x)
-            terms, iters = train_step(state, x, y, model_config, config, accelerator, logger, run_dir)
-            window.terms.append({k: v.detach() for k, v in terms.items()})
-            if iters is not None:
-                window.sjfb_iters.append(iters)
-            progress.update(1)
-            if state.step % config.log_every == 0 or state.step == total_steps:
-                log_window(window, state.step, accelerator, logger, progress)
-                window = LogWindow()
-            if state.step % config.ckpt_every == 0 or state.step == total_steps:
-                save_training_checkpoint(state, model_config, config, accelerator, run_dir / "checkpoints", logger)
-            if state.step >= total_steps:
-                break
-    progress.close()
+    try:
+        while state.step < total_steps:
+            epoch, offset = divmod(state.step, data.steps_per_epoch)
+            for indices in data.epoch(epoch, config.global_seed)[offset:]:
+                x, y = collate(data.dataset, indices, accelerator.device)
+                if vae is not None:
+                    x = encode_images(vae, x)
+                terms, iters = train_step(state, x, y, model_config, config, accelerator, logger, run_dir)
+                window.terms.append({k: v.detach() for k, v in terms.items()})
+                if iters is not None:
+                    window.sjfb_iters.append(iters)
+                progress.update(1)
+                if state.step % config.log_every == 0 or state.step == total_steps:
+                    log_window(window, state.step, accelerator, logger, progress)
+                    window = LogWindow()
+                if state.step % config.ckpt_every == 0 or state.step == total_steps:
+                    save_training_checkpoint(state, model_config, config, accelerator, run_dir / "checkpoints",
+                                             logger)
+                if state.step >= total_steps:
+                    break
+    finally:
+        progress.close()  # ends the bar's line, so an error message starts on its own
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, model_config: ModelConfig, config: TrainConfig,
