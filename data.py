@@ -1,8 +1,9 @@
 """Training data: built-in digits, VAE latents written by extract_features.py, and image folders.
 
 Every dataset item is ``(x, y)``: ``x`` a float32 tensor (pixels in [-1, 1], or scaled VAE latents) and ``y`` a 0-dim
-int64 class label. ``create_dataset`` picks the dataset named by ``--dataset`` and returns, beside it, the model input settings the data
-implies (channels, image size, latent or pixel space, number of classes) for the trainer to apply.
+int64 class label. ``create_dataset`` picks the dataset named by ``--dataset`` and returns, beside it, the model
+input settings the data implies (channels, image size, latent or pixel space, number of classes) for the trainer to
+apply.
 
 Sharding across processes: a dataset with ``is_sharded = True`` (``LatentDataset``) already holds only this process's
 shard, so the trainer indexes all of it; the others (digits, image folders) hold everything and the trainer splits
@@ -242,9 +243,6 @@ class LatentDataset(Dataset):
 #                              Dataset selection                                #
 #################################################################################
 
-IMPLIED_FIELDS = ("in_channels", "image_size", "num_classes", "latent")  # ModelConfig fields the data decides
-
-
 def _given(model_cfg: ModelConfig, explicit: Collection[str] | None) -> set[str]:
     """ModelConfig fields the user set: `explicit` when known, else those differing from the defaults."""
     if explicit is not None:
@@ -277,7 +275,8 @@ def _check_dataset_flags(train_cfg: TrainConfig) -> None:
 
 def create_dataset(train_cfg: TrainConfig, model_cfg: ModelConfig, rank: int = 0, world_size: int = 1,
                    explicit: Collection[str] | None = None) -> tuple[Dataset, dict[str, Any]]:
-    """The --dataset for this process and the ModelConfig fields the data implies (IMPLIED_FIELDS).
+    """The --dataset for this process and the ModelConfig fields the data implies: in_channels, image_size,
+    num_classes and latent.
 
     The caller applies them: `model_cfg = dataclasses.replace(model_cfg, **implied)`. A given flag that
     contradicts the data is a UserError here; `explicit` names the ModelConfig fields given on the command line

@@ -60,20 +60,18 @@ def training_loop(model_config: ModelConfig, train_config: TrainConfig,
     """Train and return the run folder. `resume_payload` is a loaded checkpoint to continue (its config already
     merged into the configs by train.py); `explicit_model_fields` names the ModelConfig fields the user gave, which
     must agree with what the data implies."""
-    config = train_config
     with user_errors_reported_by_rank_0():
-        accelerator = setup_processes(config)
-        data, implied = setup_data(config, model_config, accelerator, explicit_model_fields)
+        accelerator = setup_processes(train_config)
+        data, implied = setup_data(train_config, model_config, accelerator, explicit_model_fields)
         model_config = replace(model_config, **implied)  # the data decides channels, size, classes, pixel/latent
-        seed_processes(config, accelerator.process_index, accelerator.num_processes)
-        state = setup_state(model_config, config, accelerator, resume_payload)
-        vae = load_vae(config.vae, accelerator.device) if (config.dataset == "imagefolder" and model_config.latent) \
-            else None
-        run_dir = claim_run_dir(config, model_config, accelerator, state.step)
-        logger = RunLogger(run_dir, accelerator, config, model_config)
+        seed_processes(train_config, accelerator.process_index, accelerator.num_processes)
+        state = setup_state(model_config, train_config, accelerator, resume_payload)
+        vae = setup_vae(train_config, model_config, accelerator.device)
+        run_dir = claim_run_dir(train_config, model_config, accelerator, state.step)
+        logger = RunLogger(run_dir, accelerator, train_config, model_config)
         try:
-            train(state, data, model_config, config, accelerator, vae, run_dir, logger)
-            finish(state, data, model_config, config, accelerator, vae, run_dir, logger)
+            train(state, data, model_config, train_config, accelerator, vae, run_dir, logger)
+            finish(state, data, model_config, train_config, accelerator, vae, run_dir, logger)
         finally:
             logger.close()
         return run_dir
@@ -161,6 +159,13 @@ def setup_data(config: TrainConfig, model_config: ModelConfig, accelerator: Acce
     return data, implied
 
 
+def setup_vae(config: TrainConfig, model_config: ModelConfig, device: torch.device) -> Any:
+    """The VAE that encodes image-folder batches for a latent model (None otherwise: the data is already encoded)."""
+    if config.dataset == "imagefolder" and model_config.latent:
+        return load_vae(config.vae, device)
+    return None
+
+
 def seed_processes(config: TrainConfig, rank: int, world_size: int) -> None:
     """Per-process seeds for timesteps, noise and label dropout (each replica sees different draws)."""
     seed = config.global_seed * world_size + rank
@@ -170,7 +175,8 @@ def seed_processes(config: TrainConfig, rank: int, world_size: int) -> None:
 
 def setup_state(model_config: ModelConfig, config: TrainConfig, accelerator: Accelerator,
                 resume_payload: Optional[dict[str, Any]]) -> TrainState:
-    """Model, EMA (a copy of the initial weights), AdamW and the S-JFB generator; restored from a checkpoint if given."""
+    """Model, EMA (a copy of the initial weights), AdamW and the S-JFB generator; restored from a checkpoint if
+    given."""
     model = create_model(model_config, grad_checkpointing=config.grad_checkpointing)
     state = TrainState(model=model, ema=deepcopy(model).float().requires_grad_(False),
                        optimizer=torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay),
