@@ -6,24 +6,34 @@ A training checkpoint is a dict saved with torch.save::
      "config": {"model": asdict(ModelConfig), "train": asdict(TrainConfig)}, "rng": {...}}
 
 Published weights are the EMA state dict as safetensors, with the ModelConfig as JSON in the file's metadata.
+A training run keeps numbered checkpoints (checkpoints/0000100.pt, ...); latest.pt is a hard link to the newest.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from config import ModelConfig, model_config_from_dict
+from config import ModelConfig, UserError, model_config_from_dict
 from models import create_model
 
 CHECKPOINT_FORMAT = "fpdm-checkpoint-v1"
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "pretrained" / "fpdm-digits.safetensors"
+TRAINING_KEYS = ("model", "ema", "opt", "step", "config", "rng")  # what --resume needs in a checkpoint
+NUMBERED_CHECKPOINT = re.compile(r"^(\d{7})\.pt$")                 # checkpoints/0000100.pt: the step
+TMP_PATTERN = ".*.tmp"                                             # atomic_write's temporary files
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """A --ckpt / --resume path that does not exist: a user mistake (UserError) and a missing file."""
 
 
 #################################################################################
@@ -40,7 +50,12 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any]) -> Non
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write_fn(tmp)
+        try:
+            write_fn(tmp)
+        except OSError as error:
+            if error.filename is None and error.strerror:  # e.g. ENOSPC from a file handle: name the file
+                raise OSError(error.errno, error.strerror, str(path)) from error
+            raise
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         umask = os.umask(0)
@@ -56,29 +71,106 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any]) -> Non
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> None:
     """Atomically save a training checkpoint dict."""
     payload = {"format": CHECKPOINT_FORMAT, **payload}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: str) -> None:
+        # Through a Python file object, a full disk raises OSError(ENOSPC) (torch.save(path) raises RuntimeError).
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+    atomic_write(path, write)
+
+
+def link_latest(numbered: Path, latest: Path) -> None:
+    """Point `latest` at `numbered` atomically: a hard link renamed into place (a copy where links fail)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{latest.name}.", suffix=".tmp", dir=latest.parent)
+    os.close(fd)
+    os.remove(tmp)  # os.link needs a free name; mkstemp only reserved a unique one
+    try:
+        os.link(numbered, tmp)
+        os.replace(tmp, latest)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        atomic_write(latest, lambda path: shutil.copyfile(numbered, path))
+
+
+def numbered_checkpoints(ckpt_dir: Path) -> dict[int, Path]:
+    """{step: path} of the numbered checkpoints in a run's checkpoints/ folder."""
+    found = {}
+    for path in ckpt_dir.glob("*.pt"):
+        match = NUMBERED_CHECKPOINT.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def prune_checkpoints(ckpt_dir: Path, step: int, keep_last: int, milestone_every: int = 0) -> list[Path]:
+    """Keep the `keep_last` newest numbered checkpoints up to `step` (0: keep all) and every milestone (a step
+    divisible by milestone_every > 0); delete the rest and return them.
+
+    Checkpoints after `step` (left by a run resumed from an earlier one) are not this save's to judge and stay.
+    """
+    if keep_last == 0:
+        return []
+    older = sorted((s, path) for s, path in numbered_checkpoints(ckpt_dir).items() if s <= step)[:-keep_last]
+    stale = [path for s, path in older if not (milestone_every and s % milestone_every == 0)]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete atomic_write temporaries left by a killed process (`.NAME.XXXX.tmp`); returns those deleted."""
+    stale = sorted(folder.glob(TMP_PATTERN))
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 #################################################################################
 #                                   Loading                                     #
 #################################################################################
 
-def load_checkpoint(path: str | os.PathLike, flag: str = "--ckpt") -> dict[str, Any]:
-    """Load a training checkpoint safely, with clear errors for missing, truncated or foreign files."""
+def load_checkpoint(path: str | os.PathLike, flag: str = "--ckpt", require: Sequence[str] = ()) -> dict[str, Any]:
+    """Load a training checkpoint safely, with clear errors for missing, truncated or foreign files and for a
+    payload lacking any of the `require`d entries (e.g. TRAINING_KEYS to resume)."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "latest.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{flag}: checkpoint {str(path)!r} does not exist")
+        raise CheckpointNotFoundError(f"{flag}: checkpoint {str(path)!r} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle with disallowed globals, not a torch file at all
-        raise ValueError(f"{flag}: {str(path)!r} is not a readable checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+        raise UserError(f"{flag}: {str(path)!r} is not a readable checkpoint ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{flag}: {str(path)!r} is not a checkpoint written by train.py "
-                         f"(expected format {CHECKPOINT_FORMAT!r})")
+        raise UserError(f"{flag}: {str(path)!r} is not a checkpoint written by train.py "
+                        f"(expected format {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in require if key not in payload]
+    if missing:
+        raise UserError(f"{flag}: {str(path)!r} lacks {', '.join(missing)}; not a complete train.py checkpoint")
     return payload
+
+
+def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                            flag: str) -> None:
+    """load_state_dict(strict=True), with a mismatch summarised in one line naming the file and the first key."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if wrong_shape:
+        key = wrong_shape[0]
+        problems.append(f"{len(wrong_shape)} tensor(s) of the wrong shape, first {key!r}: "
+                        f"{tuple(state_dict[key].shape)} in the file, {tuple(expected[key].shape)} in the model")
+    if missing:
+        problems.append(f"{len(missing)} key(s) missing, first {missing[0]!r}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
+    if problems:
+        raise UserError(f"{flag}: {source!r} does not match the model its config describes: " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=True)
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: str | os.PathLike) -> None:
@@ -94,15 +186,15 @@ def load_safetensors(path: str | os.PathLike, flag: str = "--ckpt") -> tuple[dic
     from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{flag}: weights file {str(path)!r} does not exist")
+        raise CheckpointNotFoundError(f"{flag}: weights file {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             state_dict = {k: handle.get_tensor(k) for k in handle.keys()}
     except Exception as error:
-        raise ValueError(f"{flag}: {str(path)!r} is not a readable safetensors file ({error})") from error
+        raise UserError(f"{flag}: {str(path)!r} is not a readable safetensors file ({error})") from error
     if "config" not in metadata:
-        raise ValueError(f"{flag}: {str(path)!r} has no model config in its metadata")
+        raise UserError(f"{flag}: {str(path)!r} has no model config in its metadata")
     return state_dict, model_config_from_dict(json.loads(metadata["config"]))
 
 
@@ -112,11 +204,11 @@ def load_model_for_sampling(path: str | os.PathLike, device: str | torch.device 
     if str(path).endswith(".safetensors"):
         state_dict, config = load_safetensors(path, flag)
     else:
-        payload = load_checkpoint(path, flag)
+        payload = load_checkpoint(path, flag, require=("config", "ema" if use_ema else "model"))
         config = model_config_from_dict(payload["config"]["model"])
         state_dict = payload["ema" if use_ema else "model"]
     model = create_model(config)
-    model.load_state_dict(state_dict, strict=True)
+    load_state_dict_checked(model, state_dict, str(path), flag)
     return model.to(device).eval(), config
 
 

@@ -132,12 +132,17 @@ class TrainConfig:
     grad_checkpointing: bool = _flag(False, "Non-reentrant gradient checkpointing of the explicit blocks.")
     num_workers: int = _flag(0, "DataLoader worker processes.")
     sample_grid: bool = _flag(True, "Write a grid of EMA samples to the run folder at the end of training.")
+    keep_last_ckpts: int = _flag(3, "Keep only the newest K numbered checkpoints (0: keep all); latest.pt always stays.")
+    ckpt_milestones_every: int = _flag(0, "Also keep every checkpoint whose step is a multiple of N for good "
+                                          "(0: no milestones).")
 
     def validate(self) -> "TrainConfig":
         """Refuse bad values of single flags (the process count is checked by train.py); returns self."""
         _check_choices(self)
         for name in ("global_batch_size", "lr", "ckpt_every", "log_every", "epochs"):
             _check(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        for name in ("keep_last_ckpts", "ckpt_milestones_every"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1 (None: no cap)",
                self.max_steps)
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)", self.ema_decay)

@@ -1,8 +1,9 @@
 """Training data: built-in digits, VAE latents written by extract_features.py, and image folders.
 
 Every dataset item is ``(x, y)``: ``x`` a float32 tensor (pixels in [-1, 1], or scaled VAE latents) and ``y`` a 0-dim
-int64 class label. ``create_dataset`` picks the dataset named by ``--dataset`` and resolves the model's input settings
-(channels, image size, latent or pixel space, number of classes) from the data.
+int64 class label. ``create_dataset`` picks the dataset named by ``--dataset`` and returns, beside it, the model
+input settings the data implies (channels, image size, latent or pixel space, number of classes) for the trainer to
+apply.
 
 Sharding across processes: a dataset with ``is_sharded = True`` (``LatentDataset``) already holds only this process's
 shard, so the trainer indexes all of it; the others (digits, image folders) hold everything and the trainer splits
@@ -13,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Collection
+from typing import Any, Collection
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from config import ModelConfig, TrainConfig
+from config import ModelConfig, TrainConfig, UserError
 from latents import read_chunk, read_manifest
 from vae import VAE_DOWNSAMPLING, local_vae_config, vae_downsampling
 
@@ -106,16 +107,22 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[st
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data_path {str(root)!r} is not a folder (expected one sub-folder per class)")
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    try:
+        classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    except OSError as error:
+        raise UserError(f"--data_path {str(root)!r} cannot be read ({error.strerror or error})") from error
     samples = []
+
+    def unreadable(error: OSError) -> None:
+        raise UserError(f"--data_path: cannot read folder {error.filename!r} ({error.strerror or error})") from error
     for label, name in enumerate(classes):
-        for folder, subfolders, files in os.walk(root / name):
+        for folder, subfolders, files in os.walk(root / name, onerror=unreadable):
             subfolders.sort()
             for file in sorted(files):
                 if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith("."):
                     samples.append(((Path(folder) / file).relative_to(root).as_posix(), label))
     if not samples:
-        raise ValueError(f"--data_path {str(root)!r} holds no images: expected class sub-folders containing "
+        raise UserError(f"--data_path {str(root)!r} holds no images: expected class sub-folders containing "
                          f"{', '.join(IMAGE_EXTENSIONS)} files (found {len(classes)} sub-folders)")
     return classes, samples
 
@@ -150,7 +157,7 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as image:
                 pixels = center_crop_image(image.convert("RGB"), self.image_size)
         except OSError as error:
-            raise ValueError(f"--data_path: cannot read image {str(path)!r}: {error}") from error
+            raise UserError(f"--data_path: cannot read image {str(path)!r}: {error}") from error
         image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (3, H, W) uint8 (copy: PIL arrays are read-only)
         return image.float() / 127.5 - 1.0
 
@@ -194,8 +201,8 @@ class LatentDataset(Dataset):
         total = int(self.manifest["num_images"])
         per_rank = total // world_size
         if per_rank < 1:
-            raise ValueError(f"--feature_path {str(self.folder)!r} holds {total} latents, fewer than the "
-                             f"{world_size} processes")
+            raise UserError(f"--feature_path {str(self.folder)!r} holds {total} latents, fewer than the "
+                            f"{world_size} processes")
         first, last = rank * per_rank, (rank + 1) * per_rank   # this shard's image range [first, last)
         latents, flips, labels, indices = [], [], [], []
         self.chunk_files = []
@@ -216,8 +223,8 @@ class LatentDataset(Dataset):
         self.labels = torch.from_numpy(np.concatenate(labels))                        # (n,) int64
         self.indices = torch.from_numpy(np.concatenate(indices))                      # (n,) int64
         if not torch.equal(self.indices, torch.arange(first, last)):
-            raise ValueError(f"--feature_path {str(self.folder)!r}: chunks do not cover images [{first}, {last}) "
-                             f"exactly; the manifest does not match its chunk files")
+            raise UserError(f"--feature_path {str(self.folder)!r}: chunks do not cover images [{first}, {last}) "
+                            f"exactly; the manifest does not match its chunk files")
 
     def __len__(self) -> int:
         return self.latents.shape[0] * (2 if self.has_flips else 1)
@@ -247,74 +254,94 @@ def _given(model_cfg: ModelConfig, explicit: Collection[str] | None) -> set[str]
 def _resolve_num_classes(requested: int, found: int, given: set[str], source: str) -> int:
     """num_classes from the data, or 0 (unconditional) when requested; a given value must agree with the data."""
     if "num_classes" in given and requested not in (0, found):
-        raise ValueError(f"--num_classes {requested} disagrees with {source}, which has {found} classes "
-                         f"(pass --num_classes {found}, or 0 for an unconditional model)")
+        raise UserError(f"--num_classes {requested} disagrees with {source}, which has {found} classes "
+                        f"(pass --num_classes {found}, or 0 for an unconditional model)")
     return 0 if requested == 0 else found
 
 
-def create_dataset(train_cfg: TrainConfig, model_cfg: ModelConfig, rank: int = 0, world_size: int = 1,
-                   explicit: Collection[str] | None = None) -> tuple[Dataset, ModelConfig]:
-    """The --dataset for this process and the ModelConfig with in_channels/image_size/latent/num_classes resolved.
-
-    `explicit` names the ModelConfig fields given on the command line (None: fields differing from the defaults
-    count as given); a given --image_size or --num_classes that contradicts the data is an error.
-    """
-    given = _given(model_cfg, explicit)
+def _check_dataset_flags(train_cfg: TrainConfig) -> None:
+    """--dataset is known, and the data flags given belong to it."""
     name = train_cfg.dataset
     if name not in DATASETS:
-        raise ValueError(f"--dataset {name!r} is unknown; choose one of {', '.join(DATASETS)}")
+        raise UserError(f"--dataset {name!r} is unknown; choose one of {', '.join(DATASETS)}")
     for flag, value, owner in (("feature_path", train_cfg.feature_path, "latents"),
                                ("data_path", train_cfg.data_path, "imagefolder")):
         if value and name != owner:
-            raise ValueError(f"--{flag} is set but --dataset is {name!r}; did you mean --dataset {owner}?")
+            raise UserError(f"--{flag} is set but --dataset is {name!r}; did you mean --dataset {owner}?")
     if train_cfg.vae and name != "imagefolder":
-        raise ValueError(f"--vae only applies to --dataset imagefolder (got --dataset {name}); "
-                         f"latents from extract_features.py are already encoded")
+        raise UserError(f"--vae only applies to --dataset imagefolder (got --dataset {name}); "
+                        f"latents from extract_features.py are already encoded")
 
-    if name == "digits":
-        if model_cfg.image_size != 8:
-            raise ValueError(f"--dataset digits holds 8x8 images: --image_size must be 8, got {model_cfg.image_size}")
-        if model_cfg.num_classes not in (0, 10):
-            raise ValueError(f"--dataset digits has 10 classes: --num_classes must be 10 (or 0 for an "
-                             f"unconditional model), got {model_cfg.num_classes}")
-        if "in_channels" in given and model_cfg.in_channels != 1:
-            raise ValueError(f"--dataset digits is grayscale: --in_channels must be 1, got {model_cfg.in_channels}")
-        return DigitsDataset(), dataclasses.replace(model_cfg, in_channels=1, latent=False)
 
-    if name == "latents":
+def create_dataset(train_cfg: TrainConfig, model_cfg: ModelConfig, rank: int = 0, world_size: int = 1,
+                   explicit: Collection[str] | None = None) -> tuple[Dataset, dict[str, Any]]:
+    """The --dataset for this process and the ModelConfig fields the data implies: in_channels, image_size,
+    num_classes and latent.
+
+    The caller applies them: `model_cfg = dataclasses.replace(model_cfg, **implied)`. A given flag that
+    contradicts the data is a UserError here; `explicit` names the ModelConfig fields given on the command line
+    (None: fields differing from the defaults count as given).
+    """
+    given = _given(model_cfg, explicit)
+    _check_dataset_flags(train_cfg)
+    if train_cfg.dataset == "digits":
+        return DigitsDataset(), _digits_implied(model_cfg, given)
+    if train_cfg.dataset == "latents":
         dataset = LatentDataset(train_cfg.feature_path, rank, world_size)
-        channels, height, width = dataset.latent_shape
-        if "image_size" in given and model_cfg.image_size != dataset.image_size:
-            raise ValueError(f"--image_size {model_cfg.image_size} disagrees with --feature_path "
-                             f"{train_cfg.feature_path!r}, extracted at {dataset.image_size} px "
-                             f"(pass --image_size {dataset.image_size} or leave it out)")
-        if height != width or height * VAE_DOWNSAMPLING != dataset.image_size:
-            raise ValueError(f"--feature_path {train_cfg.feature_path!r}: latents {height}x{width} for "
-                             f"{dataset.image_size} px images; models expect image_size // {VAE_DOWNSAMPLING}")
-        if "in_channels" in given and model_cfg.in_channels != channels:
-            raise ValueError(f"--in_channels {model_cfg.in_channels} disagrees with --feature_path latents "
-                             f"of {channels} channels")
-        num_classes = _resolve_num_classes(model_cfg.num_classes, dataset.num_classes, given,
-                                           f"--feature_path {train_cfg.feature_path!r}")
-        return dataset, dataclasses.replace(model_cfg, image_size=dataset.image_size, in_channels=channels,
-                                            latent=True, num_classes=num_classes)
-
+        return dataset, _latents_implied(dataset, train_cfg, model_cfg, given)
     # imagefolder: pixels in [-1, 1]; with --vae the trainer encodes each batch with encode_images.
     if not train_cfg.data_path:
-        raise ValueError("--dataset imagefolder needs --data_path (a folder of class sub-folders of images)")
+        raise UserError("--dataset imagefolder needs --data_path (a folder of class sub-folders of images)")
     dataset = ImageFolderDataset(train_cfg.data_path, model_cfg.image_size, random_flip=True)
+    return dataset, _image_folder_implied(dataset, train_cfg, model_cfg, given)
+
+
+def _digits_implied(model_cfg: ModelConfig, given: set[str]) -> dict[str, Any]:
+    """8x8 grayscale pixels, 10 classes (or 0 for an unconditional model)."""
+    if model_cfg.image_size != 8:
+        raise UserError(f"--dataset digits holds 8x8 images: --image_size must be 8, got {model_cfg.image_size}")
+    if model_cfg.num_classes not in (0, 10):
+        raise UserError(f"--dataset digits has 10 classes: --num_classes must be 10 (or 0 for an "
+                        f"unconditional model), got {model_cfg.num_classes}")
+    if "in_channels" in given and model_cfg.in_channels != 1:
+        raise UserError(f"--dataset digits is grayscale: --in_channels must be 1, got {model_cfg.in_channels}")
+    return {"in_channels": 1, "image_size": 8, "num_classes": model_cfg.num_classes, "latent": False}
+
+
+def _latents_implied(dataset: LatentDataset, train_cfg: TrainConfig, model_cfg: ModelConfig,
+                     given: set[str]) -> dict[str, Any]:
+    """Image size, channels and classes recorded in the feature folder's manifest."""
+    channels, height, width = dataset.latent_shape
+    if "image_size" in given and model_cfg.image_size != dataset.image_size:
+        raise UserError(f"--image_size {model_cfg.image_size} disagrees with --feature_path "
+                        f"{train_cfg.feature_path!r}, extracted at {dataset.image_size} px "
+                        f"(pass --image_size {dataset.image_size} or leave it out)")
+    if height != width or height * VAE_DOWNSAMPLING != dataset.image_size:
+        raise UserError(f"--feature_path {train_cfg.feature_path!r}: latents {height}x{width} for "
+                        f"{dataset.image_size} px images; models expect image_size // {VAE_DOWNSAMPLING}")
+    if "in_channels" in given and model_cfg.in_channels != channels:
+        raise UserError(f"--in_channels {model_cfg.in_channels} disagrees with --feature_path latents "
+                        f"of {channels} channels")
+    num_classes = _resolve_num_classes(model_cfg.num_classes, dataset.num_classes, given,
+                                       f"--feature_path {train_cfg.feature_path!r}")
+    return {"in_channels": channels, "image_size": dataset.image_size, "num_classes": num_classes, "latent": True}
+
+
+def _image_folder_implied(dataset: ImageFolderDataset, train_cfg: TrainConfig, model_cfg: ModelConfig,
+                          given: set[str]) -> dict[str, Any]:
+    """Classes from the sub-folders; RGB pixels, or the VAE's latent channels with --vae."""
     num_classes = _resolve_num_classes(model_cfg.num_classes, dataset.num_classes, given,
                                        f"--data_path {train_cfg.data_path!r}")
     if not train_cfg.vae:
         if "in_channels" in given and model_cfg.in_channels != 3:
-            raise ValueError(f"--in_channels must be 3 for RGB --dataset imagefolder, got {model_cfg.in_channels}")
-        return dataset, dataclasses.replace(model_cfg, in_channels=3, latent=False, num_classes=num_classes)
+            raise UserError(f"--in_channels must be 3 for RGB --dataset imagefolder, got {model_cfg.in_channels}")
+        return {"in_channels": 3, "image_size": model_cfg.image_size, "num_classes": num_classes, "latent": False}
     if model_cfg.image_size % VAE_DOWNSAMPLING:
-        raise ValueError(f"--image_size {model_cfg.image_size} must be a multiple of {VAE_DOWNSAMPLING} "
-                         f"with --vae (latents are image_size // {VAE_DOWNSAMPLING})")
+        raise UserError(f"--image_size {model_cfg.image_size} must be a multiple of {VAE_DOWNSAMPLING} "
+                        f"with --vae (latents are image_size // {VAE_DOWNSAMPLING})")
     vae_config = local_vae_config(train_cfg.vae)
     channels = int(vae_config.get("latent_channels", 4)) if vae_config else 4  # hub SD VAEs have 4
     if vae_config and vae_downsampling(vae_config) != VAE_DOWNSAMPLING:
-        raise ValueError(f"--vae {train_cfg.vae!r} downsamples by {vae_downsampling(vae_config)}; models expect "
-                         f"{VAE_DOWNSAMPLING}x latents")
-    return dataset, dataclasses.replace(model_cfg, in_channels=channels, latent=True, num_classes=num_classes)
+        raise UserError(f"--vae {train_cfg.vae!r} downsamples by {vae_downsampling(vae_config)}; models expect "
+                        f"{VAE_DOWNSAMPLING}x latents")
+    return {"in_channels": channels, "image_size": model_cfg.image_size, "num_classes": num_classes, "latent": True}

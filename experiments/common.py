@@ -35,7 +35,7 @@ from allocation import IterationPlan
 from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, parse_flags
 from cost import blocks_per_step, training_units_per_step
-from records import read_json, summarize_stats, write_json
+from records import read_json, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO_ROOT / "experiments" / "results"
@@ -154,8 +154,8 @@ def steps_for_units(total_units: float, config: ModelConfig) -> int:
 
 def run_training(model_config: ModelConfig, train_config: TrainConfig) -> Path:
     """Train with the library and return the run folder (the one place experiments call training)."""
-    import train
-    return Path(train.train(model_config, train_config))
+    from training import training_loop
+    return training_loop(model_config, train_config)
 
 
 def train_command(model_config: ModelConfig, train_config: TrainConfig) -> str:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import param_counts, report, sampling_throughput
+from config import UserError
+from benchmarks import default_run, param_counts, report, sampling_throughput
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,3 +78,22 @@ def test_report_renders_the_recorded_results(tmp_path):
     assert out.read_text() == text + "\n"
     for heading in ("### Parameter counts", "### Training memory", "### Sampling throughput"):
         assert heading in text
+
+
+def test_default_run_quick_trains_samples_and_scores_both_models(tmp_path):
+    out = tmp_path / "default_run.json"
+    default_run.main(["--quick", "--out", str(out), "--work_dir", str(tmp_path / "work")])
+    payload = json.loads(out.read_text())
+    assert payload["quick"] and payload["train"]["steps"] == 4 and payload["train"]["seconds"] > 0
+    assert "configs/digits.yaml" in " ".join(payload["train"]["command"])
+    assert (tmp_path / "work" / "run" / "ema.safetensors").is_file()
+    assert payload["sampling"]["num_samples"] == 10 and payload["sampling"]["cfg_scale"] == 1.0
+    assert set(payload["models"]) == {"trained", "shipped"}
+    for m in payload["models"].values():
+        assert 0.0 <= m["classifier_accuracy"] <= 1.0 and m["digits_fid"] > 0 and m["sample_seconds"] > 0
+        assert m["sampler"] == "ddpm" and m["num_sampling_steps"] == 5 and sum(m["predicted_class_histogram"]) == 10
+    assert payload["models"]["shipped"]["weights"].endswith("pretrained/fpdm-digits.safetensors")
+    ratio = payload["ratio_trained_over_shipped"]
+    assert ratio["digits_fid"] > 0 and ratio["classifier_accuracy"] >= 0
+    with pytest.raises(UserError, match="--work_dir"):  # never writes into a used folder
+        default_run.main(["--quick", "--out", str(out), "--work_dir", str(tmp_path / "work")])

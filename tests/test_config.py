@@ -13,7 +13,6 @@ import pytest
 import evaluate
 import extract_features
 import sample
-import sample_ddp
 import train
 from config import (EvaluateConfig, ExtractConfig, ModelConfig, SampleConfig, SampleDDPConfig, TrainConfig,
                     UserError, build_config, load_preset, make_parser, parse_flags)

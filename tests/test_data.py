@@ -1,6 +1,7 @@
 """Datasets (digits, latents, image folders) and create_dataset."""
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +11,12 @@ from PIL import Image
 from config import ModelConfig, TrainConfig
 from data import (ImageFolderDataset, LatentDataset, center_crop_image, create_dataset, load_digits_split,
                   load_digits_tensors, load_digits_uint8)
+
+
+def resolve(train: TrainConfig, model: ModelConfig, **kwargs) -> tuple:
+    """create_dataset, with the implied fields applied as train.py applies them: (dataset, resolved config)."""
+    dataset, implied = create_dataset(train, model, **kwargs)
+    return dataset, replace(model, **implied)
 
 
 #################################################################################
@@ -25,12 +32,14 @@ def test_digits_tensors():
 
 
 def test_create_dataset_digits():
-    dataset, resolved = create_dataset(TrainConfig(), ModelConfig())
+    dataset, implied = create_dataset(TrainConfig(), ModelConfig())
+    assert set(implied) == {"in_channels", "image_size", "num_classes", "latent"}  # fields, not a new config
+    resolved = replace(ModelConfig(), **implied)
     assert len(dataset) == 1797 and not dataset.is_sharded
     assert (resolved.in_channels, resolved.latent, resolved.image_size, resolved.num_classes) == (1, False, 8, 10)
     x, y = dataset[5]
     assert x.shape == (1, 8, 8) and y.dtype == torch.int64 and y.ndim == 0
-    _, unconditional = create_dataset(TrainConfig(), ModelConfig(num_classes=0))
+    _, unconditional = resolve(TrainConfig(), ModelConfig(num_classes=0))
     assert unconditional.num_classes == 0
 
 
@@ -101,11 +110,11 @@ def test_latent_dataset_errors(tmp_path, features):
 
 def test_create_dataset_latents(features):
     train = TrainConfig(dataset="latents", feature_path=str(features))
-    dataset, resolved = create_dataset(train, ModelConfig())
+    dataset, resolved = resolve(train, ModelConfig())
     assert dataset.is_sharded and len(dataset) == 16
     assert (resolved.image_size, resolved.in_channels, resolved.latent, resolved.num_classes) == (32, 4, True, 2)
     assert resolved.input_size == 4
-    assert create_dataset(train, ModelConfig(num_classes=0))[1].num_classes == 0
+    assert resolve(train, ModelConfig(num_classes=0))[1].num_classes == 0
     with pytest.raises(ValueError, match="--image_size 64"):
         create_dataset(train, ModelConfig(image_size=64))
     with pytest.raises(ValueError, match="--num_classes 5"):
@@ -167,10 +176,10 @@ def test_image_folder_center_crop_and_labels(tmp_path):
 
 def test_create_dataset_imagefolder(image_folder, vae_dir):
     train = TrainConfig(dataset="imagefolder", data_path=str(image_folder))
-    dataset, resolved = create_dataset(train, ModelConfig(image_size=32))
+    dataset, resolved = resolve(train, ModelConfig(image_size=32))
     assert len(dataset) == 16 and not dataset.is_sharded
     assert (resolved.in_channels, resolved.latent, resolved.num_classes) == (3, False, 2)
     assert dataset[0][0].shape == (3, 32, 32)
-    _, latent = create_dataset(TrainConfig(dataset="imagefolder", data_path=str(image_folder), vae=str(vae_dir)),
-                               ModelConfig(image_size=32))
+    _, latent = resolve(TrainConfig(dataset="imagefolder", data_path=str(image_folder), vae=str(vae_dir)),
+                        ModelConfig(image_size=32))
     assert (latent.in_channels, latent.latent, latent.input_size) == (4, True, 4)

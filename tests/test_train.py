@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ import torch
 
 import checkpoint
 from config import ModelConfig
-from models import create_model
+from models import create_model, draw_sjfb_iters
 import train
+import training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +81,12 @@ def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):
     path = tmp_path / "latest.pt"
     checkpoint.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, path)
 
-    def crash(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"partial")
+    def crash(obj, f, *args, **kwargs):  # f: the temporary file's path or its open handle
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as handle:
+                handle.write(b"partial")
+        else:
+            f.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)
@@ -92,7 +97,7 @@ def test_atomic_save_survives_a_crash(tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real = train.compute_loss
+    real = training.compute_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -102,8 +107,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
             terms = {k: v * float("nan") for k, v in terms.items()}
         return terms
 
-    monkeypatch.setattr(train, "compute_loss", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match="step 3"):
+    monkeypatch.setattr(training, "compute_loss", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match="step 3"):
         run_train(tmp_path, "--max_steps", "5", "--ckpt_every", "2", "--output_subdir", "nan")
     good = load_weights(tmp_path / "nan")
     assert good["step"] == 2
@@ -241,3 +246,205 @@ def test_train_on_image_folder_through_the_vae(image_folder, vae_dir, tmp_path):
     pixel_run = train.main([*TINY_DATA_TRAIN, "--dataset", "imagefolder", "--data_path", str(image_folder),
                             "--image_size", "16", "--sample_grid", "False", "--output_dir", str(tmp_path)])
     assert load_checkpoint(pixel_run)["config"]["model"]["in_channels"] == 3
+
+
+#################################################################################
+#               Setup apart from the loop; the data implies model fields        #
+#################################################################################
+
+def test_training_loop_applies_what_the_data_implies_and_checks_given_flags(tmp_path):
+    from config import TrainConfig, UserError
+    model_config, train_config, _, _ = train.parse_configs([*TINY, "--max_steps", "1", "--output_dir", str(tmp_path),
+                                                           "--output_subdir", "direct"])
+    run = training.training_loop(replace(model_config, in_channels=3), train_config,  # not given: the data decides
+                                 explicit_model_fields=set())
+    assert run == tmp_path / "direct" and load_weights(run)["config"]["model"]["in_channels"] == 1
+    with pytest.raises(UserError, match="--in_channels must be 1, got 3"):  # given: must agree with the data
+        training.training_loop(replace(model_config, in_channels=3), replace(train_config, output_subdir="other"),
+                               explicit_model_fields={"in_channels"})
+    assert not (tmp_path / "other").exists()
+    assert isinstance(TrainConfig().keep_last_ckpts, int)
+
+
+#################################################################################
+#                       Nothing a user wrote is destroyed                       #
+#################################################################################
+
+def folder_checksums(folder: Path) -> dict[str, str]:
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_existing_run_folder_is_refused_and_left_byte_identical(tmp_path):
+    run = run_train(tmp_path, "--max_steps", "2", "--ckpt_every", "1", "--output_subdir", "run")
+    before = folder_checksums(run)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "--max_steps", "2", "--output_dir",
+                             str(tmp_path), "--output_subdir", "run"], capture_output=True, text=True, env=env,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert str(run) in result.stderr and "--resume" in result.stderr and "--output_subdir" in result.stderr
+    assert folder_checksums(run) == before
+    from config import UserError
+    with pytest.raises(UserError, match="already holds a run"):  # in-process too, and with another model
+        train.main(["--max_steps", "1", "--output_dir", str(tmp_path), "--output_subdir", "run"])
+    assert folder_checksums(run) == before
+
+
+def test_resume_drops_metrics_after_the_step_and_stale_temporaries(tmp_path):
+    run = run_train(tmp_path, "--max_steps", "4", "--ckpt_every", "2", "--log_every", "1", "--output_subdir", "k")
+    # Simulate a kill after step 4's metrics but before its checkpoint: latest.pt points back at step 2.
+    checkpoints = run / "checkpoints"
+    checkpoint.link_latest(checkpoints / "0000002.pt", checkpoints / "latest.pt")
+    (checkpoints / "0000004.pt").unlink()
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "loss": 1.0}\n{"step": 6, "lo')  # rows of a later, killed run; one cut short
+    (checkpoints / ".latest.pt.x1y2z3.tmp").write_bytes(b"partial")
+    train.main(["--resume", str(run), "--max_steps", "4"])
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert not list(checkpoints.glob(".*.tmp"))
+    assert load_weights(run)["step"] == 4
+
+
+#################################################################################
+#                   S-JFB: one (n, m) per step, the same on every rank          #
+#################################################################################
+
+def test_sjfb_iters_are_drawn_once_per_step_from_the_global_seed_and_logged(tmp_path, monkeypatch):
+    from models import FPDM
+    seen = []
+    real = FPDM.forward_with_stats
+
+    def spy(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            seen.append((kwargs.get("num_no_grad_iters"), kwargs.get("num_iters")))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FPDM, "forward_with_stats", spy)
+    run = run_train(tmp_path, "--max_steps", "6", "--log_every", "1", "--global_seed", "3", "--output_subdir", "s",
+                    "--fixed_point_no_grad_max_iters", "4", "--fixed_point_with_grad_max_iters", "4")
+    bounds = ModelConfig(fixed_point=True, fixed_point_no_grad_max_iters=4, fixed_point_with_grad_max_iters=4)
+    generator = torch.Generator().manual_seed(3)
+    expected = [draw_sjfb_iters(bounds, generator) for _ in range(6)]
+    assert seen == expected and len(set(expected)) > 1  # passed explicitly, one draw per step, varying
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["sjfb_n"], r["sjfb_m"]) for r in rows] == expected
+    assert [r["sjfb_n_mean"] for r in rows] == [float(n) for n, _ in expected]
+
+
+def test_two_process_sjfb_iters_agree_across_ranks_and_vary_across_steps(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "aconfs/cpu_2proc.yaml"),
+               "--main_process_port", "29534", str(REPO / "train.py"), *TINY, "--max_steps", "6", "--log_every", "3",
+               "--ckpt_every", "6", "--fixed_point_no_grad_max_iters", "4", "--fixed_point_with_grad_max_iters", "4",
+               "--output_dir", str(tmp_path), "--output_subdir", "ddp"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    # Each logged window gathers every rank's (n, m) per step and stops the run if they differ.
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6] and all({"sjfb_n", "sjfb_m", "sjfb_n_mean"} <= set(r) for r in rows)
+    bounds = ModelConfig(fixed_point=True, fixed_point_no_grad_max_iters=4, fixed_point_with_grad_max_iters=4)
+    generator = torch.Generator().manual_seed(0)
+    expected = [draw_sjfb_iters(bounds, generator) for _ in range(6)]
+    assert [(r["sjfb_n"], r["sjfb_m"]) for r in rows] == [expected[2], expected[5]] and len(set(expected)) > 1
+    rng = load_weights(tmp_path / "ddp")["rng"]
+    assert len(rng) == 2 and torch.equal(rng[0]["generators"]["sjfb"], rng[1]["generators"]["sjfb"])
+    assert not torch.equal(rng[0]["torch"], rng[1]["torch"])  # timesteps, noise, label dropout: per rank
+
+
+#################################################################################
+#                         One-line errors for user mistakes                     #
+#################################################################################
+
+def run_script(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *argv], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+
+
+def test_user_mistakes_print_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--resume", str(tmp_path / "missing.pt")], ["--resume", "missing.pt"]),
+        (["--output_dir", str(tmp_path / "a_file" / "runs"), "--max_steps", "1"], ["--output_dir", "a_file"]),
+        (["--dataset", "imagefolder", "--data_path", str(tmp_path / "empty"), "--max_steps", "1"],
+         ["--data_path", "empty", "holds no images"]),
+        (["--dataset", "imagefolder", "--data_path", str(tmp_path / "a_file"), "--max_steps", "1"],
+         ["--data_path", "a_file", "not a folder"]),
+        (["--lr", "-1", "--max_steps", "1", "--output_dir", str(tmp_path / "x")], ["--lr: must be > 0 (got -1.0)"]),
+    ]
+    for argv, words in cases:
+        result = run_script(tmp_path, *argv)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert all(word in result.stderr for word in words), result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_two_process_bad_batch_size_prints_once_and_every_process_fails(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "aconfs/cpu_2proc.yaml"),
+               "--main_process_port", "29535", str(REPO / "train.py"), "--global_batch_size", "63",
+               "--output_dir", str(tmp_path), "--max_steps", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    message = "error: --global_batch_size: must be a multiple of the number of processes 2 (got 63)\n"
+    assert result.returncode != 0 and result.stderr.startswith(message), result.stderr[-3000:]
+    assert result.stderr.count("--global_batch_size") == 1
+    exit_codes = [line.split(":")[1].split()[0] for line in result.stderr.splitlines() if "exitcode  :" in line]
+    assert len(exit_codes) == 2 and all(code != "0" for code in exit_codes), result.stderr[-3000:]
+    assert not any(tmp_path.iterdir())
+
+
+def test_wrong_shapes_on_resume_name_the_file_and_key(tmp_path):
+    from config import UserError
+    run = run_train(tmp_path, "--max_steps", "1", "--output_subdir", "w")
+    payload = load_weights(run)
+    payload["model"]["final_layer.linear.weight"] = payload["model"]["final_layer.linear.weight"][:1]
+    bad = run / "checkpoints" / "0000001.pt"
+    checkpoint.save_checkpoint({k: v for k, v in payload.items() if k != "format"}, bad)
+    with pytest.raises(UserError, match=r"--resume: .*0000001\.pt.*first 'final_layer\.linear\.weight'"):
+        train.main(["--resume", str(bad), "--max_steps", "2"])
+
+
+def test_full_disk_during_a_save_is_one_line_naming_the_file_and_keeps_latest(tmp_path, monkeypatch, capsys):
+    import cli
+    real_save, calls = torch.save, []
+
+    def second_save_hits_a_full_disk(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        with open("/dev/full", "wb") as full:
+            real_save(obj, full)
+
+    monkeypatch.setattr(torch, "save", second_save_hits_a_full_disk)
+    with pytest.raises(SystemExit) as caught:
+        cli.run(lambda: run_train(tmp_path, "--max_steps", "4", "--ckpt_every", "2", "--output_subdir", "full"))
+    assert caught.value.code == 2
+    checkpoints = tmp_path / "full" / "checkpoints"
+    err = capsys.readouterr().err  # in-process, the run's log lines come first
+    assert err.splitlines()[-1] == f"error: No space left on device: {checkpoints / '0000004.pt'}"
+    assert err.count("error:") == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_weights(tmp_path / "full")["step"] == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000002.pt", "latest.pt"]
+
+
+#################################################################################
+#                      Old checkpoints pruned; latest.pt a link                 #
+#################################################################################
+
+def test_keep_last_ckpts_and_milestones(tmp_path):
+    run = run_train(tmp_path, "--max_steps", "5", "--ckpt_every", "1", "--keep_last_ckpts", "2",
+                    "--ckpt_milestones_every", "2", "--output_subdir", "keep")
+    checkpoints = run / "checkpoints"
+    # Five saves: the newest two (4, 5) plus milestone 2 (4 is one too); latest.pt is step 5's file, linked.
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000002.pt", "0000004.pt", "0000005.pt", "latest.pt"]
+    assert os.path.samefile(checkpoints / "latest.pt", checkpoints / "0000005.pt")
+    assert load_weights(run)["step"] == 5
+    plain = run_train(tmp_path, "--max_steps", "5", "--ckpt_every", "1", "--keep_last_ckpts", "2",
+                      "--output_subdir", "plain")
+    assert sorted(p.name for p in (plain / "checkpoints").iterdir()) == ["0000004.pt", "0000005.pt", "latest.pt"]
