@@ -246,3 +246,20 @@ def test_scripts_report_user_errors_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--budget", "-5"], capture_output=True,
                             text=True, env=env, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr == "error: --budget: must be >= 1 (got -5)\n"
+
+
+def test_digits_preset_is_the_recipe_of_the_shipped_fpdm():
+    """The README's main job (configs/digits.yaml) trains exactly the recipe whose EMA weights ship as
+    pretrained/fpdm-digits.safetensors (recorded by experiments/exp1_equal_compute); benchmarks/default_run.py
+    measures what it reaches."""
+    import json
+    from checkpoint import BUNDLED_CHECKPOINT, load_safetensors
+    repo = Path(__file__).resolve().parents[1]
+    preset = load_preset(str(repo / "configs" / "digits.yaml"), ModelConfig, TrainConfig)
+    _, shipped = load_safetensors(BUNDLED_CHECKPOINT)
+    assert build_config(ModelConfig, preset) == shipped
+    recorded = json.loads((repo / "experiments" / "results" / "exp1_equal_compute.json").read_text())
+    train_config = build_config(TrainConfig, preset)
+    assert (train_config.lr, train_config.global_batch_size, train_config.max_steps) == \
+        (recorded["lr"], recorded["batch_size"], recorded["models"]["fpdm"]["steps"])
+    assert train_config.dataset == "digits" and train_config.global_seed == recorded["seed"]
