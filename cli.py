@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 from config import UserError
@@ -43,6 +45,25 @@ def error_line(error: BaseException) -> str:
     else:
         message = str(error) or type(error).__name__
     return "error: " + " ".join(message.split())
+
+
+def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
+    """Fail now, naming `flag`, unless `path` is (or can become) a folder this process can write into.
+
+    Nothing is left behind: the nearest existing folder is probed with a temporary file that is removed at once, so
+    a script can refuse an unwritable output folder before spending minutes on work it could not save.
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot write in {existing} ({error.strerror or error})") from None
 
 
 def run(main: Callable[[], Any]) -> Any:

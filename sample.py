@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            labels=None if labels is None else labels.tolist(), device=str(device),
                            vae=config.vae if model_config.latent else None)
     check_output_dir(output_dir, setup)
+    cli.check_writable_folder(output_dir, "--output_dir")
     print(describe_plan(plan))
     for note in notes + plan.notes:
         print(f"note: {note}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -263,3 +264,22 @@ def test_digits_preset_is_the_recipe_of_the_shipped_fpdm():
     assert (train_config.lr, train_config.global_batch_size, train_config.max_steps) == \
         (recorded["lr"], recorded["batch_size"], recorded["models"]["fpdm"]["steps"])
     assert train_config.dataset == "digits" and train_config.global_seed == recorded["seed"]
+
+
+def test_unwritable_output_folders_are_refused_before_any_work(tmp_path):
+    import cli
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cli.check_writable_folder(tmp_path / "new" / "deeper", "--output_dir")  # can be created: fine
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    for bad in (a_file, a_file / "sub"):
+        with pytest.raises(UserError, match="--output_dir .*is a file, not a folder"):
+            cli.check_writable_folder(bad, "--output_dir")
+    with pytest.raises(UserError, match="--output_dir .*cannot write"):
+        cli.check_writable_folder("/proc/fpdm-test", "--output_dir")
+    started = time.time()
+    result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--output_dir", str(a_file)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: --output_dir {a_file}: {a_file} is a file, not a folder"]
+    assert time.time() - started < 60  # refused before sampling 16 images x 250 steps
