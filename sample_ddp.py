@@ -211,26 +211,11 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         raise UserError(work["error"])
 
     todo = share_missing(work["missing"], rank, world_size)
-    labels = sampling.image_labels(todo, config.seed, model_config.num_classes, class_labels, label_mode="random")
+    labels = (sampling.image_labels(todo, config.seed, model_config.num_classes, class_labels, label_mode="random")
+              if todo else None)                              # a rank may have nothing left to draw
     writer = ShardWriter(sample_dir, rank, work["next_number"], config.shard_size, config.png)
-    generated, error = None, None
-    try:
-        generated = sampling.generate(model, model_config, config, plan, todo, labels, seed=config.seed,
-                                      batch_size=config.batch_size, device=device, vae=vae, on_batch=writer.add,
-                                      keep_images=False)
-        writer.flush()
-    except StopRequested:
-        writer.flush()
-    except Exception as failure:  # noqa: BLE001 -- user errors are agreed on below, anything else re-raised
-        (sample_dir / STOP_FILE).touch()
-        if not cli.is_user_error(failure):
-            raise
-        if not isinstance(failure, OSError):                  # a full disk would fail again
-            writer.flush()
-        error = failure_message(failure, ckpt, rank, world_size)
-    agree_on_failure(error)
-
-    assert generated is not None  # a rank stops early only when another failed, and then all raised above
+    generated = draw(writer, todo, labels, model=model, model_config=model_config, config=config, plan=plan,
+                     device=device, vae=vae, ckpt=ckpt, world_size=world_size)
     if not config.diagnostics:  # keep only delta_t: full residual curves of 50K images are not worth gathering
         for stats in generated.trajectories:
             stats.residuals_per_step = [r[-1:] for r in stats.residuals_per_step]
@@ -243,6 +228,31 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         npz = finish(sample_dir, model_config, config, plan, setup, everything, all_labels, world_size, device)
     distributed.shutdown()
     return npz
+
+
+def draw(writer: ShardWriter, todo: list[int], labels: Any, *, model: Any, model_config: Any,
+         config: SampleDDPConfig, plan: Any, device: torch.device, vae: Any, ckpt: Path,
+         world_size: int) -> sampling.Generated:
+    """Draw this rank's share, writing shards as it goes. A user error (e.g. a non-finite output) on any rank asks
+    the others to stop after their batch, and then every rank raises it; anything else keeps its traceback."""
+    generated, error = None, None
+    try:
+        generated = sampling.generate(model, model_config, config, plan, todo, labels, seed=config.seed,
+                                      batch_size=config.batch_size, device=device, vae=vae, on_batch=writer.add,
+                                      keep_images=False)
+        writer.flush()
+    except StopRequested:
+        writer.flush()
+    except Exception as failure:  # noqa: BLE001 -- user errors are agreed on below, anything else re-raised
+        (writer.sample_dir / STOP_FILE).touch()
+        if not cli.is_user_error(failure):
+            raise
+        if not isinstance(failure, OSError):                  # a full disk would fail again
+            writer.flush()                                    # the finished batches are good images
+        error = failure_message(failure, ckpt, writer.rank, world_size)
+    agree_on_failure(error)
+    assert generated is not None  # a rank stops early only when another failed, and then all raised above
+    return generated
 
 
 def check_sample_dir(sample_dir: Path, setup: dict[str, Any]) -> None:

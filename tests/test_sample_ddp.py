@@ -159,6 +159,11 @@ def test_png_flag_writes_pngs_beside_the_shards(fpdm_ckpt, tmp_path):
     for i in range(3):
         assert np.array_equal(load_png_rgb(sample_dir / "images" / f"{i:06d}.png"), packed[i])
     assert sorted(p.name for p in (sample_dir / "shards").iterdir()) == ["rank0_00000.npz", "rank0_00001.npz"]
+    again = sample_ddp.main(["--ckpt", str(fpdm_ckpt), "--sample_dir", str(sample_dir), "--num_fid_samples", "2",
+                             "--num_sampling_steps", "2", "--cfg_scale", "1"])  # all there: nothing to draw
+    assert np.array_equal(np.load(again)["arr_0"], packed[:2])
+    record = json.loads((sample_dir / "setup.json").read_text())
+    assert [run["generated_now"] for run in record["runs"]] == [3, 0] and record["runs"][1]["png"] is False
     with pytest.raises(UserError, match="--shard_size: must be >= 1"):
         sample_ddp.main(["--ckpt", str(fpdm_ckpt), "--sample_dir", str(tmp_path / "b"), "--shard_size", "0"])
 
