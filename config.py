@@ -223,11 +223,21 @@ class SampleDDPConfig(SampleConfig):
                       aliases=["--global_seed"])
     num_samples: int = _flag(50_000, "Number of images to generate across all processes.",
                              aliases=["--num_fid_samples"])
-    output_dir: str = _flag("samples", "Folder holding the run's PNGs, setup.json and the packed .npz.",
+    output_dir: str = _flag("samples", "Folder holding the run's shards, setup.json and the packed .npz.",
                             aliases=["--sample_dir"])
     batch_size: int = _flag(32, "Images per forward batch on each process.", aliases=["--per_proc_batch_size"])
     tf32: Optional[bool] = _flag(None, "DiT's flag: True is --precision tf32, False --precision fp32. None: "
                                        "--precision decides.")
+    shard_size: int = _flag(1000, "Images per shard file (shards/rank{r}_{k}.npz): the unit of resuming; an "
+                                  "interrupted run redraws at most this many images per process.")
+    png: bool = _flag(False, "Also write each new image as images/NNNNNN.png, for looking at (slower).",
+                      aliases=["--save_png"])
+
+    def validate(self) -> "SampleDDPConfig":
+        """SampleConfig's checks and --shard_size >= 1; returns self."""
+        super().validate()
+        _check(self.shard_size >= 1, "shard_size", "must be >= 1", self.shard_size)
+        return self
 
 
 @dataclass

@@ -2,13 +2,18 @@
 
 Sample archives use the ADM evaluator's format: an .npz with ``arr_0`` uint8 (N, H, W, 3) RGB images and, for
 class-conditional models, ``arr_1`` (N,) int64 labels (written by sample_ddp.py, read by evaluate.py).
+
+Image shards are sample_ddp.py's working files: an .npz holding ``indices`` int64 (n,) (which images),
+``images`` uint8 (n, H, W, C) as generated (C = 1 for grayscale) and, for class-conditional models, ``labels``
+int64 (n,). Each is written atomically, so a shard file on disk is always complete. ``pack_shards`` fills the
+ADM archive from them through a memory-mapped temporary .npy, so 50,000 images are never held in memory twice.
 """
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -100,13 +105,17 @@ def save_npz(path: str | Path, **arrays: Any) -> None:
     atomic_write(path, write)
 
 
-def read_npz(path: str | Path, flag: str) -> dict[str, np.ndarray]:
-    """All arrays of an .npz file (no pickles); any reader failure becomes a ValueError naming flag and file."""
+def read_npz(path: str | Path, flag: str, keys: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """All arrays of an .npz file, or only `keys` (others are not read; no pickles); any reader failure (a missing
+    key included) becomes a ValueError naming flag and file."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not hasattr(archive, "files"):
                 raise ValueError("it holds a single .npy array, not an .npz archive")
-            return {key: archive[key] for key in archive.files}
+            missing = [key for key in keys or () if key not in archive.files]
+            if missing:
+                raise ValueError(f"it has no {missing} array (found {sorted(archive.files)})")
+            return {key: archive[key] for key in (archive.files if keys is None else keys)}
     except Exception as error:  # zipfile.BadZipFile, OSError, pickle refusal, truncated members, ...
         raise ValueError(f"{flag}: cannot read {path} as an .npz archive ({error})") from error
 
@@ -143,3 +152,94 @@ def load_sample_npz(path: str, flag: str = "--samples") -> tuple[np.ndarray, Opt
                              f"got {labels.dtype} {labels.shape}")
         labels = labels.astype(np.int64)
     return images, labels
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, H, W, 3): grayscale repeated, extra channels dropped (as PNGs store them)."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images[..., :3]
+
+
+#################################################################################
+#                                 Image shards                                  #
+#################################################################################
+
+def save_shard(path: str | Path, indices: Sequence[int], images: np.ndarray,
+               labels: Optional[np.ndarray] = None) -> None:
+    """Write one shard atomically: indices (n,), uint8 images (n, H, W, C) and, when conditional, labels (n,)."""
+    indices = np.asarray(indices, dtype=np.int64)                   # (n,)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != indices.shape[0]:
+        raise ValueError(f"a shard needs uint8 (n, H, W, C) images for its {indices.shape[0]} indices; "
+                         f"got {images.dtype} {images.shape}")
+    arrays = {"indices": indices, "images": images}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels).astype(np.int64)      # (n,)
+    save_npz(path, **arrays)
+
+
+def read_shard_indices(path: str | Path, flag: str) -> np.ndarray:
+    """The image indices a shard holds, (n,) int64 (its images are not read)."""
+    indices = read_npz(path, flag, keys=["indices"])["indices"]
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"{flag}: {path}: 'indices' must be a 1-D integer array; got {indices.dtype} {indices.shape}")
+    return indices.astype(np.int64)
+
+
+def read_shard(path: str | Path, flag: str) -> dict[str, np.ndarray]:
+    """A whole shard, checked: indices (n,) int64, images uint8 (n, H, W, C), labels (n,) int64 when present."""
+    arrays = read_npz(path, flag)
+    indices, images, labels = arrays.get("indices"), arrays.get("images"), arrays.get("labels")
+    if indices is None or images is None:
+        raise ValueError(f"{flag}: {path} is not an image shard (arrays {sorted(arrays)}; expected indices, images)")
+    count = indices.shape[0] if indices.ndim == 1 else -1
+    if count < 0 or images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != count:
+        raise ValueError(f"{flag}: {path}: expected indices (n,) and uint8 images (n, H, W, C); got indices "
+                         f"{indices.shape}, images {images.dtype} {images.shape}")
+    if labels is not None and labels.shape != (count,):
+        raise ValueError(f"{flag}: {path}: labels must have shape ({count},); got {labels.shape}")
+    return {"indices": indices.astype(np.int64), "images": images,
+            **({} if labels is None else {"labels": labels.astype(np.int64)})}
+
+
+def pack_shards(path: str | Path, shards: Sequence[str | Path], num_images: int,
+                labels: Optional[np.ndarray] = None, flag: str = "--sample_dir") -> tuple[int, ...]:
+    """Write images 0..num_images-1 found in `shards` as an ADM archive at `path` (atomically); returns arr_0's
+    shape. Every index below num_images must occur exactly once across the shards (larger ones are skipped);
+    `labels` (num_images,) becomes arr_1 and must equal the labels the shards recorded.
+
+    The images go into a memory-mapped temporary .npy beside `path`, shard by shard, and np.savez streams it into
+    the archive: memory holds one shard at a time, not the whole set.
+    """
+    path = Path(path)
+    scratch = path.parent / f".{path.name}.pack.npy.tmp"
+    filled = np.zeros(num_images, dtype=bool)                        # (N,)
+    pixels: Optional[np.ndarray] = None                              # (N, H, W, 3) memmap once the size is known
+    try:
+        for shard_path in shards:
+            shard = read_shard(shard_path, flag)
+            keep = shard["indices"] < num_images                     # (n,)
+            indices = shard["indices"][keep]
+            if pixels is None:
+                height, width = shard["images"].shape[1:3]
+                pixels = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8,
+                                                   shape=(num_images, height, width, 3))
+            if shard["images"].shape[1:3] != pixels.shape[1:3]:
+                raise ValueError(f"{flag}: {shard_path} holds {shard['images'].shape[1:3]} images, others "
+                                 f"{pixels.shape[1:3]}")
+            if filled[indices].any() or len(np.unique(indices)) != len(indices):
+                repeated = sorted(set(indices[filled[indices]].tolist()))[:5] or "within the shard"
+                raise ValueError(f"{flag}: image indices {repeated} occur in more than one shard (e.g. {shard_path})")
+            recorded = shard.get("labels")
+            if labels is not None and (recorded is None or not np.array_equal(recorded[keep],
+                                                                               np.asarray(labels)[indices])):
+                raise ValueError(f"{flag}: {shard_path} holds other class labels than this setup draws")
+            pixels[indices] = to_rgb(shard["images"][keep])          # (n, H, W, 3)
+            filled[indices] = True
+        if not filled.all():
+            missing = np.flatnonzero(~filled)
+            raise ValueError(f"{flag}: {len(missing)} images missing from the shards (first {missing[:5].tolist()})")
+        save_sample_npz(path, pixels, labels)
+        return tuple(pixels.shape)
+    finally:
+        del pixels                                                    # close the memory map before removing it
+        if scratch.exists():
+            scratch.unlink()

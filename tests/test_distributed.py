@@ -1,4 +1,4 @@
-"""distributed.py on one process (the 2-process path runs in tests/test_sampling.py through sample_ddp.py)."""
+"""distributed.py on one process (the 2-process path runs in tests/test_sample_ddp.py through sample_ddp.py)."""
 import distributed
 
 

@@ -64,3 +64,25 @@ def test_load_sample_npz_formats_and_errors(tmp_path):
     (tmp_path / "truncated.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="truncated.npz"):
         load_sample_npz(str(tmp_path / "truncated.npz"))
+
+
+def test_pack_shards_fills_the_archive_once_per_index(tmp_path):
+    from images import pack_shards, read_shard, read_shard_indices, save_shard
+    gray = np.arange(5 * 2 * 2, dtype=np.uint8).reshape(5, 2, 2, 1)       # images 0..4, one channel
+    labels = np.array([7, 1, 4, 4, 0])
+    save_shard(tmp_path / "a.npz", [3, 0, 9], np.concatenate([gray[[3, 0]], gray[:1]]), np.array([4, 7, 2]))
+    save_shard(tmp_path / "b.npz", [1, 4, 2], gray[[1, 4, 2]], labels[[1, 4, 2]])
+    assert read_shard_indices(tmp_path / "a.npz", "--x").tolist() == [3, 0, 9]
+    assert read_shard(tmp_path / "b.npz", "--x")["labels"].tolist() == [1, 0, 4]
+    shape = pack_shards(tmp_path / "out.npz", [tmp_path / "a.npz", tmp_path / "b.npz"], 5, labels)
+    images, packed_labels = load_sample_npz(str(tmp_path / "out.npz"))
+    assert shape == (5, 2, 2, 3) and np.array_equal(images, gray.repeat(3, axis=-1))  # index 9 >= 5: unused
+    assert packed_labels.tolist() == labels.tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "out.npz"]  # the memmap is gone
+    with pytest.raises(ValueError, match=r"3 images missing from the shards \(first \[1, 2, 4\]\)"):
+        pack_shards(tmp_path / "c.npz", [tmp_path / "a.npz"], 5, labels)
+    with pytest.raises(ValueError, match=r"indices \[0, 3\] occur in more than one shard"):
+        pack_shards(tmp_path / "c.npz", [tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "a.npz"], 5, labels)
+    with pytest.raises(ValueError, match="other class labels"):
+        pack_shards(tmp_path / "c.npz", [tmp_path / "a.npz", tmp_path / "b.npz"], 5, labels[::-1])
+    assert not (tmp_path / "c.npz").exists() and not list(tmp_path.glob(".*"))

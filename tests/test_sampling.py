@@ -1,7 +1,6 @@
-"""The sampling pipeline (sampling.py, sample.py, sample_ddp.py) on tiny FPDM / DiT models on the CPU."""
+"""The sampling pipeline (sampling.py, sample.py) on tiny FPDM / DiT models on the CPU (sample_ddp.py: its own file)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -369,65 +368,6 @@ def test_latent_models_decode_with_the_vae_and_train_grid(fpdm, tmp_path):
     grid = sampling.sample_grid_png(fpdm, TINY_FPDM, tmp_path / "grid.png", num_images=4, num_sampling_steps=3)
     from PIL import Image
     assert Image.open(grid).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)  # 8x8 images shown 8x larger
-
-
-#################################################################################
-#                              sample_ddp.py                                    #
-#################################################################################
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(args, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(REPO / "sample_ddp.py"), *args]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def test_sample_ddp_two_processes_packs_and_resumes(fpdm, fpdm_ckpt, tmp_path):
-    sample_dir = tmp_path / "fid"
-    common = ["--ckpt", str(fpdm_ckpt), "--sample-dir", str(sample_dir), "--per-proc-batch-size", "2",
-              "--global-seed", "3", "--num_sampling_steps", "3", "--fixed_point_iters", "2",
-              "--fixed_point_reuse_solution", "True", "--cfg_scale", "2.0", "--device", "cpu"]
-    _torchrun(["--num-fid-samples", "5", *common], tmp_path)
-    first = np.load(sample_dir / "samples_5.npz")
-    assert first["arr_0"].shape == (5, 8, 8, 3) and first["arr_0"].dtype == np.uint8
-    assert (first["arr_0"][..., 0] == first["arr_0"][..., 2]).all()  # grayscale repeated to RGB
-    assert first["arr_1"].shape == (5,)
-
-    # Same images as one process with another batch size (per-image seeds).
-    config = SampleConfig(cfg_scale=2.0, fixed_point_reuse_solution=True, num_sampling_steps=3, fixed_point_iters=2)
-    plan = fixed_plan(steps=3, iters=2)
-    labels = sampling.image_labels(range(5), 3, 10, label_mode="random")
-    assert first["arr_1"].tolist() == labels.tolist()
-    local = sampling.generate(fpdm, TINY_FPDM, config, plan, list(range(5)), labels, seed=3, batch_size=5).images
-    assert np.abs(local.astype(int) - first["arr_0"][..., :1].astype(int)).max() <= 1
-
-    # Resume: existing PNGs are kept, only the new indices are drawn.
-    stamps = {p.name: p.stat().st_mtime_ns for p in (sample_dir / "images").iterdir()}
-    result = _torchrun(["--num-fid-samples", "7", *common], tmp_path)
-    assert "Generated 2 new images" in result.stdout
-    assert all((sample_dir / "images" / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items())
-    second = np.load(sample_dir / "samples_7.npz")
-    assert second["arr_0"].shape == (7, 8, 8, 3) and np.array_equal(second["arr_0"][:5], first["arr_0"])
-    record = json.loads((sample_dir / "setup.json").read_text())
-    assert [run["generated_now"] for run in record["runs"]] == [5, 2]
-    assert record["runs"][-1]["stats"]["blocks_per_image_max"] == 3 * 4
-
-
-def test_sample_ddp_refuses_a_different_setup_in_the_same_folder(fpdm_ckpt, tmp_path):
-    sample_dir = tmp_path / "fid"
-    common = ["--ckpt", str(fpdm_ckpt), "--sample_dir", str(sample_dir), "--num_fid_samples", "2",
-              "--num_sampling_steps", "2", "--fixed_point_iters", "1", "--cfg_scale", "1"]
-    assert sample_ddp.main(common) == sample_dir / "samples_2.npz"
-    with pytest.raises(ValueError, match=r"different setup.*fixed_point_iters: 1 != 2"):
-        sample_ddp.main([*common, "--fixed_point_iters", "2"])
 
 
 #################################################################################
