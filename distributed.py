@@ -13,7 +13,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object as _gather_object
 
-TIMEOUT = timedelta(minutes=60)  # ranks wait for each other's slow steps (e.g. rank 0 packing 50K PNGs)
+TIMEOUT = timedelta(minutes=60)  # ranks wait for each other's slow steps (e.g. rank 0 packing a 50K-image archive)
 
 
 def init() -> PartialState:
