@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            vae=config.vae if model_config.latent else None)
     check_output_dir(output_dir, setup)
     cli.check_writable_folder(output_dir, "--output_dir")
+    if config.diagnostics:
+        cli.check_writable_folder(Path(config.diagnostics).parent, "--diagnostics")
     print(describe_plan(plan))
     for note in notes + plan.notes:
         print(f"note: {note}")
