@@ -135,6 +135,11 @@ class TrainConfig:
     keep_last_ckpts: int = _flag(3, "Keep only the newest K numbered checkpoints (0: keep all); latest.pt always stays.")
     ckpt_milestones_every: int = _flag(0, "Also keep every checkpoint whose step is a multiple of N for good "
                                           "(0: no milestones).")
+    mixed_precision: Optional[str] = _flag(None, "Autocast for the training step: no, fp16 (CUDA, with loss scaling) "
+                                                 "or bf16. None: what `accelerate launch` / its config says (no "
+                                                 "for a plain python or torchrun launch).",
+                                           choices=["no", "fp16", "bf16"])
+    tf32: bool = _flag(True, "Let CUDA fp32 matmuls and convolutions use TF32 (Ampere and newer); no effect on the CPU.")
 
     def validate(self) -> "TrainConfig":
         """Refuse bad values of single flags (the process count is checked by train.py); returns self."""
