@@ -37,6 +37,7 @@ from typing import Any, Collection, Iterator, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -150,6 +151,10 @@ def setup_processes(config: TrainConfig) -> Accelerator:
     """Check the flags against the process count, join the process group and set the arithmetic (TF32, autocast)."""
     use_cpu_processes_without_cuda()
     check_process_count(config, int(os.environ.get("WORLD_SIZE", "1")))
+    # accelerate keeps the first Accelerator's mixed precision for the whole process (a later one asking for another
+    # is refused, one asking for none silently inherits it): each run in a process chooses its own. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               log_with=None if config.log_with == "none" else config.log_with)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
@@ -338,7 +343,7 @@ class LogWindow:
 
 class FiniteLossWatch:
     """The first step whose loss was not finite, kept on the device: updating it never waits for the device, and it
-    is read (one sync and one gather) only by check(), when logging and before each checkpoint is written."""
+    is read (one reduce, one sync) only by check(), when logging and before each checkpoint is written."""
 
     LATEST = 2**62  # larger than any step
 
