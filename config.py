@@ -130,11 +130,18 @@ class TrainConfig:
     resume: str = _flag("", "Checkpoint to resume from (a .pt file, or a run folder: its checkpoints/latest.pt).")
     compile: bool = _flag(False, "torch.compile each transformer block (the fixed-point loop reuses one graph).")
     grad_checkpointing: bool = _flag(False, "Non-reentrant gradient checkpointing of the explicit blocks.")
-    num_workers: int = _flag(0, "DataLoader worker processes.")
+    num_workers: int = _flag(0, "DataLoader worker processes reading the next batches ahead of the step (0: the main "
+                                "process reads them); the batches and their order do not depend on it.")
     sample_grid: bool = _flag(True, "Write a grid of EMA samples to the run folder at the end of training.")
     keep_last_ckpts: int = _flag(3, "Keep only the newest K numbered checkpoints (0: keep all); latest.pt always stays.")
     ckpt_milestones_every: int = _flag(0, "Also keep every checkpoint whose step is a multiple of N for good "
                                           "(0: no milestones).")
+    mixed_precision: Optional[str] = _flag(None, "Autocast for the training step: no, fp16 (CUDA, with loss scaling) "
+                                                 "or bf16. None: what `accelerate launch` / its config says (no "
+                                                 "for a plain python or torchrun launch).",
+                                           choices=["no", "fp16", "bf16"])
+    tf32: bool = _flag(True, "Let CUDA fp32 matmuls and convolutions use TF32 (Ampere and newer); no effect on "
+                             "the CPU.")
 
     def validate(self) -> "TrainConfig":
         """Refuse bad values of single flags (the process count is checked by train.py); returns self."""
@@ -287,7 +294,8 @@ class ExtractConfig:
     batch_size: int = _flag(32, "Images per encoder batch.")
     flip: bool = _flag(False, "Also store latents of the horizontally mirrored images (served as extra items).")
     chunk_size: int = _flag(256, "Images per chunk file.")
-    num_workers: int = _flag(0, "DataLoader worker processes.")
+    num_workers: int = _flag(0, "DataLoader worker processes reading the next batches ahead of the step (0: the main "
+                                "process reads them); the batches and their order do not depend on it.")
     seed: int = _flag(0, "Seed of the posterior draws (chunk c uses [seed, c]).")
     sample_posterior: bool = _flag(True, "Sample latents from the encoder's Gaussian as DiT does (False: its mean).")
     dtype: str = _flag("float32", "Stored latent dtype.", choices=["float32", "float16"])

@@ -15,6 +15,7 @@ code, so their checkpoints load strict. The model keeps no state between calls: 
 (solution reuse, Sec. 3.3) and solver statistics are arguments and return values.
 """
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -335,6 +336,15 @@ class DiT(nn.Module):
         """Label index of the unconditional (null) class used for classifier-free guidance."""
         return self.num_classes
 
+    def compile_parts(self, **compile_kwargs: Any) -> None:
+        """torch.compile every transformer block in place (state-dict keys unchanged); kwargs go to torch.compile.
+
+        Compiling the whole forward of an FPDM would trace the fixed-point loop, whose length S-JFB draws anew
+        every step (one graph per (n, m)); the parts compiled here have the same graph on every call.
+        """
+        for block in self.all_blocks():
+            block.compile(**compile_kwargs)
+
     def _run_block(self, block: nn.Module, x: Tensor, c: Tensor) -> Tensor:
         """Run a block, with (non-reentrant) gradient checkpointing when enabled and gradients are on."""
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -374,8 +384,8 @@ class DiT(nn.Module):
     def forward_with_stats(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, *, num_iters: Optional[int] = None,
                            init: Optional[Tensor] = None, tol: Optional[float] = None, solver: str = "iteration",
                            solver_options: Optional[dict[str, Any]] = None,
-                           label_dropout_generator: Optional[torch.Generator] = None
-                           ) -> tuple[Tensor, FixedPointStats]:
+                           label_dropout_generator: Optional[torch.Generator] = None,
+                           track_residuals: Optional[bool] = None) -> tuple[Tensor, FixedPointStats]:
         """forward() plus FixedPointStats; the fixed-point options are accepted (so samplers treat DiT and FPDM
         alike) and ignored: a DiT runs no iterations and costs `depth` blocks."""
         out = self.forward(x, t, y, label_dropout_generator=label_dropout_generator)
@@ -466,6 +476,18 @@ class FPDM(DiT):
             return draw_sjfb_iters(self, sjfb_generator)
         return (num_no_grad_iters or 0), (self.default_num_iters if num_iters is None else num_iters)
 
+    def compile_parts(self, **compile_kwargs: Any) -> None:
+        """torch.compile the explicit blocks and the whole fixed-point map (projection + block) as one callable.
+
+        The map is compiled once and reused by every iteration: its graph does not depend on (n, m), so a run
+        compiles it at most twice (the no-grad and the gradient-carrying iterations; see solve_fixed_point). The
+        compiled callable is the unbound method, called with the model as an argument, so a deep copy of the model
+        never runs with the original's weights; no module is added (state-dict keys unchanged).
+        """
+        for block in [*self.blocks_pre, *self.blocks_post]:
+            block.compile(**compile_kwargs)
+        self._compiled_fixed_point_map = torch.compile(FPDM.fixed_point_map, **compile_kwargs)
+
     def fixed_point_map(self, z: Tensor, injection: Tensor, c: Tensor) -> Tensor:
         """One evaluation of the implicit layer f(z) = block(fc2(GELU(fc1(concat(z, injection)))), c) (Sec. 3.2)."""
         h = torch.cat([z, injection], dim=-1)            # (N, T, 2D)
@@ -476,24 +498,38 @@ class FPDM(DiT):
 
     def solve_fixed_point(self, z0: Tensor, injection: Tensor, c: Tensor, num_no_grad_iters: int, num_iters: int,
                           tol: Optional[float] = None, solver: str = "iteration",
-                          solver_options: Optional[dict[str, Any]] = None) -> tuple[Tensor, SolverStats]:
+                          solver_options: Optional[dict[str, Any]] = None,
+                          track_residuals: bool = True) -> tuple[Tensor, SolverStats]:
         """S-JFB fixed-point stage (Algorithm 1): n iterations under torch.no_grad(), then m in the ambient mode.
 
         The start z0 is detached: gradients reach the implicit layer only through the last m iterations (and the
         pre blocks via the injection). With grad_checkpointing each gradient-carrying iteration is checkpointed.
+        track_residuals=False (training) computes no residuals unless `tol` needs them.
         """
         solve, options = get_solver(solver), solver_options or {}
+        compiled = self.__dict__.get("_compiled_fixed_point_map")  # set by compile_parts
+        fixed_point_map = self.fixed_point_map if compiled is None else functools.partial(compiled, self)
 
         def f(z: Tensor) -> Tensor:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                fz = checkpoint(self.fixed_point_map, z, injection, c, use_reentrant=False)
+                fz = checkpoint(fixed_point_map, z, injection, c, use_reentrant=False)
             else:
-                fz = self.fixed_point_map(z, injection, c)
+                fz = fixed_point_map(z, injection, c)
             return fz.to(z.dtype)  # the iterate keeps z0's dtype: fp32 under bf16 autocast (residuals, reuse)
 
+        z0 = z0.detach()
+        if compiled is not None:
+            # The compiled map guards on its input's strides: the pre blocks' output keeps the patch embedding's
+            # transposed layout while the map returns contiguous tokens, so the first call would get a graph of its own.
+            z0 = z0.contiguous()
         with torch.no_grad():
-            z, no_grad_stats = solve(f, z0.detach(), num_no_grad_iters, tol, **options)  # (N, T, D), stores nothing
-        z, stats = solve(f, z, num_iters, tol, **options)                                 # (N, T, D), unrolled
+            z, no_grad_stats = solve(f, z0, num_no_grad_iters, tol, track_residuals=track_residuals,
+                                     **options)                                          # (N, T, D), stores nothing
+        if compiled is not None and torch.is_grad_enabled() and num_iters > 0:
+            # It also guards on whether its input requires grad: the first gradient-carrying iteration would
+            # otherwise get a graph of its own. A leaf that requires grad changes no parameter gradient.
+            z = z.detach().requires_grad_(True)
+        z, stats = solve(f, z, num_iters, tol, track_residuals=track_residuals, **options)  # (N, T, D), unrolled
         return z, SolverStats(num_iters=no_grad_stats.num_iters + stats.num_iters,
                               residuals=no_grad_stats.residuals + stats.residuals)
 
@@ -515,6 +551,7 @@ class FPDM(DiT):
         solver_options: Optional[dict[str, Any]] = None,
         label_dropout_generator: Optional[torch.Generator] = None,
         sjfb_generator: Optional[torch.Generator] = None,
+        track_residuals: Optional[bool] = None,
     ) -> tuple[Tensor, FixedPointStats]:
         """Predict (N, C_out, H, W) and report the fixed-point stage.
 
@@ -527,8 +564,13 @@ class FPDM(DiT):
         solver:            a solvers.SOLVER_NAMES entry ("iteration"; "anderson" is no-grad only);
                            solver_options go to it (e.g. {"memory": 5} for Anderson).
         label_dropout_generator: RNG for training-time label dropout (None: torch's default generator).
+        track_residuals:   record the residual after each iteration (FixedPointStats.residuals). None: in eval mode
+                           only; training reads none, and skipping them saves a pass over the iterate per iteration
+                           and a device sync per stage. A tolerance computes them whatever this says.
         """
         n, m = self.iteration_counts(num_iters, num_no_grad_iters, sjfb_generator)
+        if track_residuals is None:
+            track_residuals = not self.training
         tokens, t_emb, y_emb = self._embed(x, t, y, label_dropout_generator)
         c = t_emb if y_emb is None else t_emb + y_emb                  # (N, D): fixed-point block
         c_outer = self._pre_post_conditioning(t_emb, y_emb)             # (N, D): pre/post blocks, final layer
@@ -536,7 +578,8 @@ class FPDM(DiT):
             tokens = self._run_block(block, tokens, c_outer)            # (N, T, D)
         injection = self.block_pre_projection(tokens)                   # (N, T, D), Eq. 2
         z0 = tokens if init is None else self._check_init(init, tokens)
-        z, solver_stats = self.solve_fixed_point(z0, injection, c, n, m, tol, solver, solver_options)  # Eq. 3
+        z, solver_stats = self.solve_fixed_point(z0, injection, c, n, m, tol, solver, solver_options,
+                                                 track_residuals)                   # Eq. 3
         h = z
         for block in self.blocks_post:
             h = self._run_block(block, h, c_outer)                      # (N, T, D), Eq. 4

@@ -8,14 +8,17 @@ sampling cost in block forward passes). After each evaluation the per-sample rel
     r = ||f(z) - z|| / (||f(z)|| + 1e-8)        (norms over all non-batch dimensions)
 
 is computed; its batch mean is recorded in `SolverStats.residuals`, and with a tolerance `tol` the solver stops
-as soon as the *largest* residual in the batch is <= tol (so every sample meets the tolerance).
+as soon as the *largest* residual in the batch is <= tol (so every sample meets the tolerance). With
+`track_residuals=False` and no tolerance the residual is never computed (training reads none of them: this saves an
+fp32 pass over the iterate and a device-to-host copy per stage) and `SolverStats.residuals` stays empty.
 
 - `fixed_point_iteration` works in any grad mode: with gradients enabled the iterations are simply unrolled
   (that is how S-JFB backpropagates through its last m iterations, Sec. 3.4).
 - `anderson` (Anderson acceleration, type II) is a no-grad solver: call it under `torch.no_grad()`.
 
-Every solver has the signature `solver(f, z0, max_iters, tol=None, **options) -> (z, SolverStats)`; look one up
-with `get_solver(name)` (the one place an unknown name fails). SOLVER_NAMES lists the valid names.
+Every solver has the signature `solver(f, z0, max_iters, tol=None, *, track_residuals=True, **options)
+-> (z, SolverStats)`; look one up with `get_solver(name)` (the one place an unknown name fails). SOLVER_NAMES lists
+the valid names.
 """
 
 from dataclasses import dataclass, field
@@ -36,7 +39,8 @@ class SolverStats:
     """What a solver did.
 
     num_iters: evaluations of f (= fixed-point block passes).
-    residuals: batch-mean relative residual ||f(z) - z|| / ||f(z)|| after each evaluation (len == num_iters).
+    residuals: batch-mean relative residual ||f(z) - z|| / ||f(z)|| after each evaluation (len == num_iters), or
+               empty when residuals were not tracked (track_residuals=False and no tolerance).
     """
 
     num_iters: int = 0
@@ -44,10 +48,11 @@ class SolverStats:
 
 
 class Solver(Protocol):
-    """solver(f, z0, max_iters, tol=None, **options) -> (z, stats): at most max_iters evaluations of f."""
+    """solver(f, z0, max_iters, tol=None, track_residuals=True, **options) -> (z, stats): at most max_iters
+    evaluations of f."""
 
     def __call__(self, f: FixedPointMap, z0: Tensor, max_iters: int, tol: Optional[float] = None,
-                 **options: Any) -> tuple[Tensor, SolverStats]: ...
+                 *, track_residuals: bool = True, **options: Any) -> tuple[Tensor, SolverStats]: ...
 
 
 #################################################################################
@@ -70,20 +75,31 @@ def _check_solver_args(max_iters: int, tol: Optional[float]) -> None:
 
 
 class _ResidualLog:
-    """Collects per-evaluation residuals; only synchronises with the device when a tolerance must be checked."""
+    """Counts evaluations and, when asked, their residuals; synchronises with the device only to check a tolerance.
 
-    def __init__(self, tol: Optional[float]):
+    Residuals are computed when `track` is True or a tolerance must be checked; otherwise `needed` is False and the
+    solver skips relative_residual altogether.
+    """
+
+    def __init__(self, tol: Optional[float], track: bool = True):
         self.tol = tol
+        self.needed = track or tol is not None
+        self.num_iters = 0
         self.batch_means: list[Tensor] = []  # 0-d tensors, converted to floats once at the end
 
-    def record(self, residual: Tensor) -> bool:
-        """Store the batch mean of `residual` (N,); return True when the tolerance is met for every sample."""
+    def record(self, fz: Tensor, z: Tensor) -> bool:
+        """Count one evaluation fz = f(z); store the batch-mean residual when needed. True when the tolerance is
+        met for every sample (never without a tolerance)."""
+        self.num_iters += 1
+        if not self.needed:
+            return False
+        residual = relative_residual(fz, z)  # (N,)
         self.batch_means.append(residual.mean())
         return self.tol is not None and residual.max().item() <= self.tol
 
     def stats(self) -> SolverStats:
         values = torch.stack(self.batch_means).tolist() if self.batch_means else []
-        return SolverStats(num_iters=len(values), residuals=values)
+        return SolverStats(num_iters=self.num_iters, residuals=values)
 
 
 #################################################################################
@@ -91,15 +107,15 @@ class _ResidualLog:
 #################################################################################
 
 def fixed_point_iteration(
-    f: FixedPointMap, z0: Tensor, max_iters: int, tol: Optional[float] = None
+    f: FixedPointMap, z0: Tensor, max_iters: int, tol: Optional[float] = None, *, track_residuals: bool = True
 ) -> tuple[Tensor, SolverStats]:
     """Iterate z <- f(z) from z0 for at most max_iters evaluations (early stop at tol); returns (z, stats)."""
     _check_solver_args(max_iters, tol)
-    log = _ResidualLog(tol)
+    log = _ResidualLog(tol, track_residuals)
     z = z0
     for _ in range(max_iters):
         fz = f(z)
-        converged = log.record(relative_residual(fz, z))
+        converged = log.record(fz, z)
         z = fz
         if converged:
             break
@@ -118,6 +134,8 @@ def anderson(
     memory: int = 5,
     beta: float = 1.0,
     lam: float = 1e-4,
+    *,
+    track_residuals: bool = True,
 ) -> tuple[Tensor, SolverStats]:
     """Anderson acceleration (type II, no-grad only) for z = f(z), batched per sample; returns (z, stats).
 
@@ -142,7 +160,7 @@ def anderson(
             "anderson() runs without gradients: call it under torch.no_grad() "
             "(use fixed_point_iteration for iterations that must be backpropagated through)"
         )
-    log = _ResidualLog(tol)
+    log = _ResidualLog(tol, track_residuals)
     batch_size = z0.shape[0]
     work_dtype = torch.promote_types(z0.dtype, torch.float32)  # mixing in >= float32, the small solve in float64
     x = z0.flatten(1)                          # (N, d)
@@ -154,7 +172,7 @@ def anderson(
     for _ in range(max_iters):
         fx = f(x.reshape(z0.shape)).flatten(1)  # (N, d)
         g = fx - x                             # (N, d)
-        converged = log.record(relative_residual(fx, x))
+        converged = log.record(fx, x)
 
         if x_prev is not None:
             dx_history.append(x - x_prev)

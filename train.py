@@ -17,10 +17,11 @@ from config import (ModelConfig, TrainConfig, UserError, build_config, config_di
                     model_config_from_dict, parse_flags)
 from training import training_loop
 
-# TrainConfig fields that may change when resuming: they set how long and how loudly a run goes, not what it learns.
+# TrainConfig fields that may change when resuming: they set how long, how loudly and in which arithmetic a run goes,
+# not what it learns.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "ckpt_every", "log_every", "log_with", "resume", "num_workers",
                      "sample_grid", "compile", "output_dir", "output_subdir", "config", "keep_last_ckpts",
-                     "ckpt_milestones_every"}
+                     "ckpt_milestones_every", "mixed_precision", "tf32"}
 
 
 #################################################################################

@@ -12,6 +12,12 @@ Randomness: timesteps, noise and label dropout come from torch's default RNG, se
 from one generator seeded with global_seed alone, advanced once per step on every process: all replicas run the same
 number of fixed-point iterations in a step (Algorithm 1 draws one (n, m) per step), and a resumed run continues the
 same sequence because the generator's state is saved in every checkpoint.
+
+Speed: the step never waits for the device. Batches come from a DataLoader (--num_workers) over the same index
+batches, pinned and copied asynchronously on CUDA; the loss is checked for finiteness on the device and the flag is
+read only when logging and before each checkpoint (a non-finite checkpoint is never written; the run stops at the
+next such point and names the first bad step); the solver computes no residuals; the EMA is two foreach kernels.
+On CUDA, fp32 matmuls use TF32 (--tf32), AdamW is fused, and --mixed_precision picks autocast for any launcher.
 """
 from __future__ import annotations
 
@@ -31,10 +37,13 @@ from typing import Any, Collection, Iterator, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, gather_object
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import cli
+from cost import macs_per_step
 from checkpoint import (atomic_write, capture_rng_state, link_latest, load_state_dict_checked, prune_checkpoints,
                         remove_stale_temporaries, restore_rng_state, save_checkpoint, save_safetensors)
 from config import ModelConfig, TrainConfig, UserError
@@ -139,10 +148,28 @@ def check_process_count(config: TrainConfig, world_size: int) -> None:
 
 
 def setup_processes(config: TrainConfig) -> Accelerator:
-    """Check the flags against the process count, then join the process group."""
+    """Check the flags against the process count, join the process group and set the arithmetic (TF32, autocast)."""
     use_cpu_processes_without_cuda()
     check_process_count(config, int(os.environ.get("WORLD_SIZE", "1")))
-    return Accelerator(log_with=None if config.log_with == "none" else config.log_with)
+    # accelerate keeps the first Accelerator's mixed precision for the whole process (a later one asking for another
+    # is refused, one asking for none silently inherits it): each run in a process chooses its own. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              log_with=None if config.log_with == "none" else config.log_with)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        # accelerate would silently run fp32: fp16 autocast with loss scaling is a CUDA feature.
+        raise UserError(f"--mixed_precision: fp16 needs a CUDA device (this run is on {accelerator.device}); use "
+                        f"bf16 or no")
+    set_tf32(config.tf32, accelerator.device)
+    return accelerator
+
+
+def set_tf32(allow: bool, device: torch.device) -> None:
+    """Let CUDA fp32 matmuls and convolutions use TF32 (set once, for the whole run); nothing off CUDA."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
 
 
 def setup_data(config: TrainConfig, model_config: ModelConfig, accelerator: Accelerator,
@@ -177,9 +204,10 @@ def setup_state(model_config: ModelConfig, config: TrainConfig, accelerator: Acc
                 resume_payload: Optional[dict[str, Any]]) -> TrainState:
     """Model, EMA (a copy of the initial weights), AdamW and the S-JFB generator; restored from a checkpoint if
     given."""
-    model = create_model(model_config, grad_checkpointing=config.grad_checkpointing)
+    # On the device before the optimizer is built: fused AdamW needs to see where the parameters live.
+    model = create_model(model_config, grad_checkpointing=config.grad_checkpointing).to(accelerator.device)
     state = TrainState(model=model, ema=deepcopy(model).float().requires_grad_(False),
-                       optimizer=torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+                       optimizer=create_optimizer(model, config),
                        diffusion=model_config.create_diffusion(""),
                        sjfb_generator=torch.Generator().manual_seed(config.global_seed),
                        num_params=sum(p.numel() for p in model.parameters()))
@@ -187,9 +215,22 @@ def setup_state(model_config: ModelConfig, config: TrainConfig, accelerator: Acc
         restore_state(state, resume_payload, accelerator.process_index, config.resume)
     state.ema.to(accelerator.device)
     if config.compile:
-        compile_blocks(state.model)
+        state.model.compile_parts()  # explicit blocks and the whole fixed-point map; state-dict keys unchanged
     state.model, state.optimizer = accelerator.prepare(state.model, state.optimizer)
     return state
+
+
+def create_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (no weight decay by default, paper Sec. 4.1); fused into one kernel when every parameter is on CUDA."""
+    params = list(model.parameters())
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                             fused=True if use_fused_adamw(params) else None)
+
+
+def use_fused_adamw(params: list[torch.Tensor]) -> bool:
+    """Fused AdamW when all parameters are on CUDA; elsewhere the default (the CPU stays bit-exact with earlier
+    runs)."""
+    return bool(params) and all(p.device.type == "cuda" for p in params)
 
 
 def restore_state(state: TrainState, payload: dict[str, Any], rank: int, source: str) -> None:
@@ -205,16 +246,6 @@ def restore_state(state: TrainState, payload: dict[str, Any], rank: int, source:
     if isinstance(rng, list):  # one state per process; a run resumed on more processes reuses rank 0's
         rng = rng[rank] if rank < len(rng) else rng[0]
     restore_rng_state(rng, {"sjfb": state.sjfb_generator})
-
-
-def compile_blocks(model: torch.nn.Module) -> None:
-    """torch.compile every transformer block in place (state-dict keys unchanged).
-
-    S-JFB draws new iteration counts (n, m) every step, so compiling the whole forward would trace and recompile
-    for each pair; a block's graph is the same on every call, so the fixed-point loop reuses one compiled graph.
-    """
-    for block in model.all_blocks():
-        block.compile()
 
 
 #################################################################################
@@ -310,6 +341,33 @@ class LogWindow:
     start: float = field(default_factory=time.time)
 
 
+class FiniteLossWatch:
+    """The first step whose loss was not finite, kept on the device: updating it never waits for the device, and it
+    is read (one reduce, one sync) only by check(), when logging and before each checkpoint is written."""
+
+    LATEST = 2**62  # larger than any step
+
+    def __init__(self, device: torch.device):
+        self.first_bad_step = torch.zeros((), dtype=torch.long, device=device)  # 0: every loss so far was finite
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        """Note `step` (1-based) if its loss is not finite and no earlier step was."""
+        first = ~torch.isfinite(loss.detach()) & (self.first_bad_step == 0)
+        self.first_bad_step = torch.where(first, step, self.first_bad_step)
+
+    def check(self, accelerator: Accelerator, logger: "RunLogger", run_dir: Path, step: int) -> None:
+        """Raise NonFiniteLossError on every process when any process saw a non-finite loss."""
+        # The earliest bad step over processes with a max-reduce: 0 where all was finite, LATEST - step otherwise.
+        key = torch.where(self.first_bad_step > 0, self.LATEST - self.first_bad_step, 0)
+        worst = int(accelerator.reduce(key, "max").item())
+        if worst == 0:
+            return
+        first = self.LATEST - worst
+        logger.info(f"non-finite loss at step {first}; stopping at step {step} (last good checkpoint kept)")
+        raise NonFiniteLossError(f"training loss became non-finite at step {first}; the last good checkpoint in "
+                                 f"{run_dir / 'checkpoints'} is kept")
+
+
 def train(state: TrainState, data: TrainingData, model_config: ModelConfig, config: TrainConfig,
           accelerator: Accelerator, vae: Any, run_dir: Path, logger: "RunLogger") -> None:
     """Run optimizer steps from state.step to the last one, logging and checkpointing on schedule."""
@@ -318,46 +376,41 @@ def train(state: TrainState, data: TrainingData, model_config: ModelConfig, conf
         total_steps = min(total_steps, config.max_steps)
     logger.info(f"{'FPDM' if model_config.fixed_point else 'DiT'} {model_config.model}: {state.num_params:,} "
                 f"parameters; {accelerator.num_processes} process(es), batch {config.global_batch_size}, steps "
-                f"{state.step}->{total_steps}, run folder {run_dir}")
+                f"{state.step}->{total_steps}, mixed precision {accelerator.mixed_precision}, run folder {run_dir}")
     state.model.train()
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train",
                     dynamic_ncols=True)
-    window = LogWindow()
+    window, watch = LogWindow(), FiniteLossWatch(accelerator.device)
+    loader = batch_loader(data, config, state.step, total_steps, accelerator.device)
     try:
-        while state.step < total_steps:
-            epoch, offset = divmod(state.step, data.steps_per_epoch)
-            for indices in data.epoch(epoch, config.global_seed)[offset:]:
-                x, y = collate(data.dataset, indices, accelerator.device)
-                if vae is not None:
-                    x = encode_images(vae, x)
-                terms, iters = train_step(state, x, y, model_config, config, accelerator, logger, run_dir)
-                window.terms.append({k: v.detach() for k, v in terms.items()})
-                if iters is not None:
-                    window.sjfb_iters.append(iters)
-                progress.update(1)
-                if state.step % config.log_every == 0 or state.step == total_steps:
-                    log_window(window, state.step, accelerator, logger, progress)
-                    window = LogWindow()
-                if state.step % config.ckpt_every == 0 or state.step == total_steps:
-                    save_training_checkpoint(state, model_config, config, accelerator, run_dir / "checkpoints",
-                                             logger)
-                if state.step >= total_steps:
-                    break
+        for x, y in loader:
+            x, y = x.to(accelerator.device, non_blocking=True), y.to(accelerator.device, non_blocking=True)
+            if vae is not None:
+                x = encode_images(vae, x)
+            terms, iters = train_step(state, x, y, model_config, config, accelerator)
+            watch.update(terms["loss"], state.step)
+            window.terms.append({k: v.detach() for k, v in terms.items()})
+            if iters is not None:
+                window.sjfb_iters.append(iters)
+            progress.update(1)
+            last = state.step == total_steps
+            if state.step % config.log_every == 0 or last:
+                watch.check(accelerator, logger, run_dir, state.step)
+                log_window(window, state.step, model_config, accelerator, logger, progress)
+                window = LogWindow()
+            if state.step % config.ckpt_every == 0 or last:
+                watch.check(accelerator, logger, run_dir, state.step)  # a non-finite checkpoint is never written
+                save_training_checkpoint(state, model_config, config, accelerator, run_dir / "checkpoints", logger)
     finally:
         progress.close()  # ends the bar's line, so an error message starts on its own
 
 
 def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, model_config: ModelConfig, config: TrainConfig,
-               accelerator: Accelerator, logger: "RunLogger", run_dir: Path
-               ) -> tuple[dict[str, torch.Tensor], Optional[tuple[int, int]]]:
-    """One optimizer step and EMA update: (loss terms, the S-JFB (n, m) run, or None for a DiT)."""
+               accelerator: Accelerator) -> tuple[dict[str, torch.Tensor], Optional[tuple[int, int]]]:
+    """One optimizer step and EMA update: (loss terms, the S-JFB (n, m) run, or None for a DiT). Nothing here
+    waits for the device (the finiteness of the loss is checked later, by FiniteLossWatch)."""
     iters = draw_sjfb_iters(model_config, state.sjfb_generator) if model_config.fixed_point else None
     terms = compute_loss(state.diffusion, state.model, x, y, iters)
-    finite = accelerator.reduce(torch.isfinite(terms["loss"]).float().to(accelerator.device), "min")
-    if finite.item() < 1:  # every process stops together
-        logger.info(f"non-finite loss at step {state.step + 1}; stopping (last good checkpoint kept)")
-        raise NonFiniteLossError(f"training loss became non-finite at step {state.step + 1}; the last good "
-                                 f"checkpoint in {run_dir / 'checkpoints'} is kept")
     state.optimizer.zero_grad(set_to_none=True)
     accelerator.backward(terms["loss"])
     state.optimizer.step()
@@ -379,10 +432,15 @@ def compute_loss(diffusion: Any, model: torch.nn.Module, x: torch.Tensor, y: tor
 
 @torch.no_grad()
 def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    """ema <- decay * ema + (1 - decay) * model, for all parameters at once: two foreach kernels instead of two per
+    tensor, with the per-tensor arithmetic (mul_ then add_), so the values are those of the per-tensor update."""
     ema_params = dict(ema_model.named_parameters())
+    targets, sources = [], []
     for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.detach().float(), alpha=1 - decay)
+        targets.append(ema_params[name])
+        sources.append(param.detach().float())
+    torch._foreach_mul_(targets, decay)
+    torch._foreach_add_(targets, sources, alpha=1 - decay)
 
 
 def ema_decay_at(step: int, config: TrainConfig) -> float:
@@ -400,11 +458,40 @@ def epoch_batches(num_items: int, batch_size: int, epoch: int, seed: int, rank: 
     return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
-def collate(dataset: Any, indices: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack dataset items into a batch on `device`: x (B, C, H, W), y (B,)."""
-    items = [dataset[i] for i in indices]
-    x = torch.stack([torch.as_tensor(item[0]) for item in items]).float().to(device)
-    y = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long, device=device)
+class StepBatches:
+    """This process's index batches for steps start+1 .. total, epoch after epoch: the batch sampler of the run's
+    one DataLoader. The order is that of epoch_batches, so a resumed run sees the batches it would have seen."""
+
+    def __init__(self, data: TrainingData, seed: int, start: int, total: int):
+        self.data, self.seed, self.start, self.total = data, seed, start, total
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while step < self.total:
+            epoch, offset = divmod(step, self.data.steps_per_epoch)
+            for indices in self.data.epoch(epoch, self.seed)[offset:][:self.total - step]:
+                yield indices
+                step += 1
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+
+def batch_loader(data: TrainingData, config: TrainConfig, start: int, total: int,
+                 device: torch.device) -> DataLoader:
+    """The run's DataLoader: --num_workers processes read the items of each index batch ahead of the step (0: the
+    main process reads them); batches are pinned for asynchronous copies on CUDA."""
+    # Its own generator: a DataLoader iterator otherwise draws its worker seed from torch's default RNG, which
+    # drives timesteps and noise (a resumed run would then draw differently from an uninterrupted one).
+    return DataLoader(data.dataset, batch_sampler=StepBatches(data, config.global_seed, start, total),
+                      num_workers=config.num_workers, collate_fn=stack_items, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(config.global_seed))
+
+
+def stack_items(items: list[tuple[Any, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack dataset items into a batch: x (B, C, H, W) float32, y (B,) long (on the CPU)."""
+    x = torch.stack([torch.as_tensor(item[0]) for item in items]).float()
+    y = torch.as_tensor([int(item[1]) for item in items], dtype=torch.long)
     return x, y
 
 
@@ -477,18 +564,36 @@ def write_sample_grid(ema: torch.nn.Module, model_config: ModelConfig, path: Pat
 #                                   Logging                                     #
 #################################################################################
 
-def log_window(window: LogWindow, step: int, accelerator: Accelerator, logger: "RunLogger", progress: tqdm) -> None:
-    """Log the window's loss terms (averaged over steps and processes), speed, memory and S-JFB draws."""
+def log_window(window: LogWindow, step: int, model_config: ModelConfig, accelerator: Accelerator,
+               logger: "RunLogger", progress: tqdm) -> None:
+    """Log the window's loss terms (averaged over steps and processes), speed, memory, the S-JFB draws and the
+    logged step's training compute (train_gmacs_per_image)."""
     steps_per_sec = len(window.terms) / (time.time() - window.start)
-    means = {k: accelerator.reduce(torch.stack([w[k] for w in window.terms]).mean(), "mean").item()
-             for k in window.terms[0]}
+    names = list(window.terms[0])
+    window_means = torch.stack([torch.stack([w[k] for w in window.terms]).mean() for k in names])  # (terms,)
+    means = dict(zip(names, accelerator.reduce(window_means.float(), "mean").tolist()))  # one collective, one sync
     values = {**means, "steps_per_sec": steps_per_sec, "peak_memory_mb": peak_memory_mb(accelerator.device)}
+    last_iters = None
     if window.sjfb_iters:
         check_same_sjfb_iters(window.sjfb_iters, accelerator)
         n, m = zip(*window.sjfb_iters)
         values.update(sjfb_n=n[-1], sjfb_m=m[-1], sjfb_n_mean=float(np.mean(n)), sjfb_m_mean=float(np.mean(m)))
+        last_iters = window.sjfb_iters[-1]
+    values["train_gmacs_per_image"] = training_macs_per_image(model_config, last_iters) / 1e9
     logger.metrics(step, values)
     progress.set_postfix(loss=f"{means['loss']:.4f}", steps_per_sec=f"{steps_per_sec:.2f}")
+
+
+def training_macs_per_image(model_config: ModelConfig, sjfb_iters: Optional[tuple[int, int]]) -> int:
+    """Analytic MACs per image of one training step (cost.macs_per_step): forward 1x and backward 2x for what
+    carries gradient; an FPDM's n no-grad iterations (Algorithm 1) run forward only. The forward recomputed by
+    --grad_checkpointing is not counted (the arithmetic the model needs, not the memory trade)."""
+    if sjfb_iters is None:
+        return 3 * macs_per_step(model_config)
+    n, m = sjfb_iters
+    with_grad = macs_per_step(model_config, num_iters=m)              # embed, pre, m iterations, post, final
+    no_grad = macs_per_step(model_config, num_iters=n + m) - with_grad  # n more iterations (block + projection)
+    return 3 * with_grad + no_grad
 
 
 def check_same_sjfb_iters(iters: list[tuple[int, int]], accelerator: Accelerator) -> None:

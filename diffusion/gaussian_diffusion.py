@@ -63,15 +63,25 @@ class LossType(enum.Enum):
 #                                   Helpers                                     #
 #################################################################################
 
-def _extract(values: np.ndarray, timesteps: Tensor, like: Tensor) -> Tensor:
-    """values[timesteps] as a tensor broadcastable against ``like``: (N,) -> (N, 1, ..., 1).
+class DeviceTables:
+    """Torch copies of 1-D numpy tables, made once per (name, device, dtype) and reused.
 
-    Float64 inputs get float64 coefficients; anything else gets float32 (as the original DDPM code).
+    A host-to-device copy per lookup would cost a copy (and, from pageable memory, a stall) at every training step
+    and sampling step; the tables never change after construction, so one copy per device suffices. A table
+    replaced by a new array under the same name is copied again.
     """
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    table = torch.from_numpy(values).to(device=timesteps.device, dtype=dtype)
-    out = table[timesteps.long()]                                       # (N,)
-    return out.reshape(out.shape + (1,) * (like.ndim - 1)).to(like.device)
+
+    def __init__(self) -> None:
+        self._copies: Dict[Tuple[str, torch.device, torch.dtype], Tuple[np.ndarray, Tensor]] = {}
+
+    def get(self, name: str, values: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """`values` as a tensor on `device` with `dtype`, copied on first use."""
+        key = (name, torch.device(device), dtype)
+        cached = self._copies.get(key)
+        if cached is None or cached[0] is not values:
+            cached = (values, torch.from_numpy(values).to(device=device, dtype=dtype))
+            self._copies[key] = cached
+        return cached[1]
 
 
 def split_model_output(output: Any) -> Tuple[Tensor, Any]:
@@ -153,6 +163,21 @@ class GaussianDiffusion:
         self.log_betas = np.log(betas)
         # FIXED_LARGE uses beta_t, except beta~_1 at t = 0 (a better decoder variance).
         self.fixed_large_variance = np.append(first_variance, betas[1:])
+        self.log_fixed_large_variance = np.log(self.fixed_large_variance)
+        self.one_minus_alphas_cumprod = 1.0 - alphas_cumprod
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - alphas_cumprod)
+        self._tables = DeviceTables()
+
+    def _extract(self, name: str, timesteps: Tensor, like: Tensor) -> Tensor:
+        """Table `name` at `timesteps`, broadcastable against ``like``: (N,) -> (N, 1, ..., 1).
+
+        Float64 inputs get float64 coefficients; anything else gets float32 (as the original DDPM code). The table
+        lives on the timesteps' device, copied there once (DeviceTables).
+        """
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        table = self._tables.get(name, getattr(self, name), timesteps.device, dtype)
+        out = table[timesteps.long()]                                       # (N,)
+        return out.reshape(out.shape + (1,) * (like.ndim - 1)).to(like.device)
 
     #############################################################################
     #                         Forward process and posterior                     #
@@ -160,9 +185,9 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x_start: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-        variance = _extract(1.0 - self.alphas_cumprod, t, x_start).expand_as(x_start)
-        log_variance = _extract(np.log(1.0 - self.alphas_cumprod), t, x_start).expand_as(x_start)
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Optional[Tensor] = None,
@@ -170,15 +195,15 @@ class GaussianDiffusion:
         """Draw x_t ~ q(x_t | x_0) = a_t x_0 + s_t eps."""
         if noise is None:
             noise = _randn(x_start.shape, x_start, generator)
-        return (_extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+        return (self._extract("sqrt_alphas_cumprod", t, x_start) * x_start
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0)."""
-        mean = (_extract(self.posterior_mean_coef1, t, x_t) * x_start
-                + _extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        variance = _extract(self.posterior_variance, t, x_t).expand_as(x_t)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        mean = (self._extract("posterior_mean_coef1", t, x_t) * x_start
+                + self._extract("posterior_mean_coef2", t, x_t) * x_t)
+        variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     #############################################################################
@@ -187,28 +212,28 @@ class GaussianDiffusion:
 
     def get_v(self, x_start: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """The velocity target v = a_t eps - s_t x_0."""
-        return (_extract(self.sqrt_alphas_cumprod, t, noise) * noise
-                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start)
+        return (self._extract("sqrt_alphas_cumprod", t, noise) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start)
 
     def predict_xstart_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """x_0 = a_t x_t - s_t v (no division: finite at abar = 0)."""
-        return (_extract(self.sqrt_alphas_cumprod, t, x_t) * x_t
-                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v)
+        return (self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v)
 
     def predict_eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """eps = s_t x_t + a_t v."""
-        return (_extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
-                + _extract(self.sqrt_alphas_cumprod, t, x_t) * v)
+        return (self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+                + self._extract("sqrt_alphas_cumprod", t, x_t) * v)
 
     def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_0 = (x_t - s_t eps) / a_t. Divides by a_t: only for epsilon prediction (never at abar = 0)."""
-        return ((x_t - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps)
-                / _extract(self.sqrt_alphas_cumprod, t, x_t))
+        return ((x_t - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * eps)
+                / self._extract("sqrt_alphas_cumprod", t, x_t))
 
     def predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, pred_xstart: Tensor) -> Tensor:
         """eps = (x_t - a_t x_0) / s_t (s_t > 0 for every t)."""
-        return ((x_t - _extract(self.sqrt_alphas_cumprod, t, x_t) * pred_xstart)
-                / _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t))
+        return ((x_t - self._extract("sqrt_alphas_cumprod", t, x_t) * pred_xstart)
+                / self._extract("sqrt_one_minus_alphas_cumprod", t, x_t))
 
     def predict_xstart(self, x_t: Tensor, t: Tensor, mean_output: Tensor) -> Tensor:
         """x_0 implied by the network's mean channels under this diffusion's mean type."""
@@ -250,18 +275,18 @@ class GaussianDiffusion:
 
         if self.model_var_type == ModelVarType.LEARNED_RANGE:
             # Nichol & Dhariwal Eq. 15: interpolate log-variance between beta~_t and beta_t.
-            min_log = _extract(self.posterior_log_variance_clipped, t, x)
-            max_log = _extract(self.log_betas, t, x)
+            min_log = self._extract("posterior_log_variance_clipped", t, x)
+            max_log = self._extract("log_betas", t, x)
             fraction = (variance_values + 1) / 2
             log_variance = fraction * max_log + (1 - fraction) * min_log
             variance = torch.exp(log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
-                table, log_table = self.fixed_large_variance, np.log(self.fixed_large_variance)
+                table, log_table = "fixed_large_variance", "log_fixed_large_variance"
             else:
-                table, log_table = self.posterior_variance, self.posterior_log_variance_clipped
-            variance = _extract(table, t, x).expand_as(x)
-            log_variance = _extract(log_table, t, x).expand_as(x)
+                table, log_table = "posterior_variance", "posterior_log_variance_clipped"
+            variance = self._extract(table, t, x).expand_as(x)
+            log_variance = self._extract(log_table, t, x).expand_as(x)
 
         pred_xstart = self.predict_xstart(x, t, mean_output)
         if denoised_fn is not None:
@@ -340,8 +365,8 @@ class GaussianDiffusion:
                                    model_kwargs=model_kwargs)
         pred_xstart = out["pred_xstart"]
         eps = self.predict_eps_from_xstart(x, t, pred_xstart)
-        alpha_bar = _extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x)
+        alpha_bar = self._extract("alphas_cumprod", t, x)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x)
         sigma = (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
                  * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
         if noise is None:
@@ -462,7 +487,7 @@ class GaussianDiffusion:
             vb = torch.zeros(x_start.shape[0], device=x_start.device, dtype=x_start.dtype)
 
         if self.model_mean_type == ModelMeanType.VELOCITY and self.v_loss_weighting == "authors":
-            alpha_bar = _extract(self.alphas_cumprod, t, x_start)
+            alpha_bar = self._extract("alphas_cumprod", t, x_start)
             snr = alpha_bar / (1 - alpha_bar)
             pred_xstart = self.predict_xstart_from_v(x_t, t, mean_output)
             mse = mean_flat(snr * torch.sqrt(1 - alpha_bar) * (x_start - pred_xstart) ** 2)

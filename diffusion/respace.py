@@ -92,15 +92,17 @@ def space_timesteps(num_timesteps: int, section_counts: Union[None, str, Sequenc
 class _WrappedModel:
     """Calls ``model`` with original timesteps: index i of the respaced chain -> timestep_map[i].
 
-    Whatever the model returns (a Tensor or a tuple (Tensor, extra)) is passed through unchanged.
+    ``map_on(device)`` gives the map as a long tensor on a device (the diffusion's cached copy, so a call copies
+    nothing to the device). Whatever the model returns (a Tensor or a tuple (Tensor, extra)) is passed through
+    unchanged.
     """
 
-    def __init__(self, model: Callable, timestep_map: Sequence[int]):
+    def __init__(self, model: Callable, map_on: Callable[[torch.device], Tensor]):
         self.model = model
-        self.timestep_map = torch.tensor(list(timestep_map), dtype=torch.long)
+        self.map_on = map_on
 
     def __call__(self, x: Tensor, ts: Tensor, **kwargs: Any) -> Any:
-        original_ts = self.timestep_map.to(ts.device)[ts.long()]   # (N,)
+        original_ts = self.map_on(ts.device)[ts.long()]   # (N,)
         return self.model(x, original_ts, **kwargs)
 
 
@@ -127,9 +129,14 @@ class SpacedDiffusion(GaussianDiffusion):
         kwargs["alphas_cumprod"] = kept_alpha_bar
         super().__init__(**kwargs)
         self.timestep_map = kept
+        self.timestep_map_array = np.asarray(kept, dtype=np.int64)
+
+    def timestep_map_on(self, device: torch.device) -> Tensor:
+        """timestep_map as a long tensor (num_timesteps,) on `device`, copied there once."""
+        return self._tables.get("timestep_map_array", self.timestep_map_array, device, torch.long)
 
     def _wrap_model(self, model: Callable) -> Callable:
         """Map step indices to original timesteps before calling the model (idempotent)."""
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map)
+        return _WrappedModel(model, self.timestep_map_on)

@@ -474,3 +474,50 @@ def test_wrong_number_of_output_channels_raises():
     fixed = create_diffusion("5", predict_v=True, learn_sigma=False)
     with pytest.raises(ValueError, match="learn_sigma"):
         fixed.training_losses(lambda x, t: torch.cat([x, x], 1), torch.zeros(2, 3), torch.tensor([1, 1]))
+
+
+#################################################################################
+#                     Schedule tables: copied to a device once                  #
+#################################################################################
+
+def old_extract(values: np.ndarray, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The per-call lookup the diffusion used before caching (a fresh tensor from the numpy table every call)."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    out = torch.from_numpy(values).to(device=timesteps.device, dtype=dtype)[timesteps.long()]
+    return out.reshape(out.shape + (1,) * (like.ndim - 1)).to(like.device)
+
+
+def test_schedule_tables_are_copied_once_and_give_the_old_values(monkeypatch):
+    diffusion = create_diffusion("ddim50", predict_v=True, use_zero_terminal_snr=True)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 7, 20, 49])
+    derived = {"one_minus_alphas_cumprod": 1.0 - diffusion.alphas_cumprod,  # computed per call before
+               "log_one_minus_alphas_cumprod": np.log(1.0 - diffusion.alphas_cumprod),
+               "log_fixed_large_variance": np.log(diffusion.fixed_large_variance)}
+    names = ["alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+             "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+             "log_betas", "fixed_large_variance", *derived]
+    for like in (x, x.double()):
+        for name in names:
+            values = derived.get(name, getattr(diffusion, name))
+            assert torch.equal(diffusion._extract(name, t, like), old_extract(values, t, like)), name
+
+    def model(x_t, timesteps, **kwargs):
+        return torch.cat([x_t * 0.5, torch.zeros_like(x_t)], dim=1)  # mean and variance channels
+
+    def one_of_each() -> list[torch.Tensor]:
+        losses = diffusion.training_losses(model, x, t, generator=torch.Generator().manual_seed(1))
+        ddim = diffusion.ddim_sample(model, x, t, generator=torch.Generator().manual_seed(2))
+        ddpm = diffusion.p_sample(model, x, t, generator=torch.Generator().manual_seed(3))
+        return [losses["loss"], ddim["sample"], ddpm["sample"], *diffusion.q_mean_variance(x, t)]
+
+    first = one_of_each()
+    copies = []
+    real_from_numpy = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda array: copies.append(array) or real_from_numpy(array))
+    again = one_of_each()
+    assert copies == []  # every table (and the respaced timestep map) already lives on the device
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    diffusion.alphas_cumprod = diffusion.alphas_cumprod.copy()  # a replaced table is copied anew
+    diffusion._extract("alphas_cumprod", t, x)
+    assert len(copies) == 1

@@ -567,3 +567,59 @@ def test_anderson_on_tiny_fpdm_reports_residuals():
           f"anderson residual {accel.residuals[-1]:.3e}")
     assert accel.num_iters == 12 and all(math.isfinite(r) for r in accel.residuals)
     assert accel_m1.residuals[:2] == accel.residuals[:2] and accel_m1.residuals[-1] != accel.residuals[-1]
+
+
+#################################################################################
+#                  Training reads no residuals; the compiled map                #
+#################################################################################
+
+def test_train_mode_computes_no_residuals_and_copies_nothing_to_the_host(monkeypatch):
+    """Training never reads the residuals: no relative_residual per iteration, no .tolist() per solver stage."""
+    import solvers
+    model = tiny_fpdm().train()
+    x, t, y = tiny_inputs()
+    residual_calls, host_copies = [], []
+    real_residual, real_tolist = solvers.relative_residual, torch.Tensor.tolist
+    monkeypatch.setattr(solvers, "relative_residual", lambda fz, z: residual_calls.append(1) or real_residual(fz, z))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: host_copies.append(1) or real_tolist(self))
+    out, stats = model.forward_with_stats(x, t, y, num_no_grad_iters=3, num_iters=2)
+    out.square().mean().backward()
+    assert stats.residuals == [] and stats.num_iters == 5 and stats.blocks == 7
+    assert residual_calls == [] and host_copies == []
+    _, drawn = model.forward_with_stats(x, t, y, sjfb_generator=torch.Generator().manual_seed(0))  # S-JFB draw
+    assert drawn.residuals == [] and residual_calls == []
+    # Asked for, or in eval mode (sampling, diagnostics), they are there as before.
+    _, asked = model.forward_with_stats(x, t, y, num_no_grad_iters=3, num_iters=2, track_residuals=True)
+    assert len(asked.residuals) == 5 and len(residual_calls) == 5
+    with torch.no_grad():
+        _, sampled = model.eval().forward_with_stats(x, t, y, num_iters=4)
+        _, stopped = model.train().forward_with_stats(x, t, y, num_iters=50, tol=1e-2)  # a tolerance needs them
+    assert len(sampled.residuals) == 4 and stopped.residuals[-1] <= 1e-2 < stopped.residuals[0]
+
+
+def test_compiled_fixed_point_map_is_one_graph_per_grad_mode():
+    """--compile compiles the whole map (projection + block) once; S-JFB's varying (n, m) never recompile it."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module.code)
+        return graph_module.forward  # run the captured graph eagerly: this counts compilations only
+
+    torch._dynamo.reset()
+    eager = tiny_fpdm(seed=1).train()
+    compiled = tiny_fpdm(seed=1).train()
+    compiled.compile_parts(backend=counting_backend)
+    x, t, y = tiny_inputs()
+    for n, m in [(0, 1), (2, 3), (3, 1), (1, 2), (0, 3), (4, 4)]:
+        drop = torch.Generator().manual_seed(n * 10 + m)
+        out = compiled(x, t, y, num_no_grad_iters=n, num_iters=m, label_dropout_generator=drop)
+        drop = torch.Generator().manual_seed(n * 10 + m)
+        expected = eager(x, t, y, num_no_grad_iters=n, num_iters=m, label_dropout_generator=drop)
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6), (n, m)
+        out.square().mean().backward()
+    map_graphs = [code for code in graphs if "projection_fc1" in code]
+    assert len(map_graphs) == 2, len(map_graphs)  # no-grad iterations and gradient-carrying ones
+    assert all("block_fixed_point" in code for code in map_graphs)  # projection and block in one graph
+    assert compiled.block_fixed_point.attn.qkv.weight.grad is not None
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # no _orig_mod. prefixes
+    torch._dynamo.reset()

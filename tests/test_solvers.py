@@ -107,3 +107,21 @@ def test_every_solver_has_the_same_signature_and_stats(name):
         z_none, none = get_solver(name)(f, z0, 0)
     assert z.shape == z0.shape and isinstance(stats, SolverStats)
     assert stats.num_iters == len(stats.residuals) == 5 and none == SolverStats(0, [])
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_residuals_are_computed_only_when_tracked_or_needed_for_a_tolerance(name, monkeypatch):
+    import solvers
+    f, z0, _ = linear_contraction(max_eig=0.5)
+    calls = []
+    real = solvers.relative_residual
+    monkeypatch.setattr(solvers, "relative_residual", lambda fz, z: calls.append(1) or real(fz, z))
+    with torch.no_grad():
+        z_tracked, tracked = get_solver(name)(f, z0, 6)
+        assert len(calls) == 6 and len(tracked.residuals) == 6
+        calls.clear()
+        z_plain, plain = get_solver(name)(f, z0, 6, track_residuals=False)
+        assert calls == [] and plain == SolverStats(6, [])  # training: no residual, no device-to-host copy
+        assert torch.equal(z_plain, z_tracked)
+        _, with_tol = get_solver(name)(f, z0, 300, 1e-6, track_residuals=False)  # a tolerance needs them
+    assert len(calls) == with_tol.num_iters == len(with_tol.residuals) and with_tol.residuals[-1] <= 1e-6

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -448,3 +449,146 @@ def test_keep_last_ckpts_and_milestones(tmp_path):
     plain = run_train(tmp_path, "--max_steps", "5", "--ckpt_every", "1", "--keep_last_ckpts", "2",
                       "--output_subdir", "plain")
     assert sorted(p.name for p in (plain / "checkpoints").iterdir()) == ["0000004.pt", "0000005.pt", "latest.pt"]
+
+
+#################################################################################
+#          Speed at scale: precision, EMA, no per-step syncs, data, compute     #
+#################################################################################
+
+def test_ema_update_is_one_foreach_pass_with_the_per_tensor_values(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(fixed_point=True))
+    ema = create_model(ModelConfig(fixed_point=True))
+    expected = {name: p.detach().clone() for name, p in ema.named_parameters()}
+    for name, param in model.named_parameters():  # the per-tensor formula the update replaced
+        expected[name].mul_(0.9).add_(param.detach().float(), alpha=1 - 0.9)
+    foreach_adds = []
+    real_add = torch._foreach_add_
+    monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: foreach_adds.append(1) or real_add(*a, **k))
+    training.update_ema(ema, model, 0.9)
+    assert foreach_adds == [1]  # one call over the parameter list, not one per tensor
+    for name, param in ema.named_parameters():
+        assert torch.equal(param, expected[name]), name
+
+
+def test_cuda_only_choices_follow_the_device():
+    from types import SimpleNamespace
+    from config import TrainConfig
+    cpu_params = list(create_model(ModelConfig()).parameters())
+    assert not training.use_fused_adamw(cpu_params) and not training.use_fused_adamw([])
+    on_cuda = [SimpleNamespace(device=torch.device("cuda", 0))] * 3
+    assert training.use_fused_adamw(on_cuda)
+    assert not training.use_fused_adamw([*on_cuda, SimpleNamespace(device=torch.device("cpu"))])
+    assert not training.create_optimizer(create_model(ModelConfig()), TrainConfig()).defaults["fused"]
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        training.set_tf32(True, torch.device("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        training.set_tf32(True, torch.device("cuda"))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_mixed_precision_flag_reaches_the_accelerator(tmp_path, monkeypatch):
+    from config import UserError
+    seen = []
+    real_setup = training.setup_processes
+    monkeypatch.setattr(training, "setup_processes", lambda config: seen.append(real_setup(config)) or seen[-1])
+    run = run_train(tmp_path, "--max_steps", "2", "--mixed_precision", "bf16", "--output_subdir", "bf16")
+    assert seen[-1].mixed_precision == "bf16"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert "mixed precision bf16" in (run / "log.txt").read_text()
+    payload = load_weights(run)
+    assert payload["config"]["train"]["mixed_precision"] == "bf16"
+    assert all(v.dtype == torch.float32 for v in payload["model"].values())  # fp32 weights, bf16 arithmetic
+    # The next run in the same process chooses its own (accelerate would otherwise keep bf16 for the process).
+    run_train(tmp_path, "--max_steps", "1", "--output_subdir", "fp32")
+    assert seen[-1].mixed_precision == "no"
+    with pytest.raises(UserError, match="--mixed_precision: fp16 needs a CUDA device"):  # accelerate: silent fp32
+        run_train(tmp_path, "--max_steps", "1", "--mixed_precision", "fp16", "--output_subdir", "fp16")
+    assert not (tmp_path / "fp16").exists()
+    train.parse_configs(["--resume", str(run), "--mixed_precision", "no"])  # may change on resume
+
+
+def test_loss_finiteness_is_read_only_when_logging_or_saving(tmp_path, monkeypatch):
+    """No collective and no device read inside a step; a non-finite loss between boundaries is still caught at
+    the next one, named by its step, and never saved."""
+    from accelerate import Accelerator
+    inside, reads = [], []
+    real_step, real_reduce, real_gather = training.train_step, Accelerator.reduce, Accelerator.gather
+    real_check = training.FiniteLossWatch.check
+
+    def step_spy(state, *args, **kwargs):
+        inside.append(True)
+        try:
+            return real_step(state, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(training, "train_step", step_spy)
+    monkeypatch.setattr(Accelerator, "reduce", lambda self, *a, **k: reads.append(bool(inside)) or
+                        real_reduce(self, *a, **k))
+    monkeypatch.setattr(Accelerator, "gather", lambda self, *a, **k: reads.append(bool(inside)) or
+                        real_gather(self, *a, **k))
+    checks = []
+    monkeypatch.setattr(training.FiniteLossWatch, "check",
+                        lambda self, accelerator, logger, run_dir, step: checks.append(step) or
+                        real_check(self, accelerator, logger, run_dir, step))
+    run = run_train(tmp_path, "--max_steps", "6", "--log_every", "3", "--ckpt_every", "2", "--output_subdir", "ok")
+    assert reads and not any(reads)  # reductions happen, never inside a step
+    assert checks == [2, 3, 4, 6, 6]  # before each save (2, 4, 6) and each log (3, 6)
+    assert load_weights(run)["step"] == 6
+
+    real_loss, calls = training.compute_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        terms = real_loss(*args, **kwargs)
+        return {k: v * float("nan") for k, v in terms.items()} if calls["n"] == 2 else terms
+
+    monkeypatch.setattr(training, "compute_loss", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match="non-finite at step 2;"):
+        run_train(tmp_path, "--max_steps", "8", "--log_every", "5", "--ckpt_every", "5", "--output_subdir", "nan")
+    assert not list((tmp_path / "nan" / "checkpoints").glob("*.pt"))  # step 5 had NaN weights: not written
+    assert not (tmp_path / "nan" / "metrics.jsonl").exists()
+    assert "non-finite loss at step 2; stopping at step 5" in (tmp_path / "nan" / "log.txt").read_text()
+
+
+def test_data_loader_workers_give_the_same_run(tmp_path, monkeypatch):
+    loaders = []
+    real_loader = training.DataLoader
+    monkeypatch.setattr(training, "DataLoader", lambda *a, **k: loaders.append(k) or real_loader(*a, **k))
+    plain = run_train(tmp_path, "--max_steps", "3", "--output_subdir", "plain")
+    workers = run_train(tmp_path, "--max_steps", "3", "--num_workers", "2", "--output_subdir", "workers")
+    assert [k["num_workers"] for k in loaders] == [0, 2] and not any(k["pin_memory"] for k in loaders)  # CPU
+    a, b = load_weights(plain), load_weights(workers)
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs with --num_workers 2"
+    # The batches are those of epoch_batches, epoch after epoch, from any step (what makes resume bit-exact).
+    data = training.TrainingData(list(range(40)), batch_rank=0, batch_world_size=1, local_batch=16)
+    expected = [batch for epoch in range(3) for batch in training.epoch_batches(40, 16, epoch, 5, 0, 1)[:2]]
+    assert list(training.StepBatches(data, 5, 0, 6)) == expected
+    assert list(training.StepBatches(data, 5, 3, 5)) == expected[3:5] and len(training.StepBatches(data, 5, 3, 5)) == 2
+
+
+def test_metrics_record_the_training_compute_of_the_logged_step(tmp_path):
+    import cost
+    run = run_train(tmp_path, "--max_steps", "4", "--log_every", "1", "--output_subdir", "fpdm",
+                    "--fixed_point_no_grad_max_iters", "3", "--fixed_point_with_grad_max_iters", "3")
+    model_config = ModelConfig(**load_weights(run)["config"]["model"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len({(r["sjfb_n"], r["sjfb_m"]) for r in rows}) > 1
+    for row in rows:
+        n, m = row["sjfb_n"], row["sjfb_m"]
+        # forward 1x + backward 2x of what carries gradient; the n no-grad iterations forward only
+        expected = 3 * cost.macs_per_step(model_config, m) + n * (
+            cost.macs_per_block(128, 16) + cost.macs_injection(128, 16))
+        assert row["train_gmacs_per_image"] == pytest.approx(expected / 1e9, rel=1e-12)
+    dit = run_train(tmp_path, "--max_steps", "1", "--fixed_point", "False", "--output_subdir", "dit")
+    dit_config = ModelConfig(**load_weights(dit)["config"]["model"])
+    row = json.loads((dit / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_gmacs_per_image"] == pytest.approx(3 * cost.macs_per_step(dit_config) / 1e9, rel=1e-12)
