@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import atomic_write
+from config import UserError
 from data import DIGITS_SPLIT_SEED, load_digits_uint8
 from fid import FeatureStats, fid_from_stats
 from images import to_nchw_tensor
@@ -182,17 +183,17 @@ def load_or_train_digits_classifier(
             metadata = handle.metadata() or {}
         state_dict = load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{flag}: cannot read {path} as a safetensors file ({error})") from error
+        raise UserError(f"{flag}: cannot read {path} as a safetensors file ({error})") from error
     if metadata.get("format") != DIGITS_CLASSIFIER_FORMAT:
-        raise ValueError(f"{flag}: {path} is not a digits classifier (metadata format {metadata.get('format')!r})")
+        raise UserError(f"{flag}: {path} is not a digits classifier (metadata format {metadata.get('format')!r})")
     if metadata.get("seed") != str(seed) or metadata.get("steps") != str(steps):
-        raise ValueError(f"{flag}: {path} was trained with seed {metadata.get('seed')}, steps {metadata.get('steps')}; "
+        raise UserError(f"{flag}: {path} was trained with seed {metadata.get('seed')}, steps {metadata.get('steps')}; "
                          f"requested seed {seed}, steps {steps}: delete the file or pass another path")
     model = DigitsClassifier()
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise ValueError(f"{flag}: {path} does not match the DigitsClassifier architecture ({error})") from error
+        raise UserError(f"{flag}: {path} does not match the DigitsClassifier architecture ({error})") from error
     model.eval()
     test_images, test_labels = load_digits_uint8("test")
     return model, classifier_accuracy(model, test_images, test_labels)

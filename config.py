@@ -78,6 +78,8 @@ class ModelConfig:
         _check(self.num_classes >= 0, "num_classes", "must be >= 0", self.num_classes)
         _check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", "must be in [0, 1)", self.class_dropout_prob)
         _check_choices(self)
+        _check(not (self.predict_v and self.predict_xstart), "predict_xstart", "cannot be combined with --predict_v "
+               "True (the network predicts one target)", self.predict_xstart)
         if not self.fixed_point:
             return self
         for name in ("fixed_point_pre_depth", "fixed_point_post_depth", "fixed_point_no_grad_min_iters"):

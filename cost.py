@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Optional
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features fed to the timestep MLP (models.TimestepEmbedder)
 
@@ -128,3 +128,15 @@ def macs_per_step(model_config: Any, num_iters: int = 0, cfg: bool = False) -> i
     if model_config.fixed_point:
         total += num_iters * macs_injection(D, T) + macs_pre_projection(D, T)
     return 2 * total if cfg else total
+
+
+def training_macs_per_image(model_config: Any, sjfb_iters: Optional[tuple[int, int]]) -> int:
+    """Analytic MACs per image of one training step (cost.macs_per_step): forward 1x and backward 2x for what
+    carries gradient; an FPDM's n no-grad iterations (Algorithm 1) run forward only. The forward recomputed by
+    --grad_checkpointing is not counted (the arithmetic the model needs, not the memory trade)."""
+    if sjfb_iters is None:
+        return 3 * macs_per_step(model_config)
+    n, m = sjfb_iters
+    with_grad = macs_per_step(model_config, num_iters=m)              # embed, pre, m iterations, post, final
+    no_grad = macs_per_step(model_config, num_iters=n + m) - with_grad  # n more iterations (block + projection)
+    return 3 * with_grad + no_grad

@@ -43,7 +43,7 @@ def load_digits_split(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     if split not in ("all", "train", "test"):
-        raise ValueError(f"--ref_split must be one of all, train, test; got {split!r}")
+        raise UserError(f"--ref_split must be one of all, train, test; got {split!r}")
     digits = load_digits()
     levels = digits.images.astype(np.float32)                           # (1797, 8, 8), integer levels 0..16
     labels = digits.target.astype(np.int64)                             # (1797,)
@@ -138,7 +138,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, image_size: int, random_flip: bool = True):
         if image_size < 1:
-            raise ValueError(f"--image_size must be positive, got {image_size}")
+            raise UserError(f"--image_size must be positive, got {image_size}")
         self.root = Path(root)
         self.image_size = image_size
         self.random_flip = random_flip

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from config import UserError
 from images import read_npz, save_npz, to_nchw_tensor
 
 FID_REFERENCE_NUM_SAMPLES = 50_000  # paper Sec. 4.1: "all evaluations were performed using 50000 images (FID-50K)"
@@ -129,7 +130,7 @@ class FeatureStats:
             raise FileNotFoundError(f"{flag}: reference statistics file not found: {path}")
         arrays = read_npz(path, flag)
         if not {"mu", "sigma"} <= set(arrays):
-            raise ValueError(f"{flag}: {path} is not a statistics file: needs arrays 'mu' and 'sigma', "
+            raise UserError(f"{flag}: {path} is not a statistics file: needs arrays 'mu' and 'sigma', "
                              f"has {sorted(arrays)}")
         mu = np.asarray(arrays["mu"], dtype=np.float64)
         sigma = np.asarray(arrays["sigma"], dtype=np.float64)
@@ -137,7 +138,7 @@ class FeatureStats:
         feature_extractor = str(arrays["feature_extractor"]) if "feature_extractor" in arrays else ""
         source = str(arrays["source"]) if "source" in arrays else os.path.basename(path)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{flag}: {path} has mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+            raise UserError(f"{flag}: {path} has mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
         return cls(mu=mu, sigma=sigma, n=n, feature_extractor=feature_extractor, source=source)
 
 
@@ -164,11 +165,11 @@ def load_or_compute_reference_stats(
     if path is not None and os.path.exists(path):
         stats = FeatureStats.load(path, flag=flag)
         if feature_extractor and stats.feature_extractor and stats.feature_extractor != feature_extractor:
-            raise ValueError(
+            raise UserError(
                 f"{flag}: {path} was computed with feature extractor {stats.feature_extractor!r}, but this evaluation "
                 f"uses {feature_extractor!r}; delete the file or pass another path")
         if source and stats.feature_extractor and stats.source != source:
-            raise ValueError(f"{flag}: {path} holds statistics of {stats.source!r}, not of {source!r}; delete the file "
+            raise UserError(f"{flag}: {path} holds statistics of {stats.source!r}, not of {source!r}; delete the file "
                              "or pass another path")
         return stats
     stats = compute_fn()
@@ -201,11 +202,11 @@ def load_inception_torchscript(path: str, device: str = "cpu", flag: str = "--in
         raise FileNotFoundError(f"{flag}: Inception weights file not found: {path} (expected a TorchScript file such "
                                 "as inception-2015-12-05.pt; nothing is downloaded at run time)")
     if path.endswith(".pkl"):
-        raise ValueError(f"{flag}: {path} is a pickle; pass the TorchScript export (inception-2015-12-05.pt) instead")
+        raise UserError(f"{flag}: {path} is a pickle; pass the TorchScript export (inception-2015-12-05.pt) instead")
     try:
         model = torch.jit.load(path, map_location=device)
     except Exception as error:  # RuntimeError / ValueError from the TorchScript reader
-        raise ValueError(f"{flag}: {path} is not a TorchScript archive ({type(error).__name__}: "
+        raise UserError(f"{flag}: {path} is not a TorchScript archive ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''}); expected the TorchScript FID "
                          "Inception (inception-2015-12-05.pt)") from error
     return model.eval()
@@ -223,11 +224,11 @@ def inception_features(
         try:
             output = model(batch, return_features=True)
         except Exception as error:
-            raise ValueError(f"{flag}: the TorchScript module failed on a uint8 (B, 3, H, W) batch with "
+            raise UserError(f"{flag}: the TorchScript module failed on a uint8 (B, 3, H, W) batch with "
                              f"return_features=True ({type(error).__name__}: {error})") from error
         if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != batch.shape[0]:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ValueError(f"{flag}: expected features of shape ({batch.shape[0]}, D); got {shape}")
+            raise UserError(f"{flag}: expected features of shape ({batch.shape[0]}, D); got {shape}")
         features.append(output.double().cpu())
     return torch.cat(features).numpy()                                              # (N, D)
 

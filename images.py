@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from checkpoint import atomic_write
+from config import UserError
 
 
 #################################################################################
@@ -117,7 +118,7 @@ def read_npz(path: str | Path, flag: str, keys: Optional[Sequence[str]] = None) 
                 raise ValueError(f"it has no {missing} array (found {sorted(archive.files)})")
             return {key: archive[key] for key in (archive.files if keys is None else keys)}
     except Exception as error:  # zipfile.BadZipFile, OSError, pickle refusal, truncated members, ...
-        raise ValueError(f"{flag}: cannot read {path} as an .npz archive ({error})") from error
+        raise UserError(f"{flag}: cannot read {path} as an .npz archive ({error})") from error
 
 
 def save_sample_npz(path: str | Path, images: np.ndarray, labels: Optional[np.ndarray] = None) -> None:
@@ -134,21 +135,21 @@ def load_sample_npz(path: str, flag: str = "--samples") -> tuple[np.ndarray, Opt
         raise FileNotFoundError(f"{flag}: sample file not found: {path}")
     arrays = read_npz(path, flag)
     if "arr_0" not in arrays:
-        raise ValueError(f"{flag}: {path} has no 'arr_0' array (found {sorted(arrays)}); expected an ADM-format .npz "
+        raise UserError(f"{flag}: {path} has no 'arr_0' array (found {sorted(arrays)}); expected an ADM-format .npz "
                          "as written by sample_ddp.py")
     images = arrays["arr_0"]
     labels = arrays.get("arr_1")
     if images.dtype != np.uint8:
-        raise ValueError(f"{flag}: {path}: arr_0 must be uint8 (0..255); got {images.dtype}")
+        raise UserError(f"{flag}: {path}: arr_0 must be uint8 (0..255); got {images.dtype}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"{flag}: {path}: arr_0 must have shape (N, H, W, 3) (NHWC, RGB); got {images.shape}")
+        raise UserError(f"{flag}: {path}: arr_0 must have shape (N, H, W, 3) (NHWC, RGB); got {images.shape}")
     if images.shape[0] == 0:
-        raise ValueError(f"{flag}: {path}: arr_0 holds no images")
+        raise UserError(f"{flag}: {path}: arr_0 holds no images")
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)                       # (N, H, W, 3)
     if labels is not None:
         if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{flag}: {path}: arr_1 (labels) must be integers of shape ({images.shape[0]},); "
+            raise UserError(f"{flag}: {path}: arr_1 (labels) must be integers of shape ({images.shape[0]},); "
                              f"got {labels.dtype} {labels.shape}")
         labels = labels.astype(np.int64)
     return images, labels
@@ -180,7 +181,7 @@ def read_shard_indices(path: str | Path, flag: str) -> np.ndarray:
     """The image indices a shard holds, (n,) int64 (its images are not read)."""
     indices = read_npz(path, flag, keys=["indices"])["indices"]
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{flag}: {path}: 'indices' must be a 1-D integer array; got {indices.dtype} {indices.shape}")
+        raise UserError(f"{flag}: {path}: 'indices' must be a 1-D integer array; got {indices.dtype} {indices.shape}")
     return indices.astype(np.int64)
 
 
@@ -189,13 +190,13 @@ def read_shard(path: str | Path, flag: str) -> dict[str, np.ndarray]:
     arrays = read_npz(path, flag)
     indices, images, labels = arrays.get("indices"), arrays.get("images"), arrays.get("labels")
     if indices is None or images is None:
-        raise ValueError(f"{flag}: {path} is not an image shard (arrays {sorted(arrays)}; expected indices, images)")
+        raise UserError(f"{flag}: {path} is not an image shard (arrays {sorted(arrays)}; expected indices, images)")
     count = indices.shape[0] if indices.ndim == 1 else -1
     if count < 0 or images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != count:
-        raise ValueError(f"{flag}: {path}: expected indices (n,) and uint8 images (n, H, W, C); got indices "
+        raise UserError(f"{flag}: {path}: expected indices (n,) and uint8 images (n, H, W, C); got indices "
                          f"{indices.shape}, images {images.dtype} {images.shape}")
     if labels is not None and labels.shape != (count,):
-        raise ValueError(f"{flag}: {path}: labels must have shape ({count},); got {labels.shape}")
+        raise UserError(f"{flag}: {path}: labels must have shape ({count},); got {labels.shape}")
     return {"indices": indices.astype(np.int64), "images": images,
             **({} if labels is None else {"labels": labels.astype(np.int64)})}
 
@@ -223,20 +224,20 @@ def pack_shards(path: str | Path, shards: Sequence[str | Path], num_images: int,
                 pixels = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8,
                                                    shape=(num_images, height, width, 3))
             if shard["images"].shape[1:3] != pixels.shape[1:3]:
-                raise ValueError(f"{flag}: {shard_path} holds {shard['images'].shape[1:3]} images, others "
+                raise UserError(f"{flag}: {shard_path} holds {shard['images'].shape[1:3]} images, others "
                                  f"{pixels.shape[1:3]}")
             if filled[indices].any() or len(np.unique(indices)) != len(indices):
                 repeated = sorted(set(indices[filled[indices]].tolist()))[:5] or "within the shard"
-                raise ValueError(f"{flag}: image indices {repeated} occur in more than one shard (e.g. {shard_path})")
+                raise UserError(f"{flag}: image indices {repeated} occur in more than one shard (e.g. {shard_path})")
             recorded = shard.get("labels")
             if labels is not None and (recorded is None or not np.array_equal(recorded[keep],
                                                                                np.asarray(labels)[indices])):
-                raise ValueError(f"{flag}: {shard_path} holds other class labels than this setup draws")
+                raise UserError(f"{flag}: {shard_path} holds other class labels than this setup draws")
             pixels[indices] = to_rgb(shard["images"][keep])          # (n, H, W, 3)
             filled[indices] = True
         if not filled.all():
             missing = np.flatnonzero(~filled)
-            raise ValueError(f"{flag}: {len(missing)} images missing from the shards (first {missing[:5].tolist()})")
+            raise UserError(f"{flag}: {len(missing)} images missing from the shards (first {missing[:5].tolist()})")
         save_sample_npz(path, pixels, labels)
         return tuple(pixels.shape)
     finally:

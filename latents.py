@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 import torch
 
+from config import UserError
 from images import save_npz
 from records import write_json
 from vae import encode_images, resolve_vae_name, vae_scale_and_shift
@@ -48,7 +49,7 @@ def chunk_file_name(chunk_id: int) -> str:
 def plan_chunks(num_images: int, chunk_size: int) -> list[tuple[int, int]]:
     """[start, end) image ranges of consecutive chunks of `chunk_size` images (the last may be shorter)."""
     if chunk_size < 1:
-        raise ValueError(f"--chunk_size must be positive, got {chunk_size}")
+        raise UserError(f"--chunk_size must be positive, got {chunk_size}")
     return [(start, min(start + chunk_size, num_images)) for start in range(0, num_images, chunk_size)]
 
 
@@ -69,7 +70,7 @@ def read_manifest(feature_path: str | os.PathLike) -> dict[str, Any]:
     """Load and check a feature folder's manifest.json, with errors naming --feature_path."""
     folder = Path(feature_path)
     if not str(feature_path):
-        raise ValueError("--feature_path is empty: pass the folder written by extract_features.py")
+        raise UserError("--feature_path is empty: pass the folder written by extract_features.py")
     if not folder.is_dir():
         raise FileNotFoundError(f"--feature_path {str(folder)!r} does not exist (run extract_features.py "
                                 f"--features_path {str(folder)!r} first)")
@@ -83,13 +84,13 @@ def read_manifest(feature_path: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"--feature_path: {str(manifest_path)!r} is not valid JSON ({error})") from error
+        raise UserError(f"--feature_path: {str(manifest_path)!r} is not valid JSON ({error})") from error
     if manifest.get("format") != LATENTS_FORMAT or manifest.get("version") != LATENTS_FORMAT_VERSION:
-        raise ValueError(f"--feature_path: {str(manifest_path)!r} is not a {LATENTS_FORMAT} "
+        raise UserError(f"--feature_path: {str(manifest_path)!r} is not a {LATENTS_FORMAT} "
                          f"v{LATENTS_FORMAT_VERSION} manifest (format={manifest.get('format')!r}, "
                          f"version={manifest.get('version')!r})")
     if not manifest.get("chunks") or int(manifest.get("num_images", 0)) < 1:
-        raise ValueError(f"--feature_path {str(folder)!r} is empty: its manifest lists no latents")
+        raise UserError(f"--feature_path {str(folder)!r} is empty: its manifest lists no latents")
     return manifest
 
 
@@ -120,7 +121,7 @@ def read_chunk(folder: Path, entry: dict[str, Any], latent_shape: tuple[int, ...
         if arrays["labels"].size and not (0 <= arrays["labels"].min() and arrays["labels"].max() < num_classes):
             problems.append(f"labels outside [0, {num_classes})")
     if problems:
-        raise ValueError(f"--feature_path: chunk {str(path)!r} is inconsistent: {'; '.join(problems)}")
+        raise UserError(f"--feature_path: chunk {str(path)!r} is inconsistent: {'; '.join(problems)}")
     arrays["labels"] = arrays["labels"].astype(np.int64)
     arrays["indices"] = arrays["indices"].astype(np.int64)
     return arrays
@@ -134,7 +135,7 @@ def extraction_settings(vae_name: str, image_size: int, flip: bool, chunk_size: 
                         sample_posterior: bool, dtype: str) -> dict[str, Any]:
     """The settings a chunk depends on; stored in every chunk and compared when resuming."""
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"--dtype must be float32 or float16, got {dtype!r}")
+        raise UserError(f"--dtype must be float32 or float16, got {dtype!r}")
     return {"vae": resolve_vae_name(vae_name), "image_size": int(image_size), "flip": bool(flip),
             "chunk_size": int(chunk_size), "seed": int(seed), "sample_posterior": bool(sample_posterior),
             "dtype": dtype}
@@ -161,7 +162,7 @@ def find_complete_chunks(features_path: str | os.PathLike, dataset: ImageFolderD
         expected_paths = [path for path, _ in dataset.samples[start:end]]
         if differing or paths != expected_paths:
             reason = "; ".join(differing) if differing else "the images in --data_path changed"
-            raise ValueError(f"--features_path {str(folder)!r} already holds {chunk_file_name(chunk_id)} made "
+            raise UserError(f"--features_path {str(folder)!r} already holds {chunk_file_name(chunk_id)} made "
                              f"differently ({reason}); use a new --features_path or delete the old one")
         complete.add(chunk_id)
     return complete
@@ -188,7 +189,7 @@ def extract_latent_chunks(dataset: ImageFolderDataset, features_path: str | os.P
     from torch.utils.data import DataLoader
     from tqdm import tqdm
     if batch_size < 1:
-        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+        raise UserError(f"--batch_size must be positive, got {batch_size}")
     folder = Path(features_path)
     folder.mkdir(parents=True, exist_ok=True)
     plan = plan_chunks(dataset.num_images, settings["chunk_size"])
@@ -238,7 +239,7 @@ def write_latents_manifest(features_path: str | os.PathLike, dataset: ImageFolde
     complete = find_complete_chunks(folder, dataset, settings)
     missing = [chunk_file_name(c) for c in range(len(plan)) if c not in complete]
     if missing:
-        raise ValueError(f"--features_path {str(folder)!r} lacks {len(missing)} chunk(s) (first: {missing[0]}); "
+        raise UserError(f"--features_path {str(folder)!r} lacks {len(missing)} chunk(s) (first: {missing[0]}); "
                          f"rerun extract_features.py with the same flags to finish")
     with np.load(folder / chunk_file_name(0), allow_pickle=False) as chunk:
         latent_shape = list(chunk["latents"].shape[1:])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from checkpoint import atomic_write
+from config import UserError
 
 if TYPE_CHECKING:
     from allocation import IterationPlan
@@ -51,7 +52,7 @@ def read_json(path: str | os.PathLike, flag: str) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{flag}: {path} is not valid JSON ({error})") from error
+        raise UserError(f"{flag}: {path} is not valid JSON ({error})") from error
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import cli
-from cost import macs_per_step
+from cost import training_macs_per_image
 from checkpoint import (atomic_write, capture_rng_state, link_latest, load_state_dict_checked, prune_checkpoints,
                         remove_stale_temporaries, restore_rng_state, save_checkpoint, save_safetensors)
 from config import ModelConfig, TrainConfig, UserError
@@ -582,18 +582,6 @@ def log_window(window: LogWindow, step: int, model_config: ModelConfig, accelera
     values["train_gmacs_per_image"] = training_macs_per_image(model_config, last_iters) / 1e9
     logger.metrics(step, values)
     progress.set_postfix(loss=f"{means['loss']:.4f}", steps_per_sec=f"{steps_per_sec:.2f}")
-
-
-def training_macs_per_image(model_config: ModelConfig, sjfb_iters: Optional[tuple[int, int]]) -> int:
-    """Analytic MACs per image of one training step (cost.macs_per_step): forward 1x and backward 2x for what
-    carries gradient; an FPDM's n no-grad iterations (Algorithm 1) run forward only. The forward recomputed by
-    --grad_checkpointing is not counted (the arithmetic the model needs, not the memory trade)."""
-    if sjfb_iters is None:
-        return 3 * macs_per_step(model_config)
-    n, m = sjfb_iters
-    with_grad = macs_per_step(model_config, num_iters=m)              # embed, pre, m iterations, post, final
-    no_grad = macs_per_step(model_config, num_iters=n + m) - with_grad  # n more iterations (block + projection)
-    return 3 * with_grad + no_grad
 
 
 def check_same_sjfb_iters(iters: list[tuple[int, int]], accelerator: Accelerator) -> None:

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from config import UserError
+
 VAE_SHORTCUTS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 VAE_DOWNSAMPLING = 8  # ModelConfig.input_size assumes image_size // 8 latents (the Stable Diffusion VAE)
 
@@ -63,14 +65,14 @@ def load_vae(name_or_path: str, device: str | torch.device = "cpu",
     """diffusers AutoencoderKL from a local folder or hub name (ema/mse shortcuts), in eval mode, frozen."""
     from diffusers import AutoencoderKL
     if not name_or_path:
-        raise ValueError("--vae is empty: pass a local AutoencoderKL folder or a hub name (ema, mse)")
+        raise UserError("--vae is empty: pass a local AutoencoderKL folder or a hub name (ema, mse)")
     local = local_vae_folder(name_or_path)
     source = local[0] if local else resolve_vae_name(name_or_path)
     kwargs = {"subfolder": local[1]} if local and local[1] else {}
     try:
         vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype, **kwargs)
     except Exception as error:  # hub/network/format errors all become one actionable message
-        raise ValueError(
+        raise UserError(
             f"--vae {name_or_path!r}: could not load an AutoencoderKL from {source!r} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Without network access, download it elsewhere "
             f"(e.g. `huggingface-cli download {VAE_SHORTCUTS['ema']} --local-dir sd-vae-ft-ema`) and pass "

@@ -147,7 +147,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"({num_samples} samples each)")
     write_payload(args.out, payload)
     print(f"run and samples in {work_dir}")
-    print(f"wrote {args.out} (run and samples in {work_dir})")
     return payload
 
 

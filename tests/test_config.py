@@ -130,6 +130,7 @@ def test_help_shows_every_default(configs):
     (ModelConfig(fixed_point=True, fixed_point_with_grad_min_iters=0), "--fixed_point_with_grad_min_iters"),
     (ModelConfig(fixed_point=True, fixed_point_with_grad_min_iters=13), "--fixed_point_with_grad_max_iters"),
     (ModelConfig(noise_schedule="sqrt"), "--noise_schedule"),
+    (ModelConfig(predict_v=True, predict_xstart=True), "--predict_xstart"),
     (ExtractConfig(data_path="a", features_path="b", chunk_size=0), "--chunk_size"),
 ])
 def test_validate_names_the_flag(config, message):
