@@ -97,3 +97,21 @@ def test_default_run_quick_trains_samples_and_scores_both_models(tmp_path):
     assert ratio["digits_fid"] > 0 and ratio["classifier_accuracy"] >= 0
     with pytest.raises(UserError, match="--work_dir"):  # never writes into a used folder
         default_run.main(["--quick", "--out", str(out), "--work_dir", str(tmp_path / "work")])
+
+
+def test_sjfb_rank_skew_matches_simulated_per_rank_draws(tmp_path):
+    import torch
+    from dataclasses import replace
+    from benchmarks import sjfb_rank_skew
+    from cost import training_macs_per_image
+    from models import draw_sjfb_iters
+    payload = sjfb_rank_skew.main(["--out", str(tmp_path / "skew.json"), "--ranks", "1,8,16"])
+    ratios = {row["ranks"]: row["per_rank_over_shared"] for row in payload["rows"]}
+    assert ratios["1"] == pytest.approx(1.0) and 1.45 < ratios["8"] < 1.57 and 1.55 < ratios["16"] < 1.65
+    # The exact expectation agrees with simulated DDP steps: 8 ranks each drawing their own (n, m).
+    config = replace(sjfb_rank_skew.PAPER_FPDM, fixed_point_no_grad_max_iters=12, fixed_point_with_grad_max_iters=12)
+    generator = torch.Generator().manual_seed(0)
+    steps = [[training_macs_per_image(config, draw_sjfb_iters(config, generator)) for _ in range(8)]
+             for _ in range(3000)]
+    simulated = sum(max(s) for s in steps) / sum(sum(s) / 8 for s in steps)
+    assert simulated == pytest.approx(ratios["8"], rel=0.02)
