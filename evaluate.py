@@ -69,7 +69,8 @@ def resolve_options(options: EvaluateConfig) -> EvaluateConfig:
         raise UserError("pass only one reference source: --ref_npz or --dataset")
     if options.dataset is not None and options.dataset not in BUILTIN_DATASETS:
         raise UserError(f"--dataset must be one of {', '.join(BUILTIN_DATASETS)}; got {options.dataset!r}")
-    if options.features == "digits" and options.ref_stats is None and options.ref_npz is None:
+    if (options.features == "digits" and options.ref_stats is None and options.ref_npz is None
+            and options.dataset is None):
         options = replace(options, dataset="digits")        # default reference for digits-FID
     if options.ref_stats is None and options.ref_npz is None and options.dataset is None:
         raise UserError("--features inception needs a reference: --ref_stats STATS.npz or --ref_npz REAL.npz")

@@ -1,10 +1,16 @@
-"""Tests for classifier.py: the digits CNN (accuracy, safetensors cache) and digits-FID on its features."""
+"""Tests for classifier.py: the digits CNN (accuracy, safetensors cache) and digits-FID on its features; the
+shipped MNIST-5k classifier."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import classifier
 import fid
-from data import load_digits_uint8
+from config import UserError
+from data import load_digits_uint8, load_mnist5k_uint8
+
+MNIST5K_CLASSIFIER = Path(__file__).resolve().parents[1] / "experiments" / "results" / "mnist5k_classifier.safetensors"
 
 
 def _add_pixel_noise(images: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
@@ -63,3 +69,33 @@ def test_digits_fid_real_vs_real_and_increasing_with_noise(trained_classifier):
     metrics = classifier.evaluate_digits_samples(model, half_b, reference=stats_a)
     assert metrics["digits_fid"] == pytest.approx(fids[0], rel=1e-9)
     assert sum(metrics["predicted_class_histogram"]) == len(half_b)
+
+
+#################################################################################
+#                              MNIST-5k classifier                              #
+#################################################################################
+
+def test_shipped_mnist5k_classifier_loads_and_is_accurate(trained_classifier):
+    from safetensors.torch import safe_open
+    assert MNIST5K_CLASSIFIER.stat().st_size < 1_000_000
+    with safe_open(str(MNIST5K_CLASSIFIER), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == classifier.MNIST5K_CLASSIFIER_FORMAT and metadata["steps"] == "1500"
+    model, accuracy = classifier.load_or_train_classifier("mnist5k", str(MNIST5K_CLASSIFIER), seed=0)
+    print(f"mnist5k classifier test accuracy: {accuracy:.4f} (recorded {metadata['test_accuracy']})")
+    assert isinstance(model, classifier.Mnist5kClassifier) and accuracy >= 0.95
+    assert accuracy == pytest.approx(float(metadata["test_accuracy"]), abs=1e-6)
+    images, labels = load_mnist5k_uint8("test")
+    features = classifier.digits_features(model, images[:50])
+    assert features.shape == (50, classifier.MNIST5K_FEATURE_DIM) and np.isfinite(features).all()
+    assert classifier.digits_feature_extractor_id(model).startswith(classifier.MNIST5K_CLASSIFIER_FORMAT)
+    shuffled = np.random.default_rng(4).permutation(labels)
+    assert classifier.classifier_accuracy(model, images, shuffled) < 0.3
+    # A classifier file of the other dataset is refused by its format, not loaded into the wrong network.
+    _, _, digits_path = trained_classifier
+    with pytest.raises(UserError, match="not a mnist5k classifier"):
+        classifier.load_or_train_classifier("mnist5k", digits_path, seed=0)
+    with pytest.raises(UserError, match="not a digits classifier"):
+        classifier.load_or_train_digits_classifier(str(MNIST5K_CLASSIFIER), seed=0)
+    with pytest.raises(UserError, match="--dataset 'cifar'"):
+        classifier.classifier_spec("cifar")

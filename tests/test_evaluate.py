@@ -10,10 +10,11 @@ import torch
 
 import evaluate
 from config import UserError
-from data import load_digits_uint8
+from data import load_digits_uint8, load_mnist5k_uint8
 from fid import FeatureStats
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST5K_CLASSIFIER = os.path.join(REPO_ROOT, "experiments", "results", "mnist5k_classifier.safetensors")
 
 
 def test_evaluate_cli_digits_end_to_end(tmp_path, trained_classifier):
@@ -111,6 +112,29 @@ def test_digits_features_refuse_other_sizes_and_missing_classifiers(tmp_path, tr
         evaluate.main(["--samples", str(small), "--classifier", str(typo), "--train_classifier", "True",
                        "--out", str(out)])
     assert typo.is_file() and len(out.read_text().splitlines()) == 1
+
+
+def test_evaluate_mnist5k_with_the_shipped_classifier_and_refuse_other_sizes(tmp_path):
+    images, labels = load_mnist5k_uint8("test")
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, images[:300], labels[:300])  # 28x28 RGB "samples" (real MNIST-5k test digits)
+    out = tmp_path / "eval.jsonl"
+    argv = ["--samples", str(samples), "--dataset", "mnist5k", "--classifier", MNIST5K_CLASSIFIER, "--out", str(out)]
+    with pytest.warns(UserWarning, match="50,000"):
+        record = evaluate.main(argv)
+    metrics, setup = record["metrics"], record["setup"]
+    print(f"evaluate.py mnist5k: {metrics}")
+    assert metrics["fid_kind"] == "mnist5k-fid" and metrics["fid"] >= 0.0
+    assert metrics["classifier_accuracy"] > 0.95 and metrics["classifier_test_accuracy"] >= 0.95
+    assert setup["reference"]["num_images"] == 5000 and setup["reference"]["dataset"] == "mnist5k"
+    assert setup["feature_extractor"]["classifier_dataset"] == "mnist5k" and "mnist5k-FID" in setup["note"]
+    small = tmp_path / "small.npz"
+    digits, digit_labels = load_digits_uint8("test")
+    np.savez(small, digits[:20], digit_labels[:20])  # 8x8 digits samples: not an mnist5k model's output
+    with pytest.raises(UserError, match=r"--samples .*small.npz.*mnist5k classifier takes 28x28.*8x8"):
+        evaluate.main(["--samples", str(small), "--dataset", "mnist5k", "--classifier", MNIST5K_CLASSIFIER,
+                       "--out", str(out)])
+    assert len(out.read_text().splitlines()) == 1
 
 
 class NaNFeatures(torch.nn.Module):
