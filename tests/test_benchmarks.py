@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from config import UserError
-from benchmarks import default_run, param_counts, report, sampling_throughput
+import cost
+from benchmarks import default_run, macs, param_counts, report, sampling_throughput
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,33 @@ def test_param_counts_quick_fpdm_is_87_percent_smaller_at_xl2(tmp_path):
 def test_param_counts_rejects_unknown_model(tmp_path):
     with pytest.raises(ValueError, match="--model"):
         param_counts.main(["--models", "DiT-XXL/2", "--out", str(tmp_path / "p.json")])
+
+
+def test_macs_quick_rows_come_from_cost_py(tmp_path):
+    out = tmp_path / "macs.json"
+    payload = macs.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    steps = {r["setting"]: r for r in payload["steps"]}
+    assert set(steps) == {"Ti/2 digits 8x8", "XL/2 latents 32x32x4"}
+    xl, ti = steps["XL/2 latents 32x32x4"], steps["Ti/2 digits 8x8"]
+    assert xl["tokens"] == 256 and ti["tokens"] == 16
+    assert round(xl["iteration_over_block"], 2) == 1.48       # the injection MLP: +6TD^2 on a block's ~12TD^2
+    dit_config, fpdm_config = macs.model_configs("XL/2 latents 32x32x4")
+    assert xl["dit_step_macs"] == cost.macs_per_step(dit_config)
+    assert xl["fpdm_step_macs"] == cost.macs_per_step(fpdm_config, 26) and xl["default_iters"] == 26
+    assert xl["block_macs"] == cost.macs_per_block(1152, 256) and xl["dit_step_blocks"] == xl["fpdm_step_blocks"]
+    equal = {(r["budget_blocks"], r["iters_per_step"]): r for r in payload["equal_blocks"]
+             if r["setting"] == "XL/2 latents 32x32x4"}
+    assert {b for b, _ in equal} == {280, 560}
+    row = equal[(280, 12)]                                     # 20 FPDM steps of 1 + 12 + 1 blocks vs 10 DiT steps
+    assert row["fpdm_steps"] == 20 and row["fpdm_blocks"] == 280 and row["dit_steps"] == 10
+    assert row["fpdm_macs"] == 20 * cost.macs_per_step(fpdm_config, 12)
+    assert 1.0 < row["fpdm_over_dit_gmacs"] < 1.48
+
+
+def test_macs_rejects_unknown_setting(tmp_path):
+    with pytest.raises(UserError, match="--settings"):
+        macs.main(["--settings", "Z/9 latents", "--out", str(tmp_path / "m.json")])
 
 
 def test_train_memory_quick_fresh_processes(tmp_path):
