@@ -77,6 +77,18 @@ def test_train_memory_quick_fresh_processes(tmp_path):
     sweep = payload["n_sweep"]
     assert sorted(r["n"] for r in sweep) == [0, 12] and len({r["m"] for r in sweep}) == 1
     assert len({r["saved_activation_mb"] for r in sweep}) == 1
+    for r in payload["pairs"] + payload["n_sweep"] + payload["checkpointing"]["runs"]:
+        assert r["peak_tensor_mb"] >= r["params"] * 4 / 2**20 + r["saved_activation_mb"] / 2
+    # Gradient checkpointing: memory growth from m = 0 to m = 12 is at most 35% of the growth without it.
+    ckpt = payload["checkpointing"]
+    assert sorted((r["grad_checkpointing"], r["m"]) for r in ckpt["runs"]) == [(False, 0), (False, 12), (True, 0),
+                                                                               (True, 12)]
+    growth = ckpt["summary"]["growth"]
+    assert ckpt["summary"]["primary_measure"] == "peak_tensor_mb" and ckpt["summary"]["target_ratio"] == 0.35
+    for measure in ("peak_tensor_mb", "saved_activation_mb"):  # deterministic measures
+        assert growth[measure]["plain_mb"] > 0 and growth[measure]["ratio"] <= 0.35, (measure, growth[measure])
+    losses = {r["grad_checkpointing"]: r["losses"] for r in ckpt["runs"] if r["m"] == 12}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)   # same computation, recomputed in backward
 
 
 def test_sampling_throughput_quick(tmp_path):
