@@ -48,6 +48,13 @@ def limit_threads(num_threads: int = 1) -> None:
     torch.set_num_threads(num_threads)
 
 
+def synchronize(device: Any) -> None:
+    """Wait for queued device work (no-op on the CPU)."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """A short description of where the numbers were measured."""
     import torch
@@ -138,7 +145,7 @@ def training_step(model: Any, diffusion: Any, optimizer: Any, batch: tuple[Any, 
     loss.backward()
     if optimizer is not None:
         optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 class PeakTensorBytes:

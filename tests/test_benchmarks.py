@@ -8,7 +8,7 @@ import pytest
 
 from config import UserError
 import cost
-from benchmarks import default_run, macs, param_counts, report, sampling_throughput
+from benchmarks import default_run, macs, param_counts, report, sampling_throughput, train_speed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,25 @@ def test_train_memory_quick_fresh_processes(tmp_path):
         assert growth[measure]["plain_mb"] > 0 and growth[measure]["ratio"] <= 0.35, (measure, growth[measure])
     losses = {r["grad_checkpointing"]: r["losses"] for r in ckpt["runs"] if r["m"] == 12}
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)   # same computation, recomputed in backward
+
+
+def test_train_speed_quick_interleaves_dit_fpdm_and_checkpointed_fpdm(tmp_path):
+    out = tmp_path / "speed.json"
+    train_speed.main(["--quick", "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["size"] == "Ti/2-digits" and (run["n"], run["m"], run["rounds"], run["batch"]) == (12, 12, 2, 8)
+    variants = run["variants"]
+    assert list(variants) == ["DiT", "FPDM", "FPDM+ckpt"]
+    for v in variants.values():
+        assert len(v["raw_step_s"]) == 2 and v["step_s"]["median"] > 0 and v["over_dit"]["n"] == 2
+        assert all(loss == loss for loss in v["losses"])                      # finite
+    assert variants["DiT"]["over_dit"]["median"] == 1.0
+    assert variants["FPDM"]["params"] == variants["FPDM+ckpt"]["params"] < variants["DiT"]["params"]
+    # Same weights, same batches: checkpointing recomputes the same numbers.
+    assert variants["FPDM+ckpt"]["losses"] == pytest.approx(variants["FPDM"]["losses"], rel=1e-5)
+    # cost.py: 26 + 2 x 14 FPDM block forwards (x ~1.48 per iteration) vs 3 x 8 for the DiT.
+    assert 2.5 < variants["FPDM"]["predicted_over_dit"] < variants["FPDM+ckpt"]["predicted_over_dit"] < 4.5
+    assert run["checkpointed_over_plain_fpdm"]["median"] > 0
 
 
 def test_sampling_throughput_quick(tmp_path):
