@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from config import UserError
+from config import ModelConfig, UserError
 import cost
 from benchmarks import default_run, macs, param_counts, report, sampling_throughput, train_speed
 
@@ -124,6 +124,16 @@ def test_sampling_throughput_quick(tmp_path):
         assert m["overhead_ratio"]["n"] == 2 and 0.3 < m["overhead_ratio"]["median"] < 20
         assert m["overhead_ratio"]["min"] <= m["overhead_ratio"]["median"] <= m["overhead_ratio"]["max"]
     assert run["sample_time_fpdm_over_dit"]["median"] > 0
+    # Equal GMACs (--budget_gmacs = the DiT's, cost.py): the FPDM spends fewer blocks, at most the DiT's GMACs.
+    equal = run["equal_gmacs"]
+    fpdm_gmacs = equal["FPDM"]
+    assert fpdm_gmacs["num_steps"] == dit["num_steps"] == 4 and fpdm_gmacs["params"] == fpdm["params"]
+    assert fpdm_gmacs["blocks_per_image"] < dit["blocks_per_image"]
+    assert 0.9 < equal["gmacs_fpdm_over_dit"] <= 1.0
+    dit_config = ModelConfig(model="DiT-Ti/2", image_size=8, in_channels=1, num_classes=10)
+    assert dit["gmacs_per_image"] * 1e9 == pytest.approx(4 * cost.macs_per_step(dit_config), rel=1e-12)
+    assert fpdm["gmacs_per_image"] > dit["gmacs_per_image"]       # equal blocks: the injection MLP costs extra
+    assert equal["sample_time_fpdm_over_dit"]["n"] == 2 and fpdm_gmacs["overhead_ratio"]["median"] > 0
 
 
 def test_sampling_throughput_rejects_unknown_size(tmp_path):
