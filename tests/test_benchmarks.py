@@ -145,8 +145,10 @@ def test_report_renders_the_recorded_results(tmp_path):
     out = tmp_path / "section.md"
     text = report.main(["--out", str(out)])
     assert out.read_text() == text + "\n"
-    for heading in ("### Parameter counts", "### Training memory", "### Sampling throughput"):
+    for heading in ("### Parameter counts", "### Training memory", "### Sampling throughput", "### Analytic MACs",
+                    "### Training step time"):
         assert heading in text
+    assert "with / without (target <= 0.35)" in text and "FPDM@GMACs" in text   # checkpointing, equal GMACs
 
 
 def test_default_run_quick_trains_samples_and_scores_both_models(tmp_path):
