@@ -111,10 +111,12 @@ def memory_section(m: dict[str, Any]) -> list[str]:
                            "-", "-"]]), ""]
     if m["n_sweep"]:
         out += ["FPDM peak memory vs the number n of no-grad iterations (m fixed):", ""]
-        out += [format_table(["setting", "n", "m", "peak RSS GiB", "peak - import baseline GiB",
-                              "saved activations MiB", "step s"],
-                             [[r["group"], r["n"], r["m"], gb(r["peak_rss_mb"]), gb(r["peak_minus_baseline_mb"]),
-                               f"{r['saved_activation_mb']:.2f}", f"{r['step_time_s']:.2f}"] for r in m["n_sweep"]]),
+        sweep_tensor = all("peak_tensor_mb" in r for r in m["n_sweep"])
+        out += [format_table(["setting", "n", "m", "peak RSS GiB", "peak - import baseline GiB"] +
+                             (["peak tensor MiB"] if sweep_tensor else []) + ["saved activations MiB", "step s"],
+                             [[r["group"], r["n"], r["m"], gb(r["peak_rss_mb"]), gb(r["peak_minus_baseline_mb"])] +
+                              ([f"{r['peak_tensor_mb']:.2f}"] if sweep_tensor else []) +
+                              [f"{r['saved_activation_mb']:.2f}", f"{r['step_time_s']:.2f}"] for r in m["n_sweep"]]),
                 ""]
     return out + checkpointing_section(m.get("checkpointing"))
 

@@ -77,6 +77,7 @@ def test_train_memory_quick_fresh_processes(tmp_path):
     sweep = payload["n_sweep"]
     assert sorted(r["n"] for r in sweep) == [0, 12] and len({r["m"] for r in sweep}) == 1
     assert len({r["saved_activation_mb"] for r in sweep}) == 1
+    assert len({r["peak_tensor_mb"] for r in sweep}) == 1     # nor does the peak of live tensor bytes
     for r in payload["pairs"] + payload["n_sweep"] + payload["checkpointing"]["runs"]:
         assert r["peak_tensor_mb"] >= r["params"] * 4 / 2**20 + r["saved_activation_mb"] / 2
     # Gradient checkpointing: memory growth from m = 0 to m = 12 is at most 35% of the growth without it.
