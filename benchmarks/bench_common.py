@@ -48,6 +48,13 @@ def limit_threads(num_threads: int = 1) -> None:
     torch.set_num_threads(num_threads)
 
 
+def synchronize(device: Any) -> None:
+    """Wait for queued device work (no-op on the CPU)."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """A short description of where the numbers were measured."""
     import torch
@@ -103,3 +110,90 @@ def write_payload(path: str | Path, payload: dict[str, Any]) -> None:
     from records import write_json  # here, not at the top: records imports torch (threads are limited first)
     write_json(path, payload)
     print(f"wrote {path}")
+
+
+#################################################################################
+#                          One training step (train_*.py)                       #
+#################################################################################
+
+def training_batch(model_config: Any, batch: int, generator: Any, device: Any) -> tuple[Any, Any, Any]:
+    """Random (x (N, C, H, W), y (N,), t (N,)) of the model's shape (training speed and memory do not depend on the
+    values)."""
+    import torch
+    shape = (batch, model_config.in_channels, model_config.input_size, model_config.input_size)
+    x = torch.randn(shape, generator=generator).to(device)
+    y = torch.randint(0, max(model_config.num_classes, 1), (batch,), generator=generator).to(device)
+    t = torch.randint(0, model_config.diffusion_steps, (batch,), generator=generator).to(device)
+    return x, y, t
+
+
+def training_step(model: Any, diffusion: Any, optimizer: Any, batch: tuple[Any, Any, Any],
+                  sjfb_iters: tuple[int, int] | None) -> float:
+    """One step of train.py's loss (diffusion.training_losses), backward and AdamW (None: gradients only).
+
+    sjfb_iters pins S-JFB's draws (n no-grad, m backpropagated iterations) for an FPDM; None for a DiT.
+    """
+    x, y, t = batch
+    model_kwargs: dict[str, Any] = {"y": y}
+    if sjfb_iters is not None:
+        model_kwargs["num_no_grad_iters"], model_kwargs["num_iters"] = sjfb_iters
+    loss = diffusion.training_losses(model, x, t, model_kwargs)["loss"].mean()
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+    return float(loss.detach())
+
+
+class PeakTensorBytes:
+    """Context manager tracking the peak bytes of live tensor storages created inside it, at every operator
+    (a TorchDispatchMode; backward and checkpoint recomputation included). Storages of the given parameters are
+    ignored (their views, e.g. a transposed weight, are not new memory). On the CPU this is the analogue of
+    torch.cuda.max_memory_allocated: deterministic, free of allocator slack."""
+
+    def __init__(self, parameters: Any = ()):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._ignored = {p.untyped_storage().data_ptr() for p in parameters}
+        self._finalizers: dict[int, Any] = {}
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._record(out)
+                return out
+
+        self._mode = _Mode()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._finalizers.pop(key, None)
+        self.live_bytes -= nbytes
+
+    def _record(self, out: Any) -> None:
+        import weakref
+        import torch
+        from torch.utils._pytree import tree_leaves
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()   # one Python object per storage (kept while the storage lives)
+            key = id(storage)
+            if key in self._finalizers or storage.data_ptr() in self._ignored:
+                continue
+            nbytes = storage.nbytes()
+            self._finalizers[key] = weakref.finalize(storage, self._release, key, nbytes)
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def __enter__(self) -> "PeakTensorBytes":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._mode.__exit__(*exc)

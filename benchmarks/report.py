@@ -49,6 +49,34 @@ def param_section(p: dict[str, Any]) -> list[str]:
     return out
 
 
+def macs_section(p: dict[str, Any]) -> list[str]:
+    """Analytic MAC tables (cost.py): per block and step, and at equal blocks per image."""
+    from benchmarks.macs import per_block_pivot
+
+    out = ["### Analytic MACs per image (cost.py; FPDM pre = post = 1; no guidance)", ""]
+    out += [format_table(["setting", "tokens T", "width D", "DiT block GMACs", "FPDM iteration GMACs",
+                          "iteration / block", "default k", "DiT step GMACs", "FPDM step GMACs (k = default)",
+                          "FPDM / DiT step"],
+                         [[r["setting"], r["tokens"], r["hidden_size"], f"{r['block_macs'] / 1e9:.4g}",
+                           f"{r['iteration_macs'] / 1e9:.4g}", f"{r['iteration_over_block']:.3f}",
+                           r["default_iters"], f"{r['dit_step_gmacs']:.4g}", f"{r['fpdm_step_gmacs']:.4g}",
+                           f"{r['fpdm_over_dit_step']:.3f}"] for r in p["steps"]]), ""]
+    headers, rows = per_block_pivot(p["steps"], p["equal_blocks"])
+    out += ["FPDM/DiT GMACs per block pass when an FPDM step runs k iterations (1 + k + 1 blocks); at equal blocks per "
+            "image this is the FPDM/DiT GMAC ratio:", "",
+            format_table(headers, [[row[0]] + [f"{v:.3f}" if isinstance(v, float) else v for v in row[1:]]
+                                   for row in rows]), ""]
+    xl = [r for r in p["equal_blocks"] if r["model"] == "DiT-XL/2"]
+    if xl:
+        out += ["XL/2 at the same block budget (280 = 10 DiT steps, 560 = 20):", "",
+                format_table(["budget blocks", "DiT steps", "DiT GMACs", "k", "FPDM steps", "FPDM blocks",
+                              "FPDM GMACs", "FPDM/DiT GMACs"],
+                             [[r["budget_blocks"], r["dit_steps"], f"{r['dit_gmacs']:,.0f}", r["iters_per_step"],
+                               r["fpdm_steps"], r["fpdm_blocks"], f"{r['fpdm_gmacs']:,.0f}",
+                               f"{r['fpdm_over_dit_gmacs']:.3f}"] for r in xl]), ""]
+    return out
+
+
 def memory_section(m: dict[str, Any]) -> list[str]:
     """Training-memory tables (pairs, ratios, n-sweep)."""
     def name(r):
@@ -56,13 +84,14 @@ def memory_section(m: dict[str, Any]) -> list[str]:
 
     out = [f"### Training memory and step time (device: {m['device']}, "
            f"{'forward+backward only' if m['no_optimizer'] else 'AdamW step included'}, one fresh process each)", ""]
+    tensor = all("peak_tensor_mb" in r for r in m["pairs"])   # recorded since the PeakTensorBytes tracker
     rows = [[r["group"], name(r), r["batch"], f"{r['n']}/{r['m']}" if r["fixed_point"] else "-",
-             f"{r['params'] / 1e6:.2f}M", gb(r["peak_rss_mb"]), gb(r["peak_minus_baseline_mb"]),
-             gb(r["saved_activation_mb"]), f"{r['step_time_s']:.2f}"] +
+             f"{r['params'] / 1e6:.2f}M", gb(r["peak_rss_mb"]), gb(r["peak_minus_baseline_mb"])] +
+            ([gb(r["peak_tensor_mb"])] if tensor else []) + [gb(r["saved_activation_mb"]), f"{r['step_time_s']:.2f}"] +
             ([gb(r["cuda_max_allocated_mb"])] if "cuda_max_allocated_mb" in r else [])
             for r in m["pairs"]]
-    headers = ["setting", "model", "batch", "n/m", "params", "peak RSS GiB", "peak - import baseline GiB",
-               "saved activations GiB", "step s"]
+    headers = ["setting", "model", "batch", "n/m", "params", "peak RSS GiB", "peak - import baseline GiB"] + \
+        (["peak tensor GiB"] if tensor else []) + ["saved activations GiB", "step s"]
     if any("cuda_max_allocated_mb" in r for r in m["pairs"]):
         headers.append("CUDA max alloc GiB")
     out += [format_table(headers, rows), ""]
@@ -70,45 +99,107 @@ def memory_section(m: dict[str, Any]) -> list[str]:
         e = c.get("batch64_estimate_mb")
         return f"{c['batch64_estimate_ratio']:.2f} ({gb(e['fpdm'])} / {gb(e['dit'])} GiB)" if e else "-"
 
-    out += [format_table(["setting", "batch", "params FPDM/DiT", "peak memory FPDM/DiT", "saved activations FPDM/DiT",
-                          "step time FPDM/DiT", "batch-64 extrapolation FPDM/DiT"],
+    def tensor_ratio(c):
+        return f"{c['peak_tensor_ratio']:.3f}" if "peak_tensor_ratio" in c else "-"
+
+    out += [format_table(["setting", "batch", "params FPDM/DiT", "peak memory FPDM/DiT", "peak tensor FPDM/DiT",
+                          "saved activations FPDM/DiT", "step time FPDM/DiT", "batch-64 extrapolation FPDM/DiT"],
                          [[c["group"], c["batch"], f"{c['params_ratio']:.3f}", f"{c['memory_ratio']:.3f}",
-                           f"{c['saved_activation_ratio']:.3f}", f"{c['step_time_ratio']:.2f}", estimate(c)]
-                          for c in m["comparisons"]] +
+                           tensor_ratio(c), f"{c['saved_activation_ratio']:.3f}", f"{c['step_time_ratio']:.2f}",
+                           estimate(c)] for c in m["comparisons"]] +
                          [["**paper**: XL/2, V100", 64, "0.127 (85M / 674M)", "**0.40** (10.2 / 25.2 GB)", "-", "-",
-                           "-"]]), ""]
+                           "-", "-"]]), ""]
     if m["n_sweep"]:
         out += ["FPDM peak memory vs the number n of no-grad iterations (m fixed):", ""]
-        out += [format_table(["setting", "n", "m", "peak RSS GiB", "peak - import baseline GiB",
-                              "saved activations MiB", "step s"],
-                             [[r["group"], r["n"], r["m"], gb(r["peak_rss_mb"]), gb(r["peak_minus_baseline_mb"]),
-                               f"{r['saved_activation_mb']:.2f}", f"{r['step_time_s']:.2f}"] for r in m["n_sweep"]]),
+        sweep_tensor = all("peak_tensor_mb" in r for r in m["n_sweep"])
+        out += [format_table(["setting", "n", "m", "peak RSS GiB", "peak - import baseline GiB"] +
+                             (["peak tensor MiB"] if sweep_tensor else []) + ["saved activations MiB", "step s"],
+                             [[r["group"], r["n"], r["m"], gb(r["peak_rss_mb"]), gb(r["peak_minus_baseline_mb"])] +
+                              ([f"{r['peak_tensor_mb']:.2f}"] if sweep_tensor else []) +
+                              [f"{r['saved_activation_mb']:.2f}", f"{r['step_time_s']:.2f}"] for r in m["n_sweep"]]),
                 ""]
+    return out + checkpointing_section(m.get("checkpointing"))
+
+
+MEASURES = {"cuda_max_allocated_mb": "CUDA max allocated", "peak_tensor_mb": "peak tensor bytes (deterministic)",
+            "saved_activation_mb": "saved activations (misses checkpoint's kept inputs)",
+            "peak_minus_baseline_mb": "peak RSS - import baseline (noisy)"}
+
+
+def checkpointing_section(c: dict[str, Any] | None) -> list[str]:
+    """FPDM with and without --grad_checkpointing: memory growth from m = 0 to m = M and its ratio."""
+    if not c or not c.get("summary"):
+        return []
+    summary = c["summary"]
+    out = [f"FPDM with and without `--grad_checkpointing` ({summary['group'].split(' ', 1)[1]}, batch "
+           f"{summary['batch']}, n = {summary['n']}; one fresh process each):", "",
+           format_table(["grad checkpointing", "m", "peak RSS - baseline MiB", "peak tensor MiB",
+                         "saved activations MiB", "step s"],
+                        [["on" if r["grad_checkpointing"] else "off", r["m"], f"{r['peak_minus_baseline_mb']:.0f}",
+                          f"{r['peak_tensor_mb']:.0f}", f"{r['saved_activation_mb']:.0f}", f"{r['step_time_s']:.2f}"]
+                         for r in c["runs"]]), "",
+           format_table([f"memory growth m = 0 -> {summary['m']}", "without MiB", "with MiB",
+                         f"with / without (target <= {summary['target_ratio']})"],
+                        [[MEASURES.get(k, k), f"{g['plain_mb']:.0f}", f"{g['checkpointed_mb']:.0f}",
+                          f"**{g['ratio']:.3f}**" if k == summary["primary_measure"] else f"{g['ratio']:.3f}"]
+                         for k, g in summary["growth"].items()]), "",
+           f"Step time with / without checkpointing at m = {summary['m']}: "
+           f"{summary['step_time_ratio_checkpointed_over_plain']:.2f} (back-to-back processes; see the interleaved "
+           "measurement below).", ""]
     return out
+
+
+def speed_section(p: dict[str, Any]) -> list[str]:
+    """Interleaved training step times and their cost.py predictions."""
+    out = [f"### Training step time, interleaved in one process (device: {p['runs'][0]['device']}; median of "
+           "per-round ratios)", ""]
+    rows = []
+    for run in p["runs"]:
+        for label, v in run["variants"].items():
+            o = v["over_dit"]
+            rows.append([run["size"], run["batch"], label, f"{run['n']}/{run['m']}" if label != "DiT" else "-",
+                         f"{v['params'] / 1e6:.2f}M", f"{v['step_s']['median']:.3f}",
+                         f"{o['median']:.2f} [{o['min']:.2f}, {o['max']:.2f}]", f"{v['predicted_over_dit']:.2f}"])
+    out += [format_table(["size", "batch", "model", "n/m", "params", "step s (median)", "time / DiT [min, max]",
+                          "cost.py MACs / DiT"], rows), ""]
+    for run in p["runs"]:
+        r = run["checkpointed_over_plain_fpdm"]
+        out.append(f"- {run['size']} ({run['rounds']} rounds): FPDM step time with / without checkpointing "
+                   f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]")
+    return out + [""]
 
 
 def throughput_section(t: dict[str, Any]) -> list[str]:
     """Sampling throughput and overhead table."""
-    out = ["### Sampling throughput and sampler overhead (equal blocks per step; median of interleaved repeats)", ""]
+    out = ["### Sampling throughput and sampler overhead (equal blocks per step, and FPDM at equal GMACs; median of "
+           "interleaved repeats)", ""]
     rows = []
     for run in t["runs"]:
-        for label, m in run["models"].items():
+        equal = [("FPDM@GMACs", run["equal_gmacs"]["FPDM"])] if "equal_gmacs" in run else []
+        for label, m in [*run["models"].items(), *equal]:
             o = m["overhead_ratio"]
             speed = m["block_forwards_per_s"]
             rows.append([run["size"], run["device"], label, run["batch"], m["num_steps"],
                          m["iters_per_step"] if m["fixed_point"] else "-", m["blocks_per_image"],
+                         f"{m['gmacs_per_image']:.4g}" if "gmacs_per_image" in m else "-",
                          f"{speed['median']:,.0f} (±{speed['spread_pct']:.0f}%)",
                          f"{m['bare_block_s']['median'] * 1e3:.2f}",
                          f"{m['per_block_in_sampling_s']['median'] * 1e3:.2f}",
                          f"{o['median']:.2f} [{o['min']:.2f}, {o['max']:.2f}]"])
-    out += [format_table(["size", "device", "model", "batch", "steps", "iters/step", "blocks/image",
+    out += [format_table(["size", "device", "model", "batch", "steps", "iters/step", "blocks/image", "GMACs/image",
                           "image-block forwards/s", "bare block ms", "block in sampling ms",
                           "overhead [min, max]"], rows), ""]
     for run in t["runs"]:
         r = run["sample_time_fpdm_over_dit"]
         mo = run["models"]["FPDM"].get("map_over_block")
+        eq = run.get("equal_gmacs")
+        g = eq["sample_time_fpdm_over_dit"] if eq else None
         out.append(f"- {run['size']} ({run['device']}, {run['repeats']} repeats): sampling time FPDM/DiT at equal "
                    f"blocks {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+                   + (f"; at equal GMACs ({eq['FPDM']['blocks_per_image']} vs "
+                      f"{run['models']['DiT']['blocks_per_image']} blocks, GMACs ratio "
+                      f"{eq['gmacs_fpdm_over_dit']:.3f}) {g['median']:.2f} [{g['min']:.2f}, {g['max']:.2f}]"
+                      if eq else "")
                    + (f"; FPDM fixed-point map (block + injection MLP) / bare block {mo['median']:.2f}" if mo else ""))
     return out + [""]
 
@@ -118,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     config = parse_config(ReportConfig, __doc__, argv)
     folder = Path(config.results)
     lines: list[str] = []
-    for name, render in (("param_counts", param_section), ("train_memory", memory_section)):
+    for name, render in (("param_counts", param_section), ("macs", macs_section), ("train_memory", memory_section),
+                         ("train_speed", speed_section)):
         payload = load(folder / f"{name}.json")
         if payload is not None:
             lines += render(payload)

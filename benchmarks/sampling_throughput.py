@@ -1,9 +1,12 @@
 """Sampling throughput (transformer-block forwards per second) of DiT and FPDM, and the sampler's overhead.
 
-For each size, a DiT and an FPDM of the same width are sampled through the library's pipeline
-(sampling.sample_batch at an allocation.plan_for_model plan) at EQUAL cost per step: the FPDM runs
-depth - pre - post fixed-point iterations per step, so both spend `depth` blocks per step and the same blocks per
-image. Throughput = block forwards per image x images / seconds. The sampler's overhead is
+For each size, a DiT and an FPDM of the same width are sampled through the library's pipeline (sampling.generate
+at the plan sampling.prepare_sampling makes, as sample.py does), with the same number of steps, twice for the FPDM:
+  * at EQUAL BLOCKS: depth - pre - post fixed-point iterations per step, so both spend `depth` blocks per step
+    (the paper's accounting, Sec. 4.2);
+  * at EQUAL GMACs ("FPDM@GMACs"): --budget_gmacs set to the DiT's GMACs per image (cost.py), i.e. the largest plan
+    whose analytic MACs fit; the injection MLP makes an FPDM iteration cost more than a block, so it runs fewer.
+Throughput = block forwards per image x images / seconds. The sampler's overhead is
 
     (sampling seconds / blocks per image) / (seconds of one bare block forward on the same batch shape)
 
@@ -25,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import cli
 from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, option, parse_config,
-                                     require_at_least, summarize, write_payload)
+                                     require_at_least, summarize, synchronize, write_payload)
 from config import UserError
 
 # name -> (registry model, data kwargs for ModelConfig, default batch, default steps)
@@ -34,18 +37,13 @@ SIZES = {
     "S/2-latents": ("DiT-S/2", dict(image_size=256, in_channels=4, latent=True, num_classes=1000), 4, 10),
     "XL/2-latents": ("DiT-XL/2", dict(image_size=256, in_channels=4, latent=True, num_classes=1000), 2, 4),
 }
+EQUAL_GMACS = "FPDM@GMACs"
+VARIANTS = ("DiT", "FPDM", EQUAL_GMACS)   # FPDM at equal blocks per step, FPDM at the DiT's GMACs per image
 
 
 #################################################################################
 #                                   Timing                                      #
 #################################################################################
-
-def synchronize(device) -> None:
-    """Wait for queued device work (no-op on the CPU)."""
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def timed(fn: Callable[[], Any], device) -> tuple[float, Any]:
     """Seconds taken by fn() (device-synchronised) and its result."""
@@ -69,89 +67,106 @@ def bare_forward_seconds(fn: Callable, args: tuple, iters: int, device) -> float
 #                                 Benchmark                                     #
 #################################################################################
 
-def build_pair(size: str, steps: int, device):
-    """DiT and FPDM (pre = post = 1) of one size, with their plans at equal blocks per step."""
+def build_variants(size: str, steps: int, device) -> dict[str, dict[str, Any]]:
+    """DiT, FPDM at equal blocks per step and FPDM at equal GMACs per image (same weights as FPDM), each with the
+    plan sampling.prepare_sampling makes from its flags, as sample.py would."""
     import torch
-    from allocation import plan_for_model
+    from allocation import planned_macs
     from config import ModelConfig, SampleConfig
     from cost import default_sampling_iters
     from models import create_model
+    from sampling import prepare_sampling
 
     model_name, data, _, _ = SIZES[size]
-    pair = {}
-    for label, fixed_point in (("DiT", False), ("FPDM", True)):
-        model_config = ModelConfig(model=model_name, fixed_point=fixed_point, **data)
+    models, variants = {}, {}
+    for fixed_point in (False, True):
         torch.manual_seed(0)
-        model = create_model(model_config).to(device).eval()
-        iters = default_sampling_iters(ModelConfig(model=model_name, fixed_point=True, **data))  # DiT depth - 2
-        sample_config = SampleConfig(cfg_scale=1.0, num_sampling_steps=steps,
-                                     fixed_point_iters=iters if fixed_point else None)
-        plan = plan_for_model(model_config, sample_config)
-        block = model.block_fixed_point if fixed_point else model.blocks[0]
-        pair[label] = dict(model=model, model_config=model_config, sample_config=sample_config, plan=plan,
-                           block=block, iters_per_step=iters if fixed_point else 0)
-    return pair
+        models[fixed_point] = create_model(ModelConfig(model=model_name, fixed_point=fixed_point, **data)).to(device)
+    iters = default_sampling_iters(ModelConfig(model=model_name, fixed_point=True, **data))  # DiT depth - 2
+    dit_gmacs = None
+    for label in VARIANTS:
+        fixed_point = label != "DiT"
+        model_config = ModelConfig(model=model_name, fixed_point=fixed_point, **data)
+        flags: dict[str, Any] = dict(cfg_scale=1.0, num_sampling_steps=steps)
+        if label == "FPDM":
+            flags["fixed_point_iters"] = iters
+        elif label == EQUAL_GMACS:  # the largest plan of `steps` steps within the DiT's GMACs (cost.py)
+            flags["budget_gmacs"] = dit_gmacs
+        model = models[fixed_point].eval()
+        sample_config, plan, _ = prepare_sampling(model_config, SampleConfig(**flags), model, device)
+        if label == "DiT":
+            dit_gmacs = planned_macs(model_config, plan) / 1e9
+        variants[label] = dict(model=model, model_config=model_config, sample_config=sample_config, plan=plan,
+                               block=model.block_fixed_point if fixed_point else model.blocks[0])
+    return variants
 
 
 def measure_size(size: str, batch: int, steps: int, repeats: int, bare_iters: int, device) -> dict[str, Any]:
-    """Interleaved repeated measurements of sampling time and bare block time for DiT and FPDM of one size."""
+    """Interleaved repeated measurements of sampling time (sampling.generate) and bare block time per variant."""
     import torch
-    from sampling import make_sampling_diffusion, sample_batch
+    from sampling import generate
 
-    pair = build_pair(size, steps, device)
-    samples: dict[str, dict[str, list[float]]] = {k: {"sample_s": [], "block_s": [], "map_s": []} for k in pair}
-    blocks_per_image = {}
-    for label, entry in pair.items():
-        model, mc = entry["model"], entry["model_config"]
-        entry["diffusion"] = make_sampling_diffusion(mc, entry["plan"].num_steps)
-        entry["labels"] = torch.arange(batch) % mc.num_classes
-        tokens = model.x_embedder.num_patches if hasattr(model.x_embedder, "num_patches") else model.pos_embed.shape[1]
+    variants = build_variants(size, steps, device)
+    samples: dict[str, dict[str, list[float]]] = {k: {"sample_s": [], "block_s": [], "map_s": []} for k in variants}
+    spent: dict[str, Any] = {}
+    for entry in variants.values():
+        model = entry["model"]
+        entry["labels"] = torch.arange(batch) % entry["model_config"].num_classes
         gen = torch.Generator().manual_seed(0)
-        entry["x"] = torch.randn(batch, tokens, model.hidden_size, generator=gen).to(device)  # (N, T, D)
-        entry["c"] = torch.randn(batch, model.hidden_size, generator=gen).to(device)          # (N, D)
+        entry["x"] = torch.randn(batch, model.pos_embed.shape[1], model.hidden_size, generator=gen).to(device)  # (N, T, D)
+        entry["c"] = torch.randn(batch, model.hidden_size, generator=gen).to(device)                            # (N, D)
 
     def run_sampling(entry):
-        return sample_batch(entry["model"], entry["model_config"], entry["plan"], entry["sample_config"],
-                            list(range(batch)), entry["labels"], seed=0, device=device,
-                            diffusion=entry["diffusion"])
+        return generate(entry["model"], entry["model_config"], entry["sample_config"], entry["plan"],
+                        list(range(batch)), entry["labels"], seed=0, batch_size=batch, device=device,
+                        keep_images=False)
 
-    for entry in pair.values():  # warm-up (allocator, kernels)
+    for entry in variants.values():  # warm-up (allocator, kernels)
         run_sampling(entry)
     for _ in range(repeats):
-        for label, entry in pair.items():
+        for label, entry in variants.items():
             samples[label]["block_s"].append(bare_forward_seconds(entry["block"], (entry["x"], entry["c"]),
                                                                   bare_iters, device))
-            if label == "FPDM":
-                injection = entry["x"]
+            if entry["model_config"].fixed_point:
                 samples[label]["map_s"].append(bare_forward_seconds(
-                    entry["model"].fixed_point_map, (entry["x"], injection, entry["c"]), bare_iters, device))
+                    entry["model"].fixed_point_map, (entry["x"], entry["x"], entry["c"]), bare_iters, device))
             seconds, result = timed(lambda: run_sampling(entry), device)
             samples[label]["sample_s"].append(seconds)
-            blocks_per_image[label] = result.stats.blocks_per_image
+            (spent[label],) = result.trajectories
 
     models = {}
-    for label, entry in pair.items():
-        s = samples[label]
-        per_block = [t / blocks_per_image[label] for t in s["sample_s"]]
-        overhead = [pb / b for pb, b in zip(per_block, s["block_s"])]
-        throughput = [blocks_per_image[label] * batch / t for t in s["sample_s"]]
+    for label, entry in variants.items():
+        s, blocks, macs = samples[label], spent[label].blocks_per_image, spent[label].macs_per_image
+        per_block = [t / blocks for t in s["sample_s"]]
+        iters = spent[label].iters_per_step
         models[label] = {
             "model": entry["model_config"].model, "fixed_point": entry["model_config"].fixed_point,
             "params": sum(p.numel() for p in entry["model"].parameters()),
-            "num_steps": entry["plan"].num_steps, "iters_per_step": entry["iters_per_step"],
-            "blocks_per_image": blocks_per_image[label],
+            "num_steps": entry["plan"].num_steps,
+            "iters_per_step": (max(iters) if len(set(iters)) == 1 else sorted(set(iters)))
+            if entry["model_config"].fixed_point else 0,
+            "blocks_per_image": blocks, "gmacs_per_image": macs / 1e9,
             "sample_s": summarize(s["sample_s"]), "bare_block_s": summarize(s["block_s"]),
             "per_block_in_sampling_s": summarize(per_block),
-            "block_forwards_per_s": summarize(throughput),
-            "overhead_ratio": summarize(overhead),
+            "block_forwards_per_s": summarize([blocks * batch / t for t in s["sample_s"]]),
+            "gmacs_per_s": summarize([macs * batch / 1e9 / t for t in s["sample_s"]]),
+            "overhead_ratio": summarize([pb / b for pb, b in zip(per_block, s["block_s"])]),
             "raw": s,
         }
         if s["map_s"]:
             models[label]["bare_fixed_point_map_s"] = summarize(s["map_s"])
             models[label]["map_over_block"] = summarize([m / b for m, b in zip(s["map_s"], s["block_s"])])
-    fpdm_over_dit = [f / d for f, d in zip(samples["FPDM"]["sample_s"], samples["DiT"]["sample_s"])]
+
+    def time_ratio(label: str) -> dict[str, float]:
+        return summarize([f / d for f, d in zip(samples[label]["sample_s"], samples["DiT"]["sample_s"])])
+
+    dit, fpdm = models["DiT"], models[EQUAL_GMACS]
     return {"size": size, "batch": batch, "device": str(device), "repeats": repeats, "bare_iters": bare_iters,
-            "models": models, "sample_time_fpdm_over_dit": summarize(fpdm_over_dit)}
+            "models": {label: models[label] for label in ("DiT", "FPDM")},
+            "sample_time_fpdm_over_dit": time_ratio("FPDM"),
+            "equal_gmacs": {"FPDM": fpdm, "sample_time_fpdm_over_dit": time_ratio(EQUAL_GMACS),
+                            "gmacs_fpdm_over_dit": fpdm["gmacs_per_image"] / dit["gmacs_per_image"],
+                            "blocks_fpdm_over_dit": fpdm["blocks_per_image"] / dit["blocks_per_image"]}}
 
 
 #################################################################################
@@ -216,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows = []
     for run in runs:
-        for label, m in run["models"].items():
+        for label, m in [*run["models"].items(), (EQUAL_GMACS, run["equal_gmacs"]["FPDM"])]:
             rows.append([run["size"], run["device"], label, run["batch"], m["num_steps"], m["blocks_per_image"],
                          m["block_forwards_per_s"]["median"], m["block_forwards_per_s"]["spread_pct"],
                          m["bare_block_s"]["median"] * 1e3, m["per_block_in_sampling_s"]["median"] * 1e3,
@@ -225,10 +240,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "spread %", "bare block ms", "block in sampling ms", "overhead (median)", "min", "max"],
                        rows))
     for run in runs:
-        r = run["sample_time_fpdm_over_dit"]
-        fp = run["models"]["FPDM"]
+        r, eq = run["sample_time_fpdm_over_dit"], run["equal_gmacs"]
+        fp, g = run["models"]["FPDM"], eq["sample_time_fpdm_over_dit"]
         print(f"{run['size']} {run['device']}: sampling time FPDM/DiT at equal blocks = {r['median']:.3f} "
-              f"[{r['min']:.3f}, {r['max']:.3f}]; FPDM fixed-point map / bare block = "
+              f"[{r['min']:.3f}, {r['max']:.3f}]; at equal GMACs ({eq['FPDM']['blocks_per_image']} vs "
+              f"{run['models']['DiT']['blocks_per_image']} blocks, GMACs ratio {eq['gmacs_fpdm_over_dit']:.3f}) = "
+              f"{g['median']:.3f} [{g['min']:.3f}, {g['max']:.3f}]; FPDM fixed-point map / bare block = "
               f"{fp['map_over_block']['median']:.3f}")
     payload = {"benchmark": "sampling_throughput", "quick": config.quick, "runs": runs,
                "machine": machine_info(devices[-1]), "total_runtime_s": time.perf_counter() - started}

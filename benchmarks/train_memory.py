@@ -1,16 +1,22 @@
 """Peak training memory and step time: DiT vs FPDM at the same batch and width (paper Sec. 4.1, Table 3).
 
 Every configuration runs in a FRESH PROCESS (a new interpreter calling `worker_main`), one at a time, so a peak
-never leaks from one configuration into the next. Memory is measured three ways:
+never leaks from one configuration into the next. Memory is measured four ways:
   * CPU: peak resident set size (resource.getrusage ru_maxrss), raw and minus the RSS measured right after the
     imports (the interpreter + torch baseline); RSS includes allocator slack, so it is indicative.
   * CUDA: torch.cuda.max_memory_allocated over the training steps (parameters, gradients, Adam state, activations).
+  * Both: peak tensor bytes of the first step (bench_common.PeakTensorBytes: parameters + the peak of the live
+    tensors created during the step, tracked at every operator): the CPU analogue of CUDA's max allocated.
   * Both: bytes of the tensors autograd saves for backward during one step (torch.autograd.graph.saved_tensors_hooks,
-    unique storages, parameters excluded): the activation memory, deterministic and noise-free.
+    unique storages, parameters excluded): the activation memory, deterministic and noise-free. Under gradient
+    checkpointing these hooks do not see what checkpoint keeps (its inputs) or recomputes; the peaks do.
 FPDM runs S-JFB (Algorithm 1) with the bounds pinned at their maxima n = N and m = M (the largest step training
-ever takes: memory grows with m only); the n-sweep shows that the n no-grad iterations cost no memory.
+ever takes: memory grows with m only); the n-sweep shows that the n no-grad iterations cost no memory. The
+checkpointing axis runs FPDM at m = 0 and m = 12 with and without --grad_checkpointing: the growth from m = 0 to
+m = 12 with checkpointing should be at most 35% of the growth without it.
 
-    python -m benchmarks.train_memory                 # XL/2 (batch 2), S/2 (batch 8), Ti/2 (batch 64), n-sweeps
+    python -m benchmarks.train_memory                 # XL/2 (batch 2), S/2 (batch 8), Ti/2 (batch 64), n-sweeps,
+                                                      # checkpointing axis at S/2 (batch 16)
     python -m benchmarks.train_memory --quick         # Ti/2 only, one step (CI)
     python -m benchmarks.train_memory --skip_xl --no_optimizer
 The paper: FPDM-XL/2 10.2 GB vs DiT-XL/2 25.2 GB (ratio 0.40) at batch 64 on a V100.
@@ -32,6 +38,7 @@ from benchmarks.bench_common import (REPO, RESULTS_DIR, format_table, limit_thre
 from config import UserError
 
 RESULT_PREFIX = "TRAIN_MEMORY_RESULT "
+CHECKPOINT_TARGET = 0.35  # growth (m = 0 -> M) with checkpointing / growth without, at most
 PAPER = {"setting": "XL/2, ImageNet 256 (32x32x4 latents), batch 64, V100", "dit_gb": 25.2, "fpdm_gb": 10.2,
          "ratio_fpdm_over_dit": 0.40}
 
@@ -59,6 +66,9 @@ class MemoryConfig:
                                           " --quick 0,12).")
     sweep_sizes: str = option("S/2,XL/2", "Sizes of the FPDM n-sweep (S/2 at --s_batch, XL/2 at --xl_batch; full "
                                           "mode only).")
+    ckpt_batch: int = option(16, "Batch size of the FPDM-S/2 checkpointing axis (full mode; --quick: Ti/2, 64).")
+    ckpt_m: int = option(12, "Backpropagated iterations m of the checkpointing axis (compared with m = 0).")
+    skip_checkpointing: bool = option(False, "Skip the --grad_checkpointing axis.")
     no_optimizer: bool = option(False, "Forward + backward only (no AdamW state).")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     timeout: float = option(3600.0, "Seconds allowed per worker process.")
@@ -66,7 +76,7 @@ class MemoryConfig:
 
     def validate(self) -> "MemoryConfig":
         """Counts >= 1 and a known device; returns self."""
-        require_at_least(self, ("xl_batch", "xl_steps", "s_batch", "steps"))
+        require_at_least(self, ("xl_batch", "xl_steps", "s_batch", "steps", "ckpt_batch", "ckpt_m"))
         if self.sweep_n is not None and not all(v.strip().isdigit() for v in self.sweep_n.split(",")):
             raise UserError(f"--sweep_n: expected comma-separated whole numbers such as 0,12 (got {self.sweep_n!r})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -75,15 +85,29 @@ class MemoryConfig:
 
 
 def make_spec(group: str, model: str, fixed_point: bool, data: str, batch: int, steps: int, *,
-              n: int = 12, m: int = 12, optimizer: bool = True) -> dict[str, Any]:
+              n: int = 12, m: int = 12, optimizer: bool = True, grad_checkpointing: bool = False) -> dict[str, Any]:
     """One configuration (a JSON-able dict handed to a worker process)."""
     return {"group": group, "model": model, "fixed_point": fixed_point, "data": data, "batch": batch,
-            "steps": steps, "n": n if fixed_point else 0, "m": m if fixed_point else 0, "optimizer": optimizer}
+            "steps": steps, "n": n if fixed_point else 0, "m": m if fixed_point else 0, "optimizer": optimizer,
+            "grad_checkpointing": grad_checkpointing}
 
 
 def spec_key(spec: dict[str, Any]) -> tuple:
     """Identity of a configuration, ignoring its table group (so the same run is not repeated)."""
     return tuple(sorted((k, v) for k, v in spec.items() if k != "group"))
+
+
+def checkpointing_specs(config: MemoryConfig) -> list[dict[str, Any]]:
+    """FPDM at m = 0 and m = ckpt_m, each without and with gradient checkpointing (empty with --skip_checkpointing)."""
+    if config.skip_checkpointing:
+        return []
+    if config.quick:
+        group, model, data, batch, steps = "checkpointing FPDM-Ti/2 digits 8x8", "DiT-Ti/2", "digits8", 64, 1
+    else:
+        group, model, data = "checkpointing FPDM-S/2 latents 32x32x4", "DiT-S/2", "latents32"
+        batch, steps = config.ckpt_batch, config.steps or 2
+    return [make_spec(group, model, True, data, batch, steps, n=12, m=m, optimizer=not config.no_optimizer,
+                      grad_checkpointing=ckpt) for ckpt in (False, True) for m in (0, config.ckpt_m)]
 
 
 def build_specs(config: MemoryConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -172,6 +196,7 @@ def run_worker(spec: dict[str, Any], device_name: str) -> dict[str, Any]:
     """Train `spec` for spec['steps'] steps in this (fresh) process; return memory and timing measurements."""
     limit_threads(1)
     import torch
+    from benchmarks.bench_common import PeakTensorBytes, training_batch, training_step
     from config import ModelConfig
     from models import create_model
 
@@ -181,7 +206,7 @@ def run_worker(spec: dict[str, Any], device_name: str) -> dict[str, Any]:
                                fixed_point_no_grad_max_iters=max(spec["n"], 0),
                                fixed_point_with_grad_max_iters=max(spec["m"], 1), **DATA[spec["data"]])
     torch.manual_seed(0)
-    model = create_model(model_config).to(device)
+    model = create_model(model_config, grad_checkpointing=spec.get("grad_checkpointing", False)).to(device)
     model.train()
     diffusion = model_config.create_diffusion("")  # all 1000 training timesteps, as train.py
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0) if spec["optimizer"] else None
@@ -192,37 +217,27 @@ def run_worker(spec: dict[str, Any], device_name: str) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
 
     generator = torch.Generator().manual_seed(1)
-    shape = (spec["batch"], model_config.in_channels, model_config.input_size, model_config.input_size)
-    step_times, saved_bytes, losses = [], None, []
+    # S-JFB with (n, m) pinned: n no-grad iterations, then m backpropagated ones
+    sjfb_iters = (spec["n"], spec["m"]) if model_config.fixed_point else None
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    step_times, saved_bytes, peak_bytes, losses = [], None, None, []
     for step in range(spec["steps"]):
-        x = torch.randn(shape, generator=generator).to(device)
-        y = torch.randint(0, model_config.num_classes, (spec["batch"],), generator=generator).to(device)
-        t = torch.randint(0, diffusion.num_timesteps, (spec["batch"],), generator=generator).to(device)
-        model_kwargs: dict[str, Any] = {"y": y}
-        if model_config.fixed_point:  # S-JFB with (n, m) pinned: n no-grad iterations, then m backpropagated ones
-            model_kwargs.update(num_no_grad_iters=spec["n"], num_iters=spec["m"])
+        batch = training_batch(model_config, spec["batch"], generator, device)
         start = time.perf_counter()
-        if step == 0:
-            with SavedTensorBytes(model) as saved:
-                loss = diffusion.training_losses(model, x, t, model_kwargs)["loss"].mean()
-            saved_bytes = saved.total_bytes
+        if step == 0:  # the trackers slow the step a little: later steps give the time
+            with PeakTensorBytes(model.parameters()) as peak, SavedTensorBytes(model) as saved:
+                losses.append(training_step(model, diffusion, optimizer, batch, sjfb_iters))
+            saved_bytes, peak_bytes = saved.total_bytes, param_bytes + peak.peak_bytes
         else:
-            loss = diffusion.training_losses(model, x, t, model_kwargs)["loss"].mean()
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            model.zero_grad(set_to_none=True)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
+            losses.append(training_step(model, diffusion, optimizer, batch, sjfb_iters))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - start)
-        losses.append(float(loss))
 
     result = {**spec, "device": device_name, "params": num_params,
               "baseline_rss_mb": baseline_rss, "post_build_rss_mb": built_rss, "peak_rss_mb": peak_rss_mb(),
-              "saved_activation_mb": saved_bytes / 2**20, "step_times_s": step_times,
+              "saved_activation_mb": saved_bytes / 2**20, "peak_tensor_mb": peak_bytes / 2**20,
+              "step_times_s": step_times,
               "step_time_s": min(step_times[1:]) if len(step_times) > 1 else step_times[0], "losses": losses}
     result["peak_minus_baseline_mb"] = result["peak_rss_mb"] - baseline_rss
     if device.type == "cuda":
@@ -279,6 +294,7 @@ def compare_pairs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "params_ratio": fpdm["params"] / dit["params"],
             "memory_ratio": fpdm[column] / dit[column],
             "peak_rss_ratio": fpdm["peak_rss_mb"] / dit["peak_rss_mb"],
+            "peak_tensor_ratio": fpdm["peak_tensor_mb"] / dit["peak_tensor_mb"],
             "saved_activation_ratio": fpdm["saved_activation_mb"] / dit["saved_activation_mb"],
             "step_time_ratio": fpdm["step_time_s"] / dit["step_time_s"],
             "batch64_estimate_mb": estimate,
@@ -287,24 +303,52 @@ def compare_pairs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return comparisons
 
 
-def print_tables(pairs: list[dict[str, Any]], sweep: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> None:
+def compare_checkpointing(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Growth of each memory measure from m = 0 to the largest m, with and without gradient checkpointing, and the
+    ratio checkpointed / plain (the target: at most CHECKPOINT_TARGET)."""
+    if not results:
+        return None
+    top_m = max(r["m"] for r in results)
+    pick = {(r["grad_checkpointing"], r["m"]): r for r in results}
+    measures = ["peak_tensor_mb", "saved_activation_mb", "peak_minus_baseline_mb"]
+    if "cuda_max_allocated_mb" in results[0]:
+        measures.insert(0, "cuda_max_allocated_mb")
+    growth = {}
+    for measure in measures:
+        plain = pick[(False, top_m)][measure] - pick[(False, 0)][measure]
+        ckpt = pick[(True, top_m)][measure] - pick[(True, 0)][measure]
+        growth[measure] = {"plain_mb": plain, "checkpointed_mb": ckpt, "ratio": ckpt / plain if plain else None}
+    first = results[0]
+    return {"group": first["group"], "model": first["model"], "batch": first["batch"], "n": first["n"], "m": top_m,
+            "target_ratio": CHECKPOINT_TARGET, "growth": growth,
+            "primary_measure": measures[0],
+            "step_time_ratio_checkpointed_over_plain": pick[(True, top_m)]["step_time_s"]
+            / pick[(False, top_m)]["step_time_s"],
+            "note": "saved_activation_mb misses what checkpoint keeps (its inputs: one (N, T, D) iterate per "
+                    "iteration) and recomputes in backward; peak_tensor_mb and cuda_max_allocated_mb include both"}
+
+
+def print_tables(pairs: list[dict[str, Any]], sweep: list[dict[str, Any]], comparisons: list[dict[str, Any]],
+                 checkpointing: list[dict[str, Any]], ckpt_summary: dict[str, Any] | None) -> None:
     """Print the comparison and sweep tables (markdown)."""
     def name(r):
         return ("FPDM" if r["fixed_point"] else "DiT") + r["model"][3:]
 
     cuda = any("cuda_max_allocated_mb" in r for r in pairs + sweep)
-    headers = ["group", "model", "batch", "n, m", "params", "peak RSS MB", "peak - baseline MB",
+    headers = ["group", "model", "batch", "n, m", "params", "peak RSS MB", "peak - baseline MB", "peak tensor MB",
                "saved activations MB", "step s"] + (["CUDA max alloc MB"] if cuda else [])
     def row(r):
         values = [r["group"], name(r), r["batch"], f"{r['n']}, {r['m']}" if r["fixed_point"] else "-", r["params"],
-                  r["peak_rss_mb"], r["peak_minus_baseline_mb"], r["saved_activation_mb"], r["step_time_s"]]
+                  r["peak_rss_mb"], r["peak_minus_baseline_mb"], r["peak_tensor_mb"], r["saved_activation_mb"],
+                  r["step_time_s"]]
         return values + ([r.get("cuda_max_allocated_mb")] if cuda else [])
     print(format_table(headers, [row(r) for r in pairs]))
     print()
     print(format_table(["group", "batch", "params FPDM/DiT", "memory FPDM/DiT", "(measure)", "peak RSS FPDM/DiT",
-                        "saved act. FPDM/DiT", "step time FPDM/DiT", "batch-64 estimate FPDM/DiT"],
+                        "peak tensor FPDM/DiT", "saved act. FPDM/DiT", "step time FPDM/DiT",
+                        "batch-64 estimate FPDM/DiT"],
                        [[c["group"], c["batch"], c["params_ratio"], c["memory_ratio"], c["memory_measure"],
-                         c["peak_rss_ratio"], c["saved_activation_ratio"], c["step_time_ratio"],
+                         c["peak_rss_ratio"], c["peak_tensor_ratio"], c["saved_activation_ratio"], c["step_time_ratio"],
                          c["batch64_estimate_ratio"]] for c in comparisons]))
     print(f"paper: {PAPER['setting']}: FPDM {PAPER['fpdm_gb']} GB vs DiT {PAPER['dit_gb']} GB "
           f"(ratio {PAPER['ratio_fpdm_over_dit']})")
@@ -315,6 +359,17 @@ def print_tables(pairs: list[dict[str, Any]], sweep: list[dict[str, Any]], compa
                            [[r["group"], r["n"], r["m"], r["peak_rss_mb"], r["peak_minus_baseline_mb"],
                              r["saved_activation_mb"], r["step_time_s"]] + ([r.get("cuda_max_allocated_mb")] if cuda
                                                                             else []) for r in sweep]))
+    if ckpt_summary:
+        print()
+        print(format_table(["group", "grad checkpointing", "n, m", "peak tensor MB", "saved activations MB",
+                            "peak - baseline MB", "step s"],
+                           [[r["group"], r["grad_checkpointing"], f"{r['n']}, {r['m']}", r["peak_tensor_mb"],
+                             r["saved_activation_mb"], r["peak_minus_baseline_mb"], r["step_time_s"]]
+                            for r in checkpointing]))
+        print(format_table([f"growth m = 0 -> {ckpt_summary['m']}", "plain MB", "checkpointed MB",
+                            f"ratio (target <= {CHECKPOINT_TARGET})"],
+                           [[k, g["plain_mb"], g["checkpointed_mb"], g["ratio"]]
+                            for k, g in ckpt_summary["growth"].items()]))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -326,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     pair_specs, sweep_specs = build_specs(config)
+    ckpt_specs = checkpointing_specs(config)
     done: dict[tuple, dict[str, Any]] = {}
     started = time.perf_counter()
 
@@ -338,11 +394,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     pairs = [run(s) for s in pair_specs]
     sweep = [run(s) for s in sweep_specs]
+    checkpointing = [run(s) for s in ckpt_specs]
     comparisons = compare_pairs(pairs)
-    print_tables(pairs, sweep, comparisons)
+    ckpt_summary = compare_checkpointing(checkpointing)
+    print_tables(pairs, sweep, comparisons, checkpointing, ckpt_summary)
     payload = {"benchmark": "train_memory", "quick": config.quick, "device": device,
                "no_optimizer": config.no_optimizer, "pairs": pairs, "comparisons": comparisons, "n_sweep": sweep,
-               "paper": PAPER, "machine": machine_info(device),
+               "checkpointing": {"runs": checkpointing, "summary": ckpt_summary}, "paper": PAPER, "machine": machine_info(device),
                "total_runtime_s": time.perf_counter() - started}
     write_payload(config.out, payload)
     return payload

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from config import UserError
-from benchmarks import default_run, param_counts, report, sampling_throughput
+from config import ModelConfig, UserError
+import cost
+from benchmarks import default_run, macs, param_counts, report, sampling_throughput, train_speed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,33 @@ def test_param_counts_rejects_unknown_model(tmp_path):
         param_counts.main(["--models", "DiT-XXL/2", "--out", str(tmp_path / "p.json")])
 
 
+def test_macs_quick_rows_come_from_cost_py(tmp_path):
+    out = tmp_path / "macs.json"
+    payload = macs.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    steps = {r["setting"]: r for r in payload["steps"]}
+    assert set(steps) == {"Ti/2 digits 8x8", "XL/2 latents 32x32x4"}
+    xl, ti = steps["XL/2 latents 32x32x4"], steps["Ti/2 digits 8x8"]
+    assert xl["tokens"] == 256 and ti["tokens"] == 16
+    assert round(xl["iteration_over_block"], 2) == 1.48       # the injection MLP: +6TD^2 on a block's ~12TD^2
+    dit_config, fpdm_config = macs.model_configs("XL/2 latents 32x32x4")
+    assert xl["dit_step_macs"] == cost.macs_per_step(dit_config)
+    assert xl["fpdm_step_macs"] == cost.macs_per_step(fpdm_config, 26) and xl["default_iters"] == 26
+    assert xl["block_macs"] == cost.macs_per_block(1152, 256) and xl["dit_step_blocks"] == xl["fpdm_step_blocks"]
+    equal = {(r["budget_blocks"], r["iters_per_step"]): r for r in payload["equal_blocks"]
+             if r["setting"] == "XL/2 latents 32x32x4"}
+    assert {b for b, _ in equal} == {280, 560}
+    row = equal[(280, 12)]                                     # 20 FPDM steps of 1 + 12 + 1 blocks vs 10 DiT steps
+    assert row["fpdm_steps"] == 20 and row["fpdm_blocks"] == 280 and row["dit_steps"] == 10
+    assert row["fpdm_macs"] == 20 * cost.macs_per_step(fpdm_config, 12)
+    assert 1.0 < row["fpdm_over_dit_gmacs"] < 1.48
+
+
+def test_macs_rejects_unknown_setting(tmp_path):
+    with pytest.raises(UserError, match="--settings"):
+        macs.main(["--settings", "Z/9 latents", "--out", str(tmp_path / "m.json")])
+
+
 def test_train_memory_quick_fresh_processes(tmp_path):
     out = tmp_path / "memory.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.train_memory", "--quick", "--out", str(out)],
@@ -49,6 +77,38 @@ def test_train_memory_quick_fresh_processes(tmp_path):
     sweep = payload["n_sweep"]
     assert sorted(r["n"] for r in sweep) == [0, 12] and len({r["m"] for r in sweep}) == 1
     assert len({r["saved_activation_mb"] for r in sweep}) == 1
+    assert len({r["peak_tensor_mb"] for r in sweep}) == 1     # nor does the peak of live tensor bytes
+    for r in payload["pairs"] + payload["n_sweep"] + payload["checkpointing"]["runs"]:
+        assert r["peak_tensor_mb"] >= r["params"] * 4 / 2**20 + r["saved_activation_mb"] / 2
+    # Gradient checkpointing: memory growth from m = 0 to m = 12 is at most 35% of the growth without it.
+    ckpt = payload["checkpointing"]
+    assert sorted((r["grad_checkpointing"], r["m"]) for r in ckpt["runs"]) == [(False, 0), (False, 12), (True, 0),
+                                                                               (True, 12)]
+    growth = ckpt["summary"]["growth"]
+    assert ckpt["summary"]["primary_measure"] == "peak_tensor_mb" and ckpt["summary"]["target_ratio"] == 0.35
+    for measure in ("peak_tensor_mb", "saved_activation_mb"):  # deterministic measures
+        assert growth[measure]["plain_mb"] > 0 and growth[measure]["ratio"] <= 0.35, (measure, growth[measure])
+    losses = {r["grad_checkpointing"]: r["losses"] for r in ckpt["runs"] if r["m"] == 12}
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)   # same computation, recomputed in backward
+
+
+def test_train_speed_quick_interleaves_dit_fpdm_and_checkpointed_fpdm(tmp_path):
+    out = tmp_path / "speed.json"
+    train_speed.main(["--quick", "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["size"] == "Ti/2-digits" and (run["n"], run["m"], run["rounds"], run["batch"]) == (12, 12, 2, 8)
+    variants = run["variants"]
+    assert list(variants) == ["DiT", "FPDM", "FPDM+ckpt"]
+    for v in variants.values():
+        assert len(v["raw_step_s"]) == 2 and v["step_s"]["median"] > 0 and v["over_dit"]["n"] == 2
+        assert all(loss == loss for loss in v["losses"])                      # finite
+    assert variants["DiT"]["over_dit"]["median"] == 1.0
+    assert variants["FPDM"]["params"] == variants["FPDM+ckpt"]["params"] < variants["DiT"]["params"]
+    # Same weights, same batches: checkpointing recomputes the same numbers.
+    assert variants["FPDM+ckpt"]["losses"] == pytest.approx(variants["FPDM"]["losses"], rel=1e-5)
+    # cost.py: 26 + 2 x 14 FPDM block forwards (x ~1.48 per iteration) vs 3 x 8 for the DiT.
+    assert 2.5 < variants["FPDM"]["predicted_over_dit"] < variants["FPDM+ckpt"]["predicted_over_dit"] < 4.5
+    assert run["checkpointed_over_plain_fpdm"]["median"] > 0
 
 
 def test_sampling_throughput_quick(tmp_path):
@@ -65,6 +125,16 @@ def test_sampling_throughput_quick(tmp_path):
         assert m["overhead_ratio"]["n"] == 2 and 0.3 < m["overhead_ratio"]["median"] < 20
         assert m["overhead_ratio"]["min"] <= m["overhead_ratio"]["median"] <= m["overhead_ratio"]["max"]
     assert run["sample_time_fpdm_over_dit"]["median"] > 0
+    # Equal GMACs (--budget_gmacs = the DiT's, cost.py): the FPDM spends fewer blocks, at most the DiT's GMACs.
+    equal = run["equal_gmacs"]
+    fpdm_gmacs = equal["FPDM"]
+    assert fpdm_gmacs["num_steps"] == dit["num_steps"] == 4 and fpdm_gmacs["params"] == fpdm["params"]
+    assert fpdm_gmacs["blocks_per_image"] < dit["blocks_per_image"]
+    assert 0.9 < equal["gmacs_fpdm_over_dit"] <= 1.0
+    dit_config = ModelConfig(model="DiT-Ti/2", image_size=8, in_channels=1, num_classes=10)
+    assert dit["gmacs_per_image"] * 1e9 == pytest.approx(4 * cost.macs_per_step(dit_config), rel=1e-12)
+    assert fpdm["gmacs_per_image"] > dit["gmacs_per_image"]       # equal blocks: the injection MLP costs extra
+    assert equal["sample_time_fpdm_over_dit"]["n"] == 2 and fpdm_gmacs["overhead_ratio"]["median"] > 0
 
 
 def test_sampling_throughput_rejects_unknown_size(tmp_path):
@@ -76,8 +146,10 @@ def test_report_renders_the_recorded_results(tmp_path):
     out = tmp_path / "section.md"
     text = report.main(["--out", str(out)])
     assert out.read_text() == text + "\n"
-    for heading in ("### Parameter counts", "### Training memory", "### Sampling throughput"):
+    for heading in ("### Parameter counts", "### Training memory", "### Sampling throughput", "### Analytic MACs",
+                    "### Training step time"):
         assert heading in text
+    assert "with / without (target <= 0.35)" in text and "FPDM@GMACs" in text   # checkpointing, equal GMACs
 
 
 def test_default_run_quick_trains_samples_and_scores_both_models(tmp_path):
