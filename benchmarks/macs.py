@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import cli
-from benchmarks.bench_common import RESULTS_DIR, format_table, machine_info, option, parse_config, write_payload
-from config import UserError
+from benchmarks.bench_common import RESULTS_DIR, format_table, machine_info, parse_config, write_payload
+from config import UserError, flag
 
 LATENTS = dict(image_size=256, in_channels=4, latent=True, num_classes=1000)   # 32x32x4 latents: T = 256
 DIGITS = dict(image_size=8, in_channels=1, latent=False, num_classes=10)       # 8x8 digits: T = 16
@@ -112,9 +112,9 @@ def per_block_pivot(steps: Sequence[dict[str, Any]],
 @dataclass
 class MacsConfig:
     """Flags of the analytic MAC table."""
-    quick: bool = option(False, "Only XL/2 latents and Ti/2 digits (for CI).")
-    settings: Optional[str] = option(None, f"Comma-separated settings from: {', '.join(SETTINGS)} (None: all).")
-    out: str = option(str(RESULTS_DIR / "macs.json"), "JSON output path.")
+    quick: bool = flag(False, "Only XL/2 latents and Ti/2 digits (for CI).")
+    settings: Optional[str] = flag(None, f"Comma-separated settings from: {', '.join(SETTINGS)} (None: all).")
+    out: str = flag(str(RESULTS_DIR / "macs.json"), "JSON output path.")
 
     def validate(self) -> "MacsConfig":
         """Known settings; returns self."""

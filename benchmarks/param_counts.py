@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import cli
-from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, option, parse_config,
+from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, parse_config,
                                      require_at_least, write_payload)
+from config import flag
 
 PAPER = {"DiT-XL/2": {"dit_params": 674e6, "fpdm_params": 86e6, "reduction_pct": 87.0}}
 QUICK_MODELS = ("DiT-XL/2", "DiT-Ti/2")
@@ -54,11 +55,11 @@ def run(models: Sequence[str], pre_depth: int, post_depth: int) -> list[dict[str
 @dataclass
 class ParamCountsConfig:
     """Flags of the parameter-count benchmark."""
-    quick: bool = option(False, "Only DiT-XL/2 and DiT-Ti/2 (for CI).")
-    models: Optional[str] = option(None, "Comma-separated registry names (None: all, or XL/2 and Ti/2 with --quick).")
-    pre_depth: int = option(1, "FPDM explicit blocks before the fixed-point block.")
-    post_depth: int = option(1, "FPDM explicit blocks after the fixed-point block.")
-    out: str = option(str(RESULTS_DIR / "param_counts.json"), "JSON output path.")
+    quick: bool = flag(False, "Only DiT-XL/2 and DiT-Ti/2 (for CI).")
+    models: Optional[str] = flag(None, "Comma-separated registry names (None: all, or XL/2 and Ti/2 with --quick).")
+    pre_depth: int = flag(1, "FPDM explicit blocks before the fixed-point block.")
+    post_depth: int = flag(1, "FPDM explicit blocks after the fixed-point block.")
+    out: str = flag(str(RESULTS_DIR / "param_counts.json"), "JSON output path.")
 
     def validate(self) -> "ParamCountsConfig":
         """Depths are >= 0; returns self."""

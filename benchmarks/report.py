@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import cli
-from benchmarks.bench_common import RESULTS_DIR, format_table, option, parse_config
+from benchmarks.bench_common import RESULTS_DIR, format_table, parse_config
+from config import flag
 
 
 @dataclass
 class ReportConfig:
     """Flags of the report."""
-    results: str = option(str(RESULTS_DIR), "Folder of the benchmark JSON files.")
-    out: Optional[str] = option(None, "Markdown output path (None: stdout only).")
+    results: str = flag(str(RESULTS_DIR), "Folder of the benchmark JSON files.")
+    out: Optional[str] = flag(None, "Markdown output path (None: stdout only).")
 
     def validate(self) -> "ReportConfig":
         """Nothing to check beyond the types; returns self."""

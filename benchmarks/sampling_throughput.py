@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import cli
-from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, option, parse_config,
+from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, parse_config,
                                      require_at_least, summarize, synchronize, write_payload)
-from config import UserError
+from config import UserError, flag
 
 # name -> (registry model, data kwargs for ModelConfig, default batch, default steps)
 SIZES = {
@@ -176,15 +176,15 @@ def measure_size(size: str, batch: int, steps: int, repeats: int, bare_iters: in
 @dataclass
 class ThroughputConfig:
     """Flags of the sampling-throughput benchmark."""
-    quick: bool = option(False, "Ti/2 digits, batch 8, 4 steps, 2 repeats (CI).")
-    sizes: Optional[str] = option(None, f"Comma-separated sizes from {', '.join(SIZES)} (None: Ti/2-digits,"
+    quick: bool = flag(False, "Ti/2 digits, batch 8, 4 steps, 2 repeats (CI).")
+    sizes: Optional[str] = flag(None, f"Comma-separated sizes from {', '.join(SIZES)} (None: Ti/2-digits,"
                                         "S/2-latents; --quick Ti/2-digits).")
-    batch: Optional[int] = option(None, "Images per batch (None: the size's default; --quick 8).")
-    steps: Optional[int] = option(None, "Sampling steps (None: the size's default; --quick 4).")
-    repeats: int = option(5, "Interleaved repetitions (median and spread; --quick 2).")
-    bare_iters: int = option(50, "Calls per bare block timing (--quick 10).")
-    device: str = option("auto", "auto (CPU, and CUDA too when available), cpu or cuda.")
-    out: str = option(str(RESULTS_DIR / "sampling_throughput.json"), "JSON output path.")
+    batch: Optional[int] = flag(None, "Images per batch (None: the size's default; --quick 8).")
+    steps: Optional[int] = flag(None, "Sampling steps (None: the size's default; --quick 4).")
+    repeats: int = flag(5, "Interleaved repetitions (median and spread; --quick 2).")
+    bare_iters: int = flag(50, "Calls per bare block timing (--quick 10).")
+    device: str = flag("auto", "auto (CPU, and CUDA too when available), cpu or cuda.")
+    out: str = flag(str(RESULTS_DIR / "sampling_throughput.json"), "JSON output path.")
 
     def validate(self) -> "ThroughputConfig":
         """Known sizes and device, counts >= 1; returns self."""

@@ -15,8 +15,8 @@ from itertools import product
 from typing import Any, Optional, Sequence
 
 import cli
-from benchmarks.bench_common import RESULTS_DIR, format_table, option, parse_config, require_at_least, write_payload
-from config import ModelConfig
+from benchmarks.bench_common import RESULTS_DIR, format_table, parse_config, require_at_least, write_payload
+from config import ModelConfig, flag
 
 PAPER_FPDM = ModelConfig(model="DiT-XL/2", image_size=256, in_channels=4, latent=True, num_classes=1000,
                          fixed_point=True, predict_v=True, use_zero_terminal_snr=True)
@@ -48,9 +48,9 @@ def expected_max(distribution: dict[int, float], ranks: int) -> float:
 @dataclass
 class SkewConfig:
     """Flags of the rank-skew benchmark."""
-    max_iters: int = option(12, "M = N, the S-JFB bounds (paper: 12).")
-    ranks: str = option("1,2,4,8,16,32,64", "Comma-separated numbers of data-parallel ranks.")
-    out: Optional[str] = option(str(RESULTS_DIR / "sjfb_rank_skew.json"), "JSON output path (None: do not write).")
+    max_iters: int = flag(12, "M = N, the S-JFB bounds (paper: 12).")
+    ranks: str = flag("1,2,4,8,16,32,64", "Comma-separated numbers of data-parallel ranks.")
+    out: Optional[str] = flag(str(RESULTS_DIR / "sjfb_rank_skew.json"), "JSON output path (None: do not write).")
 
     def validate(self) -> "SkewConfig":
         """M = N >= 1; returns self."""

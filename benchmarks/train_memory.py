@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import cli
-from benchmarks.bench_common import (REPO, RESULTS_DIR, format_table, limit_threads, machine_info, option,
+from benchmarks.bench_common import (REPO, RESULTS_DIR, format_table, limit_threads, machine_info,
                                      parse_config, require_at_least, write_payload)
-from config import UserError
+from config import UserError, flag
 
 RESULT_PREFIX = "TRAIN_MEMORY_RESULT "
 CHECKPOINT_TARGET = 0.35  # growth (m = 0 -> M) with checkpointing / growth without, at most
@@ -56,23 +56,23 @@ DATA = {
 @dataclass
 class MemoryConfig:
     """Flags of the training-memory benchmark."""
-    quick: bool = option(False, "Ti/2 only, one step per configuration (CI).")
-    skip_xl: bool = option(False, "Skip the XL/2 pair (~11 GB each with AdamW).")
-    xl_batch: int = option(2, "Batch size of the XL/2 pair.")
-    xl_steps: int = option(1, "Training steps of the XL/2 runs (~1 min each on CPU).")
-    s_batch: int = option(8, "Batch size of the S/2 pair and n-sweep.")
-    steps: Optional[int] = option(None, "Steps per configuration (None: 1 with --quick, else 2; Ti/2: one more).")
-    sweep_n: Optional[str] = option(None, "Comma-separated no-grad iteration counts n, m fixed at 12 (None: 0,6,12,24;"
+    quick: bool = flag(False, "Ti/2 only, one step per configuration (CI).")
+    skip_xl: bool = flag(False, "Skip the XL/2 pair (~11 GB each with AdamW).")
+    xl_batch: int = flag(2, "Batch size of the XL/2 pair.")
+    xl_steps: int = flag(1, "Training steps of the XL/2 runs (~1 min each on CPU).")
+    s_batch: int = flag(8, "Batch size of the S/2 pair and n-sweep.")
+    steps: Optional[int] = flag(None, "Steps per configuration (None: 1 with --quick, else 2; Ti/2: one more).")
+    sweep_n: Optional[str] = flag(None, "Comma-separated no-grad iteration counts n, m fixed at 12 (None: 0,6,12,24;"
                                           " --quick 0,12).")
-    sweep_sizes: str = option("S/2,XL/2", "Sizes of the FPDM n-sweep (S/2 at --s_batch, XL/2 at --xl_batch; full "
+    sweep_sizes: str = flag("S/2,XL/2", "Sizes of the FPDM n-sweep (S/2 at --s_batch, XL/2 at --xl_batch; full "
                                           "mode only).")
-    ckpt_batch: int = option(16, "Batch size of the FPDM-S/2 checkpointing axis (full mode; --quick: Ti/2, 64).")
-    ckpt_m: int = option(12, "Backpropagated iterations m of the checkpointing axis (compared with m = 0).")
-    skip_checkpointing: bool = option(False, "Skip the --grad_checkpointing axis.")
-    no_optimizer: bool = option(False, "Forward + backward only (no AdamW state).")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
-    timeout: float = option(3600.0, "Seconds allowed per worker process.")
-    out: str = option(str(RESULTS_DIR / "train_memory.json"), "JSON output path.")
+    ckpt_batch: int = flag(16, "Batch size of the FPDM-S/2 checkpointing axis (full mode; --quick: Ti/2, 64).")
+    ckpt_m: int = flag(12, "Backpropagated iterations m of the checkpointing axis (compared with m = 0).")
+    skip_checkpointing: bool = flag(False, "Skip the --grad_checkpointing axis.")
+    no_optimizer: bool = flag(False, "Forward + backward only (no AdamW state).")
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N.")
+    timeout: float = flag(3600.0, "Seconds allowed per worker process.")
+    out: str = flag(str(RESULTS_DIR / "train_memory.json"), "JSON output path.")
 
     def validate(self) -> "MemoryConfig":
         """Counts >= 1 and a known device; returns self."""

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import cli
-from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, option, parse_config,
+from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, parse_config,
                                      require_at_least, summarize, synchronize, training_batch, training_step, write_payload)
-from config import UserError
+from config import UserError, flag
 
 # name -> (registry model, data kwargs for ModelConfig, default batch, default rounds)
 SIZES = {
@@ -120,16 +120,16 @@ def measure_size(size: str, batch: int, rounds: int, n: int, m: int, device: Any
 @dataclass
 class SpeedConfig:
     """Flags of the training-speed benchmark."""
-    quick: bool = option(False, "Ti/2 digits, batch 8, 2 rounds (CI).")
-    sizes: Optional[str] = option(None, f"Comma-separated sizes from {', '.join(SIZES)} (None: Ti/2-digits,"
+    quick: bool = flag(False, "Ti/2 digits, batch 8, 2 rounds (CI).")
+    sizes: Optional[str] = flag(None, f"Comma-separated sizes from {', '.join(SIZES)} (None: Ti/2-digits,"
                                         "S/2-latents; --quick Ti/2-digits).")
-    batch: Optional[int] = option(None, "Images per step (None: the size's default; --quick 8).")
-    rounds: Optional[int] = option(None, "Interleaved rounds, one step of each variant per round (None: the size's "
+    batch: Optional[int] = flag(None, "Images per step (None: the size's default; --quick 8).")
+    rounds: Optional[int] = flag(None, "Interleaved rounds, one step of each variant per round (None: the size's "
                                          "default; --quick 2).")
-    n: int = option(12, "S-JFB no-grad iterations per FPDM step (pinned).")
-    m: int = option(12, "S-JFB backpropagated iterations per FPDM step (pinned).")
-    device: str = option("cpu", "cpu or cuda.")
-    out: str = option(str(RESULTS_DIR / "train_speed.json"), "JSON output path.")
+    n: int = flag(12, "S-JFB no-grad iterations per FPDM step (pinned).")
+    m: int = flag(12, "S-JFB backpropagated iterations per FPDM step (pinned).")
+    device: str = flag("cpu", "cpu or cuda.")
+    out: str = flag(str(RESULTS_DIR / "train_speed.json"), "JSON output path.")
 
     def validate(self) -> "SpeedConfig":
         """Known sizes and device, counts >= 1; returns self."""

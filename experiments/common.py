@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
@@ -33,7 +33,7 @@ import classifier
 import sampling
 from allocation import IterationPlan
 from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
-from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, parse_flags
+from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, parse_flags
 from cost import blocks_per_step, training_units_per_step
 from records import read_json, write_json
 
@@ -60,20 +60,17 @@ EVALUATION_SAMPLING = SampleConfig(cfg_scale=1.0, batch_size=500, device="cpu")
 #                          Flags and the run context                            #
 #################################################################################
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field that is one experiment flag (config.parse_flags reads the `help` metadata)."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ExperimentConfig:
     """Flags every experiment shares; None means the script's full (or --quick) default."""
-    out_dir: str = option(str(DEFAULT_OUT_DIR), "Folder for <name>.json and <name>.png.")
-    quick: bool = option(False, "Seconds-long smoke run (tiny models, few samples).")
-    threads: int = option(1, "torch intra-op threads (1: robust on a shared 2-core CPU; 2 only when idle).")
-    seeds: Optional[int] = option(None, "Number of sampling seeds (None: the script's default).")
-    num_samples: Optional[int] = option(None, "Samples per FID evaluation (None: the script's default).")
-    classifier: str = option(str(CLASSIFIER_PATH), "Cached digits classifier (safetensors).")
+    out_dir: str = flag(str(DEFAULT_OUT_DIR), "Folder for <name>.json and <name>.png.")
+    quick: bool = flag(False, "Seconds-long smoke run (tiny models, few samples).")
+    threads: int = flag(1, "torch intra-op threads (1: robust on a shared 2-core CPU; 2 only when idle).")
+    seeds: Optional[int] = flag(None, "Number of sampling seeds (None: the script's default).")
+    num_samples: Optional[int] = flag(None, "Samples per FID evaluation (None: the script's default).")
+    classifier: str = flag(str(CLASSIFIER_PATH), "Cached digits classifier (safetensors).")
     zero_allowed: ClassVar[tuple[str, ...]] = ()  # whole-number flags of a script for which 0 is valid
 
     def validate(self) -> "ExperimentConfig":
@@ -88,8 +85,8 @@ class ExperimentConfig:
 @dataclass
 class CheckpointConfig(ExperimentConfig):
     """ExperimentConfig plus the weights the evaluation scripts sample from."""
-    fpdm_ckpt: str = option("", f"FPDM weights ('': {FPDM_CKPT.relative_to(REPO_ROOT)}; --quick: tiny quick models).")
-    dit_ckpt: str = option("", f"DiT weights ('': {DIT_CKPT.relative_to(REPO_ROOT)}; --quick: tiny quick models).")
+    fpdm_ckpt: str = flag("", f"FPDM weights ('': {FPDM_CKPT.relative_to(REPO_ROOT)}; --quick: tiny quick models).")
+    dit_ckpt: str = flag("", f"DiT weights ('': {DIT_CKPT.relative_to(REPO_ROOT)}; --quick: tiny quick models).")
 
 
 @dataclass(frozen=True)
@@ -210,9 +207,9 @@ def resolve_checkpoints(config: CheckpointConfig, out_dir: Path) -> tuple[Path, 
         quick_fpdm, quick_dit = quick_models(out_dir)
         return Path(config.fpdm_ckpt or quick_fpdm), Path(config.dit_ckpt or quick_dit)
     fpdm_path, dit_path = Path(config.fpdm_ckpt or FPDM_CKPT), Path(config.dit_ckpt or DIT_CKPT)
-    for path, flag in ((fpdm_path, "--fpdm_ckpt"), (dit_path, "--dit_ckpt")):
+    for path, flag_name in ((fpdm_path, "--fpdm_ckpt"), (dit_path, "--dit_ckpt")):
         if not path.is_file():
-            raise FileNotFoundError(f"{flag}: {path} does not exist; run python -m experiments.exp1_equal_compute "
+            raise FileNotFoundError(f"{flag_name}: {path} does not exist; run python -m experiments.exp1_equal_compute "
                                     "first")
     return fpdm_path, dit_path
 

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import cli
-from config import UserError
+from config import UserError, flag
 from cost import training_units_per_step
 from experiments import common
-from experiments.common import option
 
 NAME = "exp1_equal_compute"
 FULL, QUICK = {"dit_steps": 1000}, {"dit_steps": 4}
@@ -34,10 +33,10 @@ FULL, QUICK = {"dit_steps": 1000}, {"dit_steps": 4}
 @dataclass
 class Exp1Config(common.ExperimentConfig):
     """Flags of experiment 1."""
-    dit_steps: Optional[int] = option(None, "DiT training steps; the FPDM's are derived (None: 1000, --quick 4).")
-    lr: float = option(1e-3, "AdamW learning rate (both models).")
-    sjfb: str = option("0,3,1,3", "FPDM S-JFB bounds n_min,N,m_min,M.")
-    export_dir: Optional[str] = option(None, "Where to write the shipped weights (None: pretrained/; --quick: "
+    dit_steps: Optional[int] = flag(None, "DiT training steps; the FPDM's are derived (None: 1000, --quick 4).")
+    lr: float = flag(1e-3, "AdamW learning rate (both models).")
+    sjfb: str = flag("0,3,1,3", "FPDM S-JFB bounds n_min,N,m_min,M.")
+    export_dir: Optional[str] = flag(None, "Where to write the shipped weights (None: pretrained/; --quick: "
                                              "<out_dir>/pretrained).")
 
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import cli
-from config import ModelConfig
+from config import ModelConfig, flag
 from cost import blocks_per_step
 from experiments import common
-from experiments.common import option
 
 NAME = "exp2_table1"
 PAPER = {  # Table 1 (ImageNet 256, FID-50K): blocks -> model -> sampler -> FID
@@ -33,11 +32,11 @@ PAPER_DIT = ModelConfig(model="DiT-XL/2")  # the paper's budgets are steps of th
 @dataclass
 class Exp2Config(common.CheckpointConfig):
     """Flags of experiment 2."""
-    dit_steps: Optional[str] = option(None, "Comma-separated DiT step counts; budgets = steps x depth (None: 5,10,20; "
+    dit_steps: Optional[str] = flag(None, "Comma-separated DiT step counts; budgets = steps x depth (None: 5,10,20; "
                                             "--quick 2).")
-    candidate_iters: Optional[str] = option(None, "FPDM iterations per step searched, comma list (None: 1,2,4,6; "
+    candidate_iters: Optional[str] = flag(None, "FPDM iterations per step searched, comma list (None: 1,2,4,6; "
                                                   "--quick 1,2).")
-    search_samples: Optional[int] = option(None, "Samples per search evaluation (None: 250, --quick 4).")
+    search_samples: Optional[int] = flag(None, "Samples per search evaluation (None: 250, --quick 4).")
 
 
 FULL = {"dit_steps": "5,10,20", "candidate_iters": "1,2,4,6", "search_samples": 250, "seeds": 3, "num_samples": 1000}

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import cli
 from cost import default_sampling_iters
 from experiments import common
-from experiments.common import option
+from config import flag
 
 NAME = "exp3_smoothing"
 
@@ -26,10 +26,10 @@ NAME = "exp3_smoothing"
 @dataclass
 class Exp3Config(common.CheckpointConfig):
     """Flags of experiment 3."""
-    budget: Optional[int] = option(None, "Block passes per image (None: 80, --quick 16).")
-    iters: Optional[str] = option(None, "Comma-separated iterations per step to sweep (None: 1,2,3,4,6,8,18,38; "
+    budget: Optional[int] = flag(None, "Block passes per image (None: 80, --quick 16).")
+    iters: Optional[str] = flag(None, "Comma-separated iterations per step to sweep (None: 1,2,3,4,6,8,18,38; "
                                         "--quick 1,6).")
-    ddim: bool = option(False, "Use DDIM instead of DDPM.")
+    ddim: bool = flag(False, "Use DDIM instead of DDPM.")
 
 
 FULL = {"budget": 80, "iters": "1,2,3,4,6,8,18,38", "seeds": 2, "num_samples": 1000}

@@ -19,7 +19,7 @@ import numpy as np
 import cli
 import records
 from experiments import common
-from experiments.common import option
+from config import flag
 
 NAME = "exp4_reuse"
 DIAG_BATCH_SIZE = 32
@@ -28,10 +28,10 @@ DIAG_BATCH_SIZE = 32
 @dataclass
 class Exp4Config(common.CheckpointConfig):
     """Flags of experiment 4."""
-    budget: Optional[int] = option(None, "Block passes per image (None: 80, --quick 16).")
-    iters: Optional[str] = option(None, "Comma-separated iterations per step to sweep (None: 1,2,4,8,18; --quick 1,2).")
-    diag_iters: Optional[int] = option(None, "Iterations per step of the residual study (None: 4, --quick 2).")
-    diag_batches: Optional[int] = option(None, "Batches of 32 images for the residuals (None: 10, --quick 2).")
+    budget: Optional[int] = flag(None, "Block passes per image (None: 80, --quick 16).")
+    iters: Optional[str] = flag(None, "Comma-separated iterations per step to sweep (None: 1,2,4,8,18; --quick 1,2).")
+    diag_iters: Optional[int] = flag(None, "Iterations per step of the residual study (None: 4, --quick 2).")
+    diag_batches: Optional[int] = flag(None, "Batches of 32 images for the residuals (None: 10, --quick 2).")
 
 
 FULL = {"budget": 80, "iters": "1,2,4,8,18", "diag_iters": 4, "diag_batches": 10, "seeds": 2, "num_samples": 1000}

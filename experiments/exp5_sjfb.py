@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Optional
 import cli
 from cost import training_units_per_step
 from experiments import common
-from experiments.common import option
+from config import flag
 
 NAME = "exp5_sjfb"
 
@@ -29,13 +29,13 @@ NAME = "exp5_sjfb"
 @dataclass
 class Exp5Config(common.ExperimentConfig):
     """Flags of experiment 5."""
-    dit_equivalent_steps: Optional[int] = option(None, "Training compute of each variant, in steps of the 8-block "
+    dit_equivalent_steps: Optional[int] = flag(None, "Training compute of each variant, in steps of the 8-block "
                                                        "digits DiT (None: 300, --quick 2).")
-    lr: float = option(1e-3, "AdamW learning rate.")
-    N: int = option(3, "Upper bound of the no-grad iterations n.")
-    M: int = option(3, "Upper bound (S-JFB) / value (multi-step) of m.")
-    budget: Optional[int] = option(None, "Sampling budget in block passes per image (None: 80, --quick 8).")
-    iters: Optional[int] = option(None, "Fixed-point iterations per sampling step (None: 3, --quick 2).")
+    lr: float = flag(1e-3, "AdamW learning rate.")
+    N: int = flag(3, "Upper bound of the no-grad iterations n.")
+    M: int = flag(3, "Upper bound (S-JFB) / value (multi-step) of m.")
+    budget: Optional[int] = flag(None, "Sampling budget in block passes per image (None: 80, --quick 8).")
+    iters: Optional[int] = flag(None, "Fixed-point iterations per sampling step (None: 3, --quick 2).")
     zero_allowed: ClassVar[tuple[str, ...]] = ("N",)
 
 

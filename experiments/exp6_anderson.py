@@ -17,7 +17,7 @@ import numpy as np
 
 import cli
 from experiments import common
-from experiments.common import option
+from config import flag
 
 NAME = "exp6_anderson"
 SOLVERS = ("iteration", "anderson")
@@ -26,9 +26,9 @@ SOLVERS = ("iteration", "anderson")
 @dataclass
 class Exp6Config(common.CheckpointConfig):
     """Flags of experiment 6."""
-    budgets: Optional[str] = option(None, "Comma-separated block budgets per image (None: 80, --quick 16).")
-    iters: Optional[str] = option(None, "Comma-separated iterations per step (None: 2,4,8,18; --quick 2,6).")
-    anderson_memory: int = option(5, "Anderson acceleration: number of past iterates mixed.")
+    budgets: Optional[str] = flag(None, "Comma-separated block budgets per image (None: 80, --quick 16).")
+    iters: Optional[str] = flag(None, "Comma-separated iterations per step (None: 2,4,8,18; --quick 2,6).")
+    anderson_memory: int = flag(5, "Anderson acceleration: number of past iterates mixed.")
 
 
 FULL = {"budgets": "80", "iters": "2,4,8,18", "seeds": 2, "num_samples": 1000}

@@ -29,10 +29,9 @@ import torch
 
 import cli
 from checkpoint import load_safetensors
-from config import ModelConfig, TrainConfig, UserError, config_diff
+from config import ModelConfig, TrainConfig, UserError, config_diff, flag
 from cost import training_units_per_step
 from experiments import common, exp1_equal_compute
-from experiments.common import option
 from records import read_json
 
 NAME = "exp7_prepost"
@@ -42,16 +41,16 @@ EXP1_JSON = common.DEFAULT_OUT_DIR / f"{exp1_equal_compute.NAME}.json"
 @dataclass
 class Exp7Config(common.CheckpointConfig):
     """Flags of experiment 7 (--fpdm_ckpt is the pre = post = 1 model; --dit_ckpt is not used)."""
-    depths: str = option("0,1,2", "pre = post depths compared (comma list; 1 = --fpdm_ckpt).")
-    units: Optional[float] = option(None, "Training compute per image in block-pass units (None: exp1's, 1000 DiT "
+    depths: str = flag("0,1,2", "pre = post depths compared (comma list; 1 = --fpdm_ckpt).")
+    units: Optional[float] = flag(None, "Training compute per image in block-pass units (None: exp1's, 1000 DiT "
                                           "steps; --quick: the quick models').")
-    lr: float = option(1e-3, "AdamW learning rate.")
-    budgets: Optional[str] = option(None, "Sampling budgets in block passes per image, comma list (None: 40,80,160; "
+    lr: float = flag(1e-3, "AdamW learning rate.")
+    budgets: Optional[str] = flag(None, "Sampling budgets in block passes per image, comma list (None: 40,80,160; "
                                           "--quick 16).")
-    candidate_iters: Optional[str] = option(None, "Iterations per step searched, comma list (None: 1,2,4,6; "
+    candidate_iters: Optional[str] = flag(None, "Iterations per step searched, comma list (None: 1,2,4,6; "
                                                   "--quick 1,2).")
-    search_samples: Optional[int] = option(None, "Samples per search evaluation (None: 250, --quick 4).")
-    jobs: Optional[int] = option(None, "Worker processes, each with --threads threads (None: 2, --quick 1).")
+    search_samples: Optional[int] = flag(None, "Samples per search evaluation (None: 250, --quick 4).")
+    jobs: Optional[int] = flag(None, "Worker processes, each with --threads threads (None: 2, --quick 1).")
 
     def validate(self) -> "Exp7Config":
         """The shared checks, and --units > 0; returns self."""

@@ -340,10 +340,13 @@ def test_two_process_sjfb_iters_agree_across_ranks_and_vary_across_steps(tmp_pat
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "aconfs/cpu_2proc.yaml"),
                "--main_process_port", "29534", str(REPO / "train.py"), *TINY, "--max_steps", "6", "--log_every", "3",
                "--ckpt_every", "6", "--fixed_point_no_grad_max_iters", "4", "--fixed_point_with_grad_max_iters", "4",
-               "--output_dir", str(tmp_path), "--output_subdir", "ddp"]
+               "--grad_checkpointing", "True", "--output_dir", str(tmp_path), "--output_subdir", "ddp"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-    # Each logged window gathers every rank's (n, m) per step and stops the run if they differ.
+    # Each logged window gathers every rank's (n, m) per step and stops the run if they differ. With checkpointed
+    # fixed-point iterations (non-reentrant) DDP still reduces every gradient once: the replicas stay identical.
     assert result.returncode == 0, result.stderr[-3000:]
+    checksums = json.loads((tmp_path / "ddp" / "summary.json").read_text())["rank_weight_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6] and all({"sjfb_n", "sjfb_m", "sjfb_n_mean"} <= set(r) for r in rows)
     bounds = ModelConfig(fixed_point=True, fixed_point_no_grad_max_iters=4, fixed_point_with_grad_max_iters=4)
