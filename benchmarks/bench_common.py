@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from config import UserError, build_config, parse_flags
 
@@ -26,6 +26,17 @@ def require_at_least(config: Any, names: Sequence[str], low: int = 1) -> None:
         value = getattr(config, name)
         if value is not None and value < low:
             raise UserError(f"--{name}: must be >= {low} (got {value})")
+
+
+def parse_sizes(sizes: Optional[str], quick: bool, known: Sequence[str]) -> list[str]:
+    """--sizes as a list (None: Ti/2-digits, and S/2-latents unless --quick); UserError naming an unknown size."""
+    if sizes is None:
+        return ["Ti/2-digits"] if quick else ["Ti/2-digits", "S/2-latents"]
+    chosen = [s.strip() for s in sizes.split(",") if s.strip()]
+    for size in chosen:
+        if size not in known:
+            raise UserError(f"--sizes: unknown size {size!r}; valid: {', '.join(known)}")
+    return chosen
 
 
 def parse_config(cls: type, doc: str, argv: Sequence[str] | None) -> Any:

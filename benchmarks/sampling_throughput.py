@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import cli
 from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, parse_config,
-                                     require_at_least, summarize, synchronize, write_payload)
+                                     parse_sizes, require_at_least, summarize, synchronize, write_payload)
 from config import UserError, flag
 
 # name -> (registry model, data kwargs for ModelConfig, default batch, default steps)
@@ -189,18 +189,14 @@ class ThroughputConfig:
     def validate(self) -> "ThroughputConfig":
         """Known sizes and device, counts >= 1; returns self."""
         require_at_least(self, ("batch", "steps", "repeats", "bare_iters"))
-        for size in self.size_list():
-            if size not in SIZES:
-                raise UserError(f"--sizes: unknown size {size!r}; valid: {', '.join(SIZES)}")
+        self.size_list()
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device: must be auto, cpu or cuda (got {self.device!r})")
         return self
 
     def size_list(self) -> list[str]:
         """The sizes to measure."""
-        if self.sizes is None:
-            return ["Ti/2-digits"] if self.quick else ["Ti/2-digits", "S/2-latents"]
-        return [s.strip() for s in self.sizes.split(",") if s.strip()]
+        return parse_sizes(self.sizes, self.quick, list(SIZES))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

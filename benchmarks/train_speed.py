@@ -21,7 +21,8 @@ from typing import Any, Optional, Sequence
 
 import cli
 from benchmarks.bench_common import (RESULTS_DIR, format_table, limit_threads, machine_info, parse_config,
-                                     require_at_least, summarize, synchronize, training_batch, training_step, write_payload)
+                                     parse_sizes, require_at_least, summarize, synchronize, training_batch,
+                                     training_step, write_payload)
 from config import UserError, flag
 
 # name -> (registry model, data kwargs for ModelConfig, default batch, default rounds)
@@ -135,18 +136,14 @@ class SpeedConfig:
         """Known sizes and device, counts >= 1; returns self."""
         require_at_least(self, ("batch", "rounds", "m"))
         require_at_least(self, ("n",), low=0)
-        for size in self.size_list():
-            if size not in SIZES:
-                raise UserError(f"--sizes: unknown size {size!r}; valid: {', '.join(SIZES)}")
+        self.size_list()
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"--device: must be cpu or cuda (got {self.device!r})")
         return self
 
     def size_list(self) -> list[str]:
         """The sizes to measure."""
-        if self.sizes is None:
-            return ["Ti/2-digits"] if self.quick else ["Ti/2-digits", "S/2-latents"]
-        return [s.strip() for s in self.sizes.split(",") if s.strip()]
+        return parse_sizes(self.sizes, self.quick, list(SIZES))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

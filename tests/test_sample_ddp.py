@@ -17,16 +17,8 @@ import sampling
 from config import SampleConfig, UserError
 from images import read_shard, save_shard
 from test_sampling import REPO, TINY_FPDM, build, fixed_plan, write_pt
+from test_sampling import fpdm, fpdm_ckpt  # noqa: F401 (module fixtures shared with test_sampling.py)
 
-
-@pytest.fixture(scope="module")
-def fpdm():
-    return build(TINY_FPDM)
-
-
-@pytest.fixture(scope="module")
-def fpdm_ckpt(tmp_path_factory, fpdm):
-    return write_pt(fpdm, TINY_FPDM, tmp_path_factory.mktemp("ckpt") / "fpdm.pt")
 
 
 def _free_port() -> int:
