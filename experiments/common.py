@@ -35,7 +35,7 @@ from allocation import IterationPlan
 from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, parse_flags
 from cost import blocks_per_step, training_units_per_step
-from records import read_json, write_json
+from records import read_json, to_jsonable, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO_ROOT / "experiments" / "results"
@@ -149,10 +149,21 @@ def steps_for_units(total_units: float, config: ModelConfig) -> int:
     return max(1, int(round(total_units / training_units_per_step(config))))
 
 
+def finished_run(model_config: ModelConfig, train_config: TrainConfig) -> Optional[Path]:
+    """The run folder of these configs if a finished run of exactly them is there (summary.json written), else None:
+    an experiment run again, or after an interruption, reuses the models it already trained."""
+    run_dir = Path(train_config.output_dir) / train_config.output_subdir
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.json").is_file():
+        return None
+    wanted = to_jsonable({"model": asdict(model_config), "train": asdict(train_config)})
+    return run_dir if read_json(run_dir / "config.json", flag="--output_dir") == wanted else None
+
+
 def run_training(model_config: ModelConfig, train_config: TrainConfig) -> Path:
-    """Train with the library and return the run folder (the one place experiments call training)."""
+    """Train with the library and return the run folder (the one place experiments call training); a finished run
+    of the same configs is reused, any other content of the folder is refused by training_loop."""
     from training import training_loop
-    return training_loop(model_config, train_config)
+    return finished_run(model_config, train_config) or training_loop(model_config, train_config)
 
 
 def train_command(model_config: ModelConfig, train_config: TrainConfig) -> str:
@@ -169,16 +180,19 @@ def train_command(model_config: ModelConfig, train_config: TrainConfig) -> str:
 
 def train_digits_model(model_config: ModelConfig, train_config: TrainConfig) -> dict[str, Any]:
     """Train and summarise: run folder, configs and command, wall-clock, final loss, loss curve, parameters."""
-    start_time = time.time()
+    start_time, reused = time.time(), finished_run(model_config, train_config) is not None
     run_dir = run_training(model_config, train_config)
-    seconds = time.time() - start_time
+    timing = run_dir / "training_seconds.json"  # kept beside the run so a reused run reports its own training time
+    if not reused:
+        write_json(timing, {"wall_clock_s": time.time() - start_time})
+    seconds = read_json(timing, flag="--output_dir")["wall_clock_s"]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = read_json(run_dir / "summary.json", flag="--output_dir")
     return {"run_dir": str(run_dir), "command": train_command(model_config, train_config),
             "config": {"model": asdict(model_config), "train": asdict(train_config)},
             "steps": train_config.max_steps, "wall_clock_s": seconds, "final_loss": metrics[-1]["loss"],
             "final_mse": metrics[-1]["mse"], "loss_curve": [(m["step"], m["loss"]) for m in metrics],
-            "num_params": summary["num_params"], "threads": torch.get_num_threads()}
+            "num_params": summary["num_params"], "threads": torch.get_num_threads(), "reused_run": reused}
 
 
 def export_ema(run_dir: str | Path, path: str | Path, half: bool = True) -> Path:

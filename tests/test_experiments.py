@@ -153,3 +153,16 @@ def test_exp7_prepost(quick_dir):
             assert row["planned_blocks_per_image"] == row["budget"]
             assert row["best_iters"] in [s["iters"] for s in row["search"]]
     assert set(result["best_pre_post_per_budget"].values()) <= {0, 1, 2}
+
+
+def test_a_finished_training_run_is_reused_and_a_different_one_refused(tmp_path):
+    from dataclasses import replace
+    model_config = common.digits_model(fixed_point=True, sjfb=(0, 1, 1, 1))
+    train_config = common.digits_training("fpdm", 2, lr=1e-3, runs_dir=tmp_path, sample_grid=False)
+    first = common.train_digits_model(model_config, train_config)
+    weights = (tmp_path / "fpdm" / "ema.safetensors").read_bytes()
+    again = common.train_digits_model(model_config, train_config)  # an interrupted sweep, run again
+    assert again["reused_run"] and not first["reused_run"] and again["wall_clock_s"] == first["wall_clock_s"]
+    assert (tmp_path / "fpdm" / "ema.safetensors").read_bytes() == weights and again["loss_curve"] == first["loss_curve"]
+    with pytest.raises(UserError, match="already holds a run"):  # same folder, other recipe: never overwritten
+        common.train_digits_model(model_config, replace(train_config, lr=5e-4))
