@@ -75,14 +75,14 @@ def load_digits_uint8(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(gray[..., None], 3, axis=-1), labels                        # (N, 8, 8, 3)
 
 
-class DigitsDataset(Dataset):
-    """The built-in digits in pixel space (1 channel, 8x8, 10 classes); the whole set on every rank."""
+class InMemoryDataset(Dataset):
+    """A built-in dataset held as tensors (digits, MNIST-5k): images (N, 1, H, W) in [-1, 1] and labels (N,), the
+    whole set on every rank."""
 
     is_sharded = False
-    num_classes = 10
 
-    def __init__(self):
-        self.images, self.labels = load_digits_tensors()
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10):
+        self.images, self.labels, self.num_classes = images, labels, num_classes
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -150,22 +150,6 @@ def load_mnist5k_uint8(split: str = "all") -> tuple[np.ndarray, np.ndarray]:
     """MNIST-5k as sample-like images: uint8 (N, 28, 28, 3) RGB (grey repeated) and labels (N,) int64."""
     pixels, labels = load_mnist5k_split(split)
     return np.repeat(pixels[..., None], 3, axis=-1), labels             # (N, 28, 28, 3)
-
-
-class MNIST5kDataset(Dataset):
-    """MNIST-5k in pixel space (1 channel, 28x28, 10 classes); all 5,000 images on every rank (as the digits)."""
-
-    is_sharded = False
-    num_classes = 10
-
-    def __init__(self):
-        self.images, self.labels = load_mnist5k_tensors()
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
 
 
 #################################################################################
@@ -368,10 +352,10 @@ def create_dataset(train_cfg: TrainConfig, model_cfg: ModelConfig, rank: int = 0
     given = _given(model_cfg, explicit)
     _check_dataset_flags(train_cfg)
     if train_cfg.dataset == "digits":
-        return DigitsDataset(), _digits_implied(model_cfg, given)
+        return InMemoryDataset(*load_digits_tensors()), _digits_implied(model_cfg, given)
     if train_cfg.dataset == "mnist5k":
         implied = _mnist5k_implied(model_cfg, given)                    # flags checked before the file is read
-        return MNIST5kDataset(), implied
+        return InMemoryDataset(*load_mnist5k_tensors()), implied
     if train_cfg.dataset == "latents":
         dataset = LatentDataset(train_cfg.feature_path, rank, world_size)
         return dataset, _latents_implied(dataset, train_cfg, model_cfg, given)

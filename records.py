@@ -10,10 +10,10 @@ import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 from checkpoint import atomic_write
-from config import UserError
+from config import UserError, config_diff
 
 if TYPE_CHECKING:
     from allocation import IterationPlan
@@ -53,6 +53,28 @@ def read_json(path: str | os.PathLike, flag: str) -> Any:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{flag}: {path} is not valid JSON ({error})") from error
+
+
+def refuse_other_setup(folder: Path, setup: dict[str, Any], flag: str, image_files: Sequence[Path],
+                       comparable: Callable[[Any], Any] = to_jsonable, noun: str = "image files") -> None:
+    """Never let one sample folder hold images of two setups (sample.py, sample_ddp.py).
+
+    UserError naming `flag` if `folder`'s setup.json records a setup whose `comparable` form differs from `setup`'s,
+    or if it has no setup.json but holds `image_files` that nothing describes.
+    """
+    record_path = folder / SETUP_FILE
+    if not record_path.is_file():
+        if image_files:
+            raise UserError(f"{flag} {folder} holds {len(image_files)} {noun} (e.g. "
+                            f"{Path(image_files[0]).relative_to(folder)}) but no {SETUP_FILE} saying how they were "
+                            f"made; pass another {flag}")
+        return
+    recorded = read_json(record_path, flag)
+    before = recorded.get("setup", {}) if isinstance(recorded, dict) else {}
+    differences = config_diff(comparable(before), comparable(setup))
+    if differences:
+        raise UserError(f"{flag} {folder} holds images of a different setup (recorded != now: "
+                        f"{'; '.join(differences[:8])}); pass another {flag}, or the same flags to continue it")
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:

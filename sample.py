@@ -17,9 +17,9 @@ from typing import Any, Sequence
 
 import cli
 import sampling
-from config import ModelConfig, SampleConfig, UserError, build_config, config_diff, given_fields, parse_flags
+from config import ModelConfig, SampleConfig, UserError, build_config, given_fields, parse_flags
 from images import make_grid, save_png
-from records import (SETUP_FILE, describe_plan, read_json, sampling_setup, to_jsonable, write_diagnostics,
+from records import (SETUP_FILE, describe_plan, refuse_other_setup, sampling_setup, to_jsonable, write_diagnostics,
                      write_json)
 from vae import load_vae_for
 
@@ -48,26 +48,6 @@ def comparable_setup(setup: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in setup.items() if k != "device"}, "sample_config": sample_config}
 
 
-def check_output_dir(output_dir: Path, setup: dict[str, Any]) -> None:
-    """Refuse a folder whose images another setup made (or whose images no setup.json describes)."""
-    record_path = output_dir / SETUP_FILE
-    if not record_path.is_file():
-        pngs = sorted(output_dir.glob("*.png")) if output_dir.is_dir() else []
-        if pngs:
-            raise UserError(f"--output_dir {output_dir} holds {len(pngs)} PNGs (e.g. {pngs[0].name}) but no "
-                            f"{SETUP_FILE} saying how they were made; pass another --output_dir")
-        return
-    try:
-        recorded = read_json(record_path, "--output_dir")
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    before = comparable_setup(recorded.get("setup", {}) if isinstance(recorded, dict) else {})
-    differences = config_diff(before, comparable_setup(setup))
-    if differences:
-        raise UserError(f"--output_dir {output_dir} holds images of another setup (recorded != now: "
-                        f"{'; '.join(differences[:8])}); pass another --output_dir, or the same flags to overwrite")
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the recorded setup and statistics."""
     config, model_flags = parse_args(argv)
@@ -85,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup = sampling_setup(ckpt=ckpt, model_config=model_config, config=config, plan=plan, notes=notes,
                            labels=None if labels is None else labels.tolist(), device=str(device),
                            vae=config.vae if model_config.latent else None)
-    check_output_dir(output_dir, setup)
+    refuse_other_setup(output_dir, setup, "--output_dir", sorted(output_dir.glob("*.png")), comparable_setup, "PNGs")
     cli.check_writable_folder(output_dir, "--output_dir")
     if config.diagnostics:
         cli.check_writable_folder(Path(config.diagnostics).parent, "--diagnostics")

@@ -43,9 +43,10 @@ import torch
 import cli
 import distributed
 import sampling
-from config import SampleDDPConfig, UserError, config_diff
+from config import SampleDDPConfig, UserError
 from images import pack_shards, read_shard_indices, save_png, save_shard
-from records import SETUP_FILE, describe_plan, read_json, sampling_setup, to_jsonable, write_diagnostics, write_json
+from records import (SETUP_FILE, describe_plan, read_json, refuse_other_setup, sampling_setup, write_diagnostics,
+                     write_json)
 from sample import parse_args
 from vae import load_vae_for
 
@@ -203,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     setup = sampling_setup(
         ckpt=ckpt, model_config=model_config, config=config, plan=plan, notes=notes, exclude=NOT_IN_SETUP,
         label_mode="random" if not class_labels else "given", vae=config.vae if model_config.latent else None)
-    check_sample_dir(sample_dir, setup)
+    refuse_other_setup(sample_dir, setup, "--sample_dir",
+                       shard_files(sample_dir) + sorted((sample_dir / "images").glob("*.png")))
 
     work = plan_work(sample_dir, config.num_samples, setup, plan, notes) if distributed.is_main() else None
     work = distributed.gather_object(work)[0]                 # rank 0's scan, on every rank (also a barrier)
@@ -253,18 +255,6 @@ def draw(writer: ShardWriter, todo: list[int], labels: Any, *, model: Any, model
     agree_on_failure(error)
     assert generated is not None  # a rank stops early only when another failed, and then all raised above
     return generated
-
-
-def check_sample_dir(sample_dir: Path, setup: dict[str, Any]) -> None:
-    """Refuse a folder holding images of another setup, or images that no setup.json describes."""
-    recorded = read_setup(sample_dir)
-    if recorded is None and (shard_files(sample_dir) or any((sample_dir / "images").glob("*.png"))):
-        raise UserError(f"--sample_dir {sample_dir} holds images ({SHARD_DIR}/ or images/) but no {SETUP_FILE} "
-                        "saying how they were made; use a new --sample_dir")
-    if recorded is not None and recorded.get("setup") != to_jsonable(setup):
-        raise UserError(f"--sample_dir {sample_dir} holds samples from a different setup (recorded != now: "
-                         f"{'; '.join(config_diff(recorded.get('setup', {}), to_jsonable(setup))[:8])}); "
-                         "use a new --sample_dir or the same flags")
 
 
 def plan_work(sample_dir: Path, num_samples: int, setup: dict[str, Any], plan: Any,
