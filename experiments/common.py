@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -31,7 +32,7 @@ import torch
 
 import classifier
 import sampling
-from allocation import IterationPlan
+from allocation import IterationPlan, planned_macs
 from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, parse_flags
 from cost import blocks_per_step, training_units_per_step
@@ -43,7 +44,7 @@ PRETRAINED_DIR = REPO_ROOT / "pretrained"
 FPDM_CKPT = PRETRAINED_DIR / "fpdm-digits.safetensors"
 DIT_CKPT = PRETRAINED_DIR / "dit-digits.safetensors"
 CLASSIFIER_PATH = DEFAULT_OUT_DIR / "digits_classifier.safetensors"
-CLASSIFIER_SEED, CLASSIFIER_STEPS = 0, 400
+CLASSIFIER_SEED = 0  # the cached classifiers were trained with seed 0 and their recipe's default steps
 SEED_STRIDE = 1_000_000
 SEARCH_SEED = 99  # allocation searches never use the seeds whose FID is reported
 QUICK_MODEL_STEPS = 3  # training steps of the tiny --quick models
@@ -153,17 +154,41 @@ def finished_run(model_config: ModelConfig, train_config: TrainConfig) -> Option
     """The run folder of these configs if a finished run of exactly them is there (summary.json written), else None:
     an experiment run again, or after an interruption, reuses the models it already trained."""
     run_dir = Path(train_config.output_dir) / train_config.output_subdir
-    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.json").is_file():
+    if not (run_dir / "summary.json").is_file():
         return None
+    return run_dir if holds_run_of(run_dir, model_config, train_config) else None
+
+
+def holds_run_of(run_dir: Path, model_config: ModelConfig, train_config: TrainConfig) -> bool:
+    """Whether run_dir/config.json records exactly these configs (whether or not the run was resumed)."""
+    if not (run_dir / "config.json").is_file():
+        return False
+    recorded = read_json(run_dir / "config.json", flag="--output_dir")
     wanted = to_jsonable({"model": asdict(model_config), "train": asdict(train_config)})
-    return run_dir if read_json(run_dir / "config.json", flag="--output_dir") == wanted else None
+    if isinstance(recorded, dict) and isinstance(recorded.get("train"), dict):
+        recorded["train"]["resume"] = wanted["train"]["resume"]
+    return recorded == wanted
 
 
 def run_training(model_config: ModelConfig, train_config: TrainConfig) -> Path:
-    """Train with the library and return the run folder (the one place experiments call training); a finished run
-    of the same configs is reused, any other content of the folder is refused by training_loop."""
+    """Train with the library and return the run folder (the one place experiments call training). A finished run
+    of the same configs is reused and an interrupted one resumed from its latest checkpoint; any other content of
+    the folder is refused by training_loop."""
+    from checkpoint import TRAINING_KEYS, load_checkpoint
     from training import training_loop
-    return finished_run(model_config, train_config) or training_loop(model_config, train_config)
+    finished = finished_run(model_config, train_config)
+    if finished is not None:
+        return finished
+    run_dir = Path(train_config.output_dir) / train_config.output_subdir
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if holds_run_of(run_dir, model_config, train_config):
+        if latest.is_file():
+            payload = load_checkpoint(str(latest), flag="--resume", require=TRAINING_KEYS)
+            return training_loop(model_config, replace(train_config, resume=str(run_dir)), payload)
+        # Interrupted before its first checkpoint: only this run's own logs are there, and it starts over.
+        print(f"{run_dir}: interrupted before its first checkpoint; training it from the start")
+        shutil.rmtree(run_dir)
+    return training_loop(model_config, train_config)
 
 
 def train_command(model_config: ModelConfig, train_config: TrainConfig) -> str:
@@ -282,12 +307,19 @@ def fpdm_iteration_grid(model_config: ModelConfig, budget: int, candidates: Sequ
 #                                  Evaluation                                   #
 #################################################################################
 
-class DigitsEvaluator:
-    """digits-FID (vs all 1797 real digits) and classifier accuracy with a cached classifier (classifier.py)."""
+def classifier_path(dataset: str) -> Path:
+    """The cached classifier of a built-in dataset (trained and written there on first use)."""
+    return DEFAULT_OUT_DIR / f"{dataset}_classifier.safetensors"
 
-    def __init__(self, classifier_path: str | Path = CLASSIFIER_PATH):
-        self.classifier, self.classifier_test_accuracy = classifier.load_or_train_digits_classifier(
-            str(classifier_path), seed=CLASSIFIER_SEED, steps=CLASSIFIER_STEPS, flag="--classifier")
+
+class Evaluator:
+    """FID on a built-in dataset's classifier features (vs all its real images) and classifier accuracy, with the
+    cached classifier of classifier.py: digits-FID for digits (8x8), mnist5k-FID for MNIST-5k (28x28)."""
+
+    def __init__(self, classifier_path: str | Path = CLASSIFIER_PATH, dataset: str = "digits"):
+        self.dataset = dataset
+        self.classifier, self.classifier_test_accuracy = classifier.load_or_train_classifier(
+            dataset, str(classifier_path), seed=CLASSIFIER_SEED, flag="--classifier")
         self.reference = classifier.digits_reference_stats(self.classifier, "all")
         self.feature_extractor = classifier.digits_feature_extractor_id(self.classifier)
 
@@ -298,8 +330,10 @@ class DigitsEvaluator:
 
     def describe(self) -> dict[str, Any]:
         """What the numbers are measured with (recorded in every JSON)."""
-        return {"feature_extractor": self.feature_extractor, "classifier_test_accuracy": self.classifier_test_accuracy,
-                "reference": "all 1797 sklearn digits", "note": classifier.DIGITS_FID_NOTE}
+        spec = classifier.classifier_spec(self.dataset)
+        return {"dataset": self.dataset, "feature_extractor": self.feature_extractor,
+                "classifier_test_accuracy": self.classifier_test_accuracy,
+                "reference": f"all real images of {spec.source}", "note": spec.fid_note}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -308,7 +342,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def evaluate_setting(loaded: Loaded, evaluator: DigitsEvaluator, config: SampleConfig, num_samples: int,
+def evaluate_setting(loaded: Loaded, evaluator: Evaluator, config: SampleConfig, num_samples: int,
                      seeds: Sequence[int], keep_trajectories: bool = False) -> dict[str, Any]:
     """FID and accuracy over sampling seeds (mean ± std), with the plan and the block passes actually spent."""
     per_seed, trajectories, drawn, start_time = [], [], None, time.time()
@@ -324,14 +358,15 @@ def evaluate_setting(loaded: Loaded, evaluator: DigitsEvaluator, config: SampleC
               "per_seed": per_seed, "num_samples": num_samples, "num_steps": drawn.plan.num_steps,
               "iters_per_step": drawn.plan.iters_per_step, "planned_blocks_per_image": drawn.plan.blocks_per_image,
               "blocks_per_image_max": drawn.stats["blocks_per_image_max"],
-              "within_budget": drawn.stats["within_budget"], "sampler": "ddim" if config.ddim else "ddpm",
+              "within_budget": drawn.stats["within_budget"],
+              "planned_gmacs_per_image": planned_macs(loaded.config, drawn.plan) / 1e9, "sampler": "ddim" if config.ddim else "ddpm",
               "seconds": time.time() - start_time}
     if keep_trajectories:
         result["_trajectories"] = trajectories
     return result
 
 
-def search_and_evaluate(loaded: Loaded, evaluator: DigitsEvaluator, config: SampleConfig, candidates: Sequence[int],
+def search_and_evaluate(loaded: Loaded, evaluator: Evaluator, config: SampleConfig, candidates: Sequence[int],
                         search_samples: int, num_samples: int, seeds: Sequence[int]) -> dict[str, Any]:
     """The FPDM's best allocation at config.budget: each k in `candidates` that fits (with and without solution
     reuse) is scored on SEARCH_SEED with `search_samples` images; the winner is evaluated on `seeds`."""

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     candidates = common.int_list(config.candidate_iters, "candidate_iters")
     seeds = list(range(config.seeds))
 
-    evaluator = common.DigitsEvaluator(config.classifier)
+    evaluator = common.Evaluator(config.classifier)
     depth = blocks_per_step(dit.config, 0)
     rows = []
     for steps in dit_steps:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     config, run = common.start(NAME, Exp3Config, __doc__, argv, FULL, QUICK)
     fpdm, dit = common.load_models(config, run.out_dir)
     seeds = list(range(config.seeds))
-    evaluator = common.DigitsEvaluator(config.classifier)
+    evaluator = common.Evaluator(config.classifier)
     setting = replace(common.EVALUATION_SAMPLING, budget=config.budget, ddim=config.ddim)
     points = []
     for k in common.fpdm_iteration_grid(fpdm.config, config.budget, common.int_list(config.iters, "iters")):

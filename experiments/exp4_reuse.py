@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     config, run = common.start(NAME, Exp4Config, __doc__, argv, FULL, QUICK)
     fpdm, _ = common.load_models(config, run.out_dir)
     seeds = list(range(config.seeds))
-    evaluator = common.DigitsEvaluator(config.classifier)
+    evaluator = common.Evaluator(config.classifier)
     setting = replace(common.EVALUATION_SAMPLING, budget=config.budget)
     sweep = []
     for k in common.fpdm_iteration_grid(fpdm.config, config.budget, common.int_list(config.iters, "iters")):

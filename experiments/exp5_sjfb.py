@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     config, run = common.start(NAME, Exp5Config, __doc__, argv, FULL, QUICK)
     seeds = list(range(config.seeds))
     units = config.dit_equivalent_steps * training_units_per_step(common.digits_model(False))
-    evaluator = common.DigitsEvaluator(config.classifier)
+    evaluator = common.Evaluator(config.classifier)
     setting = replace(common.EVALUATION_SAMPLING, budget=config.budget, fixed_point_iters=config.iters)
     results = {}
     for label, bounds in variants(config.N, config.M).items():

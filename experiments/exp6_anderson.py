@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     fpdm, _ = common.load_models(config, run.out_dir)
     budgets = common.int_list(config.budgets, "budgets")
     seeds = list(range(config.seeds))
-    evaluator = common.DigitsEvaluator(config.classifier)
+    evaluator = common.Evaluator(config.classifier)
     rows = []
     for budget in budgets:
         for k in common.fpdm_iteration_grid(fpdm.config, budget, common.int_list(config.iters, "iters")):

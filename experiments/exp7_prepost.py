@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                "seed": common.DIGITS_TRAINING.global_seed, "sampler": "ddpm", "budgets": budgets,
                "candidate_iters": candidates, "seeds": seeds, "num_samples": config.num_samples,
                "search_seed": common.SEARCH_SEED, "search_samples": config.search_samples, "jobs": config.jobs,
-               "quick": config.quick, "evaluator": common.DigitsEvaluator(config.classifier).describe(),
+               "quick": config.quick, "evaluator": common.Evaluator(config.classifier).describe(),
                "depths": depths, "models": {str(d): models[d] for d in depths}, "best_pre_post_per_budget": best}
     return common.finish(run, payload, lambda plt: plot(plt, payload))
 
@@ -190,7 +190,7 @@ def _evaluate_task(ckpt: str, budget: int, candidates: Sequence[int], search_sam
                    num_samples: int, classifier: str, threads: int) -> dict:
     """exp2's DDPM protocol for one model and budget: search k (and reuse) on SEARCH_SEED, evaluate on `seeds`."""
     torch.set_num_threads(threads)
-    evaluator = common.DigitsEvaluator(classifier)
+    evaluator = common.Evaluator(classifier)
     loaded = common.load(ckpt)
     setting = replace(common.EVALUATION_SAMPLING, budget=budget)
     result = common.search_and_evaluate(loaded, evaluator, setting, candidates, search_samples, num_samples, seeds)

@@ -1,0 +1,476 @@
+"""experiments/results/claims.json and RESULTS.md's summary table, from the result files (nothing typed by hand).
+
+One entry per paper claim: the paper's numbers, ours per dataset with the spread over training seeds, the settings
+(M, N, depths, training compute, training seeds, whether they are the paper's), a verdict per dataset, and the files
+the numbers come from. Two kinds of evidence are kept apart:
+  * "<dataset>" (e.g. mnist5k, digits): the sweep (experiments/sweep.py) at the paper's settings, >= 1 training seed;
+    a FID difference counts only if Welch's t-test over training seeds gives p < 0.05 ("exceeds the spread");
+  * "digits (earlier, 1 seed)": the earlier single-seed digits experiments (exp2-exp7, S-JFB M = N = 3), where only
+    the direction can be read.
+Verdicts: agrees (every comparison the claim makes goes the paper's way), partly (some do), disagrees (none do),
+not measured.
+
+    python -m experiments.claims            # writes claims.json and rewrites the summary block of RESULTS.md
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+import cli
+from config import build_config, flag, parse_flags
+from records import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+EARLIER = "digits (earlier, 1 seed)"
+ALPHA = 0.05
+BEGIN, END = "<!-- claims.py: begin -->", "<!-- claims.py: end -->"
+DIT_STEPS_TO_PAPER_BLOCKS = {5: 140, 10: 280, 20: 560}
+PAPER_TABLE1 = {  # paper blocks -> sampler -> (DiT FID, FPDM FID)
+    140: {"ddpm": (148.0, 85.8), "ddim": (110.0, 33.9)},
+    280: {"ddpm": (80.9, 43.3), "ddim": (35.2, 22.4)},
+    560: {"ddpm": (37.9, 26.1), "ddim": (16.5, 19.6)},
+}
+
+
+@dataclass
+class ClaimsConfig:
+    """Flags of claims."""
+    results_dir: str = flag(str(RESULTS), "Folder holding sweep/ and the exp*.json files.")
+    results_md: str = flag(str(ROOT / "RESULTS.md"), "Markdown file whose summary block is rewritten ('': none).")
+    include_quick: bool = flag(False, "Also read the sweep's --quick results (for tests; never for RESULTS.md).")
+
+
+#################################################################################
+#                                Statistics                                     #
+#################################################################################
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample std and count of per-training-seed values."""
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+            "n": len(array), "values": [float(v) for v in array]}
+
+
+def compare(lower_is_better_a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Is a's FID below b's beyond the spread over training seeds? Welch's t-test (two-sided) when both sides have
+    >= 2 seeds; otherwise only the direction is known."""
+    a, result = lower_is_better_a, {"a": spread(lower_is_better_a), "b": spread(b)}
+    result["a_better"] = result["a"]["mean"] < result["b"]["mean"]
+    if len(a) >= 2 and len(b) >= 2:
+        from scipy.stats import ttest_ind
+        p = float(ttest_ind(a, b, equal_var=False).pvalue)
+        result.update(welch_p=p if math.isfinite(p) else 1.0, exceeds_spread=math.isfinite(p) and p < ALPHA)
+    else:
+        result.update(welch_p=None, exceeds_spread=None)
+    return result
+
+
+def winner(comparison: dict[str, Any], a: str, b: str) -> str:
+    """a, b, or 'tie' (difference within the spread); with one seed, the direction alone."""
+    if comparison["exceeds_spread"] is False:
+        return "tie"
+    return a if comparison["a_better"] else b
+
+
+def verdict(matches: Sequence[bool]) -> str:
+    """agrees / partly / disagrees from whether each comparison went the paper's way."""
+    if not matches:
+        return "not measured"
+    return "agrees" if all(matches) else "partly" if any(matches) else "disagrees"
+
+
+def fmt(s: dict[str, Any], digits: int = 2) -> str:
+    """'mean ± std (n)' of a spread."""
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" + (f" (n={s['n']})" if s["n"] > 1 else "")
+
+
+#################################################################################
+#                                 Reading results                               #
+#################################################################################
+
+@dataclass
+class Sweep:
+    """The sweep's result files: (experiment, dataset, configuration) -> list of per-seed results."""
+    root: Path
+    results: dict[tuple[str, str, str], list[dict[str, Any]]]
+
+    @classmethod
+    def read(cls, results_dir: Path, include_quick: bool = False) -> "Sweep":
+        results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for path in sorted((results_dir / "sweep").glob("*/*/*/seed*.json")):
+            record = json.loads(path.read_text())
+            if record.get("quick") and not include_quick:
+                continue
+            record["_path"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+            key = (record["experiment"], record["dataset"], record["configuration"])
+            results.setdefault(key, []).append(record)
+        return cls(results_dir, results)
+
+    def get(self, experiment: str, dataset: str, configuration: str) -> list[dict[str, Any]]:
+        return sorted(self.results.get((experiment, dataset, configuration), []), key=lambda r: r["training_seed"])
+
+    def datasets(self, experiment: str) -> list[str]:
+        return sorted({d for (e, d, _) in self.results if e == experiment})
+
+    def settings(self, experiment: str, dataset: str, configurations: Sequence[str]) -> dict[str, Any]:
+        """M, N, depths, compute and training seeds of the runs behind a comparison."""
+        out = {}
+        for name in configurations:
+            records = self.get(experiment, dataset, name)
+            if records:
+                s = records[0]["settings"]
+                out[name] = {**{k: s[k] for k in ("model", "image_size", "pre_depth", "post_depth", "N", "M",
+                                                   "dit_equivalent_steps", "steps", "training_units_per_image")},
+                             "fixed_point": s["fixed_point"], "training_seeds": [r["training_seed"] for r in records],
+                             "paper_settings": not s["fixed_point"] or s["N"] in (6, 12)}
+        return out
+
+    def files(self, experiment: str, dataset: str, configurations: Sequence[str]) -> list[str]:
+        return [r["_path"] for name in configurations for r in self.get(experiment, dataset, name)]
+
+
+def earlier(results_dir: Path, name: str) -> Optional[dict[str, Any]]:
+    """An earlier single-seed experiment's JSON (exp2-exp7), or None."""
+    path = results_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fid_of(record: dict[str, Any]) -> float:
+    return float(record["fid_mean"])
+
+
+#################################################################################
+#                                   The claims                                  #
+#################################################################################
+
+def table1_claim(sweep: Sweep, results_dir: Path, matching: str) -> dict[str, Any]:
+    """Table 1: FPDM vs DiT at 140/280/560 blocks (our 5/10/20 DiT steps), DDPM and DDIM; block- or FLOP-matched."""
+    paper_winner = {(b, s): "FPDM" if fp < dit else "DiT" for b, row in PAPER_TABLE1.items() for s, (dit, fp) in row.items()}
+    ours, verdicts, settings, files = {}, {}, {}, []
+    for dataset in sweep.datasets("table1"):
+        dits, fpdms = sweep.get("table1", dataset, "dit"), sweep.get("table1", dataset, "fpdm")
+        if not dits or not fpdms:
+            continue
+        cells, matches = [], []
+        for i, row in enumerate(dits[0]["evaluation"]["rows"]):
+            dit = [fid_of(r["evaluation"]["rows"][i]["block_matched"]) for r in dits]
+            fpdm = [fid_of(r["evaluation"]["rows"][i][matching]) for r in fpdms]
+            c = compare(fpdm, dit)
+            blocks = DIT_STEPS_TO_PAPER_BLOCKS.get(row["dit_steps"])
+            won = winner(c, "FPDM", "DiT")
+            matches.append(won == paper_winner.get((blocks, row["sampler"])))
+            cells.append({"dit_steps": row["dit_steps"], "paper_blocks": blocks, "sampler": row["sampler"],
+                          "budget_blocks": row["budget_blocks"], "budget_gmacs": row["budget_gmacs"],
+                          "fpdm_fid": c["a"], "dit_fid": c["b"], "welch_p": c["welch_p"], "winner": won,
+                          "paper_winner": paper_winner.get((blocks, row["sampler"])),
+                          "fpdm_accuracy": spread([r["evaluation"]["rows"][i][matching]["accuracy_mean"]
+                                                   for r in fpdms]),
+                          "dit_accuracy": spread([r["evaluation"]["rows"][i]["block_matched"]["accuracy_mean"]
+                                                  for r in dits])})
+        ours[dataset], verdicts[dataset] = cells, verdict(matches)
+        settings[dataset] = sweep.settings("table1", dataset, ("dit", "fpdm"))
+        files += sweep.files("table1", dataset, ("dit", "fpdm"))
+    old = earlier(results_dir, "exp2_table1")
+    if old is not None and matching == "block_matched":
+        matches, cells = [], []
+        for row in old["rows"]:
+            blocks = DIT_STEPS_TO_PAPER_BLOCKS.get(row["dit_steps"])
+            won = "FPDM" if row["FPDM"]["fid_mean"] < row["DiT"]["fid_mean"] else "DiT"
+            matches.append(won == paper_winner.get((blocks, row["sampler"])))
+            cells.append({"dit_steps": row["dit_steps"], "sampler": row["sampler"], "winner": won,
+                          "fpdm_fid": spread([row["FPDM"]["fid_mean"]]), "dit_fid": spread([row["DiT"]["fid_mean"]])})
+        ours[EARLIER], verdicts[EARLIER] = cells, verdict(matches)
+        settings[EARLIER] = {"N": 3, "M": 3, "training_seeds": [0], "paper_settings": False}
+        files.append("experiments/results/exp2_table1.json")
+    what = "equal GMACs per image (cost.macs_per_step)" if matching == "flop_matched" else "equal block passes"
+    return {"id": f"table1_{matching}", "claim": f"FPDM beats DiT at 140 and 280 blocks (DDPM and DDIM) and at 560 "
+            f"with DDPM; DiT wins at 560 with DDIM (Table 1), compared at {what}",
+            "paper": {f"{b} blocks": {s: {"DiT": d, "FPDM": f} for s, (d, f) in row.items()}
+                      for b, row in PAPER_TABLE1.items()},
+            "ours": ours, "settings": settings, "verdict": verdicts, "files": files}
+
+
+def smoothing_claims(sweep: Sweep, results_dir: Path) -> list[dict[str, Any]]:
+    """Fig. 4 (a few iterations over many steps is best; the DiT-equivalent allocation is worse than the DiT) and
+    Fig. 6a (reuse helps at few iterations, barely at many)."""
+    fig4 = {"id": "fig4_smoothing", "claim": "At a fixed budget, a few iterations per step over many steps is best; "
+            "the DiT-equivalent allocation (depth - pre - post iterations) is worse than the DiT (Fig. 4)",
+            "paper": "best at 4-8 iterations per step at 560 blocks", "ours": {}, "settings": {}, "verdict": {},
+            "files": []}
+    fig6 = {"id": "fig6a_reuse", "claim": "Reusing the previous timestep's solution helps most at few iterations "
+            "per step and barely at many (Fig. 6a)", "paper": "large gain at few iterations, little at many",
+            "ours": {}, "settings": {}, "verdict": {}, "files": []}
+    for dataset in sweep.datasets("smoothing"):
+        records, dits = sweep.get("smoothing", dataset, "fpdm"), sweep.get("table1", dataset, "dit")
+        rows0 = records[0]["evaluation"]["rows"]
+        fids = {(row["iters"], row["reuse"]): [fid_of(r["evaluation"]["rows"][i]) for r in records]
+                for i, row in enumerate(rows0)}
+        iters = sorted({k for k, _ in fids})
+        k_dit = records[0]["evaluation"]["dit_equivalent_iters"]
+        best = min(iters, key=lambda k: np.mean(fids[(k, False)]))
+        budget = records[0]["evaluation"]["budget_blocks"]
+        dit = [fid_of(row["block_matched"]) for r in dits for row in r["evaluation"]["rows"]
+               if row["sampler"] == "ddpm" and row["budget_blocks"] == budget]
+        vs_dit = compare(fids[(k_dit, False)], dit) if dit else None
+        fig4["ours"][dataset] = {"budget_blocks": budget, "fid_by_iters": {k: spread(fids[(k, False)]) for k in iters},
+                                 "best_iters": best, "dit_equivalent_iters": k_dit, "dit_fid": spread(dit) if dit else None,
+                                 "best_vs_dit_equivalent": compare(fids[(best, False)], fids[(k_dit, False)]),
+                                 "dit_equivalent_vs_dit": vs_dit}
+        fig4["verdict"][dataset] = verdict([best < k_dit and fig4["ours"][dataset]["best_vs_dit_equivalent"][
+            "exceeds_spread"] is not False] + ([winner(vs_dit, "FPDM", "DiT") == "DiT"] if vs_dit else []))
+        gains = {k: [a - b for a, b in zip(fids[(k, False)], fids[(k, True)])] for k in iters}
+        fewest, most = iters[0], iters[-1]
+        c = compare(fids[(fewest, True)], fids[(fewest, False)])
+        fig6["ours"][dataset] = {"budget_blocks": budget, "reuse_gain_by_iters": {k: spread(g) for k, g in gains.items()},
+                                 "reuse_vs_not_at_fewest": c}
+        fig6["verdict"][dataset] = verdict([winner(c, "reuse", "no reuse") == "reuse",
+                                            np.mean(gains[fewest]) > abs(np.mean(gains[most]))])
+        for claim in (fig4, fig6):
+            claim["settings"][dataset] = sweep.settings("table1", dataset, ("fpdm",))
+            claim["files"] += sweep.files("smoothing", dataset, ("fpdm",))
+    old3, old4 = earlier(results_dir, "exp3_smoothing"), earlier(results_dir, "exp4_reuse")
+    if old3 is not None:
+        by_k = {r["iters"]: r["fid_mean"] for r in old3["fpdm"]}
+        k_dit = max(by_k)
+        fig4["ours"][EARLIER] = {"fid_by_iters": by_k, "best_iters": old3["best_iters"], "dit_fid": old3["dit"]["fid_mean"]}
+        fig4["verdict"][EARLIER] = verdict([old3["best_iters"] < k_dit, by_k[k_dit] > old3["dit"]["fid_mean"]])
+        fig4["files"].append("experiments/results/exp3_smoothing.json")
+    if old4 is not None:
+        gains = {r["iters"]: r["no_reuse"]["fid_mean"] - r["reuse"]["fid_mean"] for r in old4["sweep"]}
+        fewest, most = min(gains), max(gains)
+        fig6["ours"][EARLIER] = {"reuse_gain_by_iters": gains}
+        fig6["verdict"][EARLIER] = verdict([gains[fewest] > 0, gains[fewest] > abs(gains[most])])
+        fig6["files"].append("experiments/results/exp4_reuse.json")
+    for claim in (fig4, fig6):
+        if EARLIER in claim["ours"]:
+            claim["settings"][EARLIER] = {"N": 3, "M": 3, "training_seeds": [0], "paper_settings": False}
+    return [fig4, fig6]
+
+
+def table5_claims(sweep: Sweep, results_dir: Path) -> list[dict[str, Any]]:
+    """Table 5 (S-JFB < multi-step JFB < JFB, which fails) and Table 4 (N = 6 beats N = 12)."""
+    t5 = {"id": "table5_sjfb", "claim": "S-JFB beats multi-step JFB, and both beat 1-step JFB, which fails (Table 5, "
+          "N = 6 and 12, M = N)", "paper": {"N=6": {"JFB": 567.6, "multi-step": 48.2, "S-JFB": 43.2},
+                                            "N=12": {"JFB": 567.6, "multi-step": 79.9, "S-JFB": 61.5}},
+          "ours": {}, "settings": {}, "verdict": {}, "files": []}
+    t4 = {"id": "table4_mn", "claim": "Few training iterations (M = N = 3 or 6) beat many (12, 24) (Table 4)",
+          "paper": {"3": 43.0, "6": 43.2, "12": 61.5, "24": 567.6}, "ours": {}, "settings": {}, "verdict": {},
+          "files": []}
+    for dataset in sweep.datasets("table5"):
+        per_n, matches = {}, []
+        for n in (6, 12):
+            fids = {m: [fid_of(r["evaluation"]) for r in sweep.get("table5", dataset, f"N{n}-{m}")]
+                    for m in ("jfb", "multistep", "sjfb")}
+            if not all(fids.values()):
+                continue
+            s_vs_multi, multi_vs_jfb = compare(fids["sjfb"], fids["multistep"]), compare(fids["multistep"], fids["jfb"])
+            s_vs_jfb = compare(fids["sjfb"], fids["jfb"])
+            per_n[f"N={n}"] = {"fid": {m: spread(v) for m, v in fids.items()}, "sjfb_vs_multistep": s_vs_multi,
+                               "multistep_vs_jfb": multi_vs_jfb, "sjfb_vs_jfb": s_vs_jfb}
+            matches += [winner(s_vs_multi, "S-JFB", "multi") == "S-JFB", winner(multi_vs_jfb, "multi", "JFB") == "multi",
+                        winner(s_vs_jfb, "S-JFB", "JFB") == "S-JFB"]
+        names = [f"N{n}-{m}" for n in (6, 12) for m in ("jfb", "multistep", "sjfb")]
+        t5["ours"][dataset], t5["verdict"][dataset] = per_n, verdict(matches)
+        t5["settings"][dataset] = sweep.settings("table5", dataset, names)
+        t5["files"] += sweep.files("table5", dataset, names)
+        six, twelve = (sweep.get("table5", dataset, f"N{n}-sjfb") for n in (6, 12))
+        if six and twelve:
+            c = compare([fid_of(r["evaluation"]) for r in six], [fid_of(r["evaluation"]) for r in twelve])
+            t4["ours"][dataset] = {"N=M=6_vs_12": c}
+            t4["verdict"][dataset] = verdict([winner(c, "6", "12") == "6"])
+            t4["settings"][dataset] = sweep.settings("table5", dataset, ("N6-sjfb", "N12-sjfb"))
+            t4["files"] += sweep.files("table5", dataset, ("N6-sjfb", "N12-sjfb"))
+    old = earlier(results_dir, "exp5_sjfb")
+    if old is not None:
+        v = {k.split(" ")[0]: r["fid_mean"] for k, r in old["variants"].items()}
+        t5["ours"][EARLIER] = {"N=3": v}
+        t5["verdict"][EARLIER] = verdict([v["S-JFB"] < v["multi-step"], v["multi-step"] < v["JFB"],
+                                          v["S-JFB"] < v["JFB"]])
+        t5["settings"][EARLIER] = {"N": 3, "M": 3, "training_seeds": [0], "paper_settings": False}
+        t5["files"].append("experiments/results/exp5_sjfb.json")
+    return [t5, t4]
+
+
+def prepost_claim(sweep: Sweep, results_dir: Path) -> dict[str, Any]:
+    """Fig. 7: >= 1 pre/post layer beats 0 at every budget; 1 is best at small budgets, 2 or 4 at larger ones."""
+    claim = {"id": "fig7_prepost", "claim": "At least 1 explicit pre/post layer always beats 0; 1 is best at small "
+             "budgets, 2 or 4 at larger ones (Fig. 7)", "paper": "plot only (0, 1, 2, 4 layers)", "ours": {},
+             "settings": {}, "verdict": {}, "files": []}
+    depths = (0, 1, 2, 4)
+    for dataset in sweep.datasets("prepost"):
+        records = {p: sweep.get("prepost", dataset, f"prepost{p}") for p in depths}
+        if not all(records.values()):
+            continue
+        budgets, matches = [], []
+        for i, row in enumerate(records[0][0]["evaluation"]["rows"]):
+            fids = {p: [fid_of(r["evaluation"]["rows"][i]) for r in records[p]] for p in depths}
+            best = min(depths, key=lambda p: np.mean(fids[p]))
+            zero_vs_best_other = compare(fids[min((1, 2, 4), key=lambda p: np.mean(fids[p]))], fids[0])
+            budgets.append({"budget_blocks": row["budget_blocks"], "fid": {p: spread(v) for p, v in fids.items()},
+                            "best_depth": best, "best_nonzero_vs_zero": zero_vs_best_other})
+            matches.append(winner(zero_vs_best_other, ">=1", "0") == ">=1")
+        matches += [budgets[0]["best_depth"] == 1, budgets[-1]["best_depth"] in (2, 4)]
+        claim["ours"][dataset], claim["verdict"][dataset] = budgets, verdict(matches)
+        claim["settings"][dataset] = sweep.settings("prepost", dataset, [f"prepost{p}" for p in depths])
+        claim["files"] += sweep.files("prepost", dataset, [f"prepost{p}" for p in depths])
+    old = earlier(results_dir, "exp7_prepost")
+    if old is not None:
+        by_depth = {int(p): [r["fid_mean"] for r in m["rows"]] for p, m in old["models"].items()}
+        best = [min(by_depth, key=lambda p: by_depth[p][i]) for i in range(len(old["budgets"]))]
+        claim["ours"][EARLIER] = {"fid_by_depth": by_depth, "budgets": old["budgets"], "best_depth": best}
+        claim["verdict"][EARLIER] = verdict([b != 0 for b in best] + [best[0] == 1, best[-1] in (2, 4)])
+        claim["settings"][EARLIER] = {"N": 3, "M": 3, "depths": sorted(by_depth), "training_seeds": [0],
+                                      "paper_settings": False}
+        claim["files"].append("experiments/results/exp7_prepost.json")
+    return claim
+
+
+def static_claims(results_dir: Path, sweep: Sweep) -> list[dict[str, Any]]:
+    """Parameters, training memory and Anderson: measured once (no training seeds involved, or earlier only)."""
+    claims = []
+    params = json.loads((ROOT / "benchmarks/results/param_counts.json").read_text())
+    xl = next(r for r in params["rows"] if r["model"] == "DiT-XL/2")
+    ours = {"DiT-XL/2 (counted)": {"DiT": xl["dit_params"], "FPDM": xl["fpdm_params"]}}
+    for dataset in sweep.datasets("table1"):
+        dit, fpdm = sweep.get("table1", dataset, "dit"), sweep.get("table1", dataset, "fpdm")
+        if dit and fpdm:
+            ours[dataset] = {"DiT": dit[0]["train"]["num_params"], "FPDM": fpdm[0]["train"]["num_params"]}
+    claims.append({"id": "params", "claim": "FPDM has far fewer parameters than DiT (86M vs 674M at XL/2)",
+                   "paper": {"DiT": 674e6, "FPDM": 86e6}, "ours": ours, "settings": {"pre_depth": 1, "post_depth": 1},
+                   "verdict": {k: verdict([v["FPDM"] < v["DiT"]]) for k, v in ours.items()},
+                   "files": ["benchmarks/results/param_counts.json"]})
+    memory = json.loads((ROOT / "benchmarks/results/train_memory.json").read_text())
+    xl_pair = [p for p in memory["pairs"] if p["group"].startswith("XL/2") and not p["grad_checkpointing"]]
+    dit_mb = next(p["peak_tensor_mb"] for p in xl_pair if not p["fixed_point"])
+    fpdm_mb = next(p["peak_tensor_mb"] for p in xl_pair if p["fixed_point"])
+    claims.append({"id": "memory", "claim": "FPDM needs about 60% less training memory than DiT (10.2 vs 25.2 GB)",
+                   "paper": {"DiT_GB": 25.2, "FPDM_GB": 10.2},
+                   "ours": {"XL/2 CPU": {"DiT": dit_mb, "FPDM (n = m = 12)": fpdm_mb,
+                                                         "ratio": fpdm_mb / dit_mb}},
+                   "settings": {"N": 12, "M": 12, "batch": xl_pair[0]["batch"], "device": "cpu"},
+                   "verdict": {"XL/2 CPU": verdict([fpdm_mb < 0.6 * dit_mb])},
+                   "files": ["benchmarks/results/train_memory.json"]})
+    old = earlier(results_dir, "exp6_anderson")
+    if old is not None:
+        rows = {r["iters"]: {"iteration": r["iteration"]["fid_mean"], "anderson": r["anderson"]["fid_mean"]}
+                for r in old["rows"]}
+        claims.append({"id": "anderson", "claim": "(beyond the paper) Anderson acceleration vs plain fixed-point "
+                       "iteration at equal budget", "paper": None, "ours": {EARLIER: rows},
+                       "settings": {EARLIER: {"N": 3, "M": 3, "training_seeds": [0], "paper_settings": False}},
+                       "verdict": {EARLIER: "no FID difference"}, "files": ["experiments/results/exp6_anderson.json"]})
+    return claims
+
+
+def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str, Any]]:
+    """Every claim from the files under results_dir."""
+    sweep = Sweep.read(results_dir, include_quick)
+    claims = static_claims(results_dir, sweep)
+    claims += [table1_claim(sweep, results_dir, "block_matched"), table1_claim(sweep, results_dir, "flop_matched")]
+    claims += smoothing_claims(sweep, results_dir) + table5_claims(sweep, results_dir)
+    claims.append(prepost_claim(sweep, results_dir))
+    return claims
+
+
+#################################################################################
+#                                  Markdown                                     #
+#################################################################################
+
+def ours_cell(claim: dict[str, Any], dataset: str) -> str:
+    """A short, readable summary of our numbers for one dataset."""
+    data, cid = claim["ours"][dataset], claim["id"]
+    if cid.startswith("table1") and dataset != EARLIER:
+        return "; ".join(f"{c['sampler'].upper()} {c['paper_blocks']}: FPDM {c['fpdm_fid']['mean']:.1f} vs DiT "
+                         f"{c['dit_fid']['mean']:.1f} ({c['winner']}{p_text(c['welch_p'])})" for c in data)
+    if cid.startswith("table1"):
+        return "; ".join(f"{c['sampler'].upper()} {DIT_STEPS_TO_PAPER_BLOCKS[c['dit_steps']]}: FPDM "
+                         f"{c['fpdm_fid']['mean']:.1f} vs DiT {c['dit_fid']['mean']:.1f}" for c in data)
+    if cid == "table5_sjfb" and dataset != EARLIER:
+        return "; ".join(f"{n}: S-JFB {fmt(v['fid']['sjfb'], 1)}, multi {fmt(v['fid']['multistep'], 1)}, JFB "
+                         f"{fmt(v['fid']['jfb'], 1)}" for n, v in data.items())
+    if cid == "table4_mn":
+        c = data["N=M=6_vs_12"]
+        return f"S-JFB N=M=6 {fmt(c['a'], 1)} vs 12 {fmt(c['b'], 1)}{p_text(c['welch_p'])}"
+    if cid == "fig7_prepost" and dataset != EARLIER:
+        return "; ".join(f"{b['budget_blocks']} blocks: " + ", ".join(f"{p}: {s['mean']:.1f}" for p, s in
+                                                                      b["fid"].items()) + f" (best {b['best_depth']})"
+                         for b in data)
+    if cid == "fig4_smoothing" and dataset != EARLIER:
+        parts = ", ".join(f"k={k}: {s['mean']:.1f}" for k, s in data["fid_by_iters"].items())
+        dit = f"; DiT {data['dit_fid']['mean']:.1f}" if data["dit_fid"] else ""
+        return f"{data['budget_blocks']} blocks: {parts}{dit}"
+    if cid == "fig6a_reuse" and dataset != EARLIER:
+        return "FID gain from reuse: " + ", ".join(f"k={k}: {s['mean']:+.1f}" for k, s in
+                                                  data["reuse_gain_by_iters"].items())
+    return compact(data)
+
+
+def compact(value: Any) -> str:
+    """A nested dict of numbers as 'key: value' text, floats to 3 significant digits."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {compact(v)}" if not isinstance(v, dict) else f"{k} ({compact(v)})"
+                         for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(compact(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def p_text(p: Optional[float]) -> str:
+    return "" if p is None else f", p={p:.2g}"
+
+
+def markdown(claims: list[dict[str, Any]]) -> str:
+    """The summary table: one row per (claim, dataset)."""
+    lines = [BEGIN, "", "Generated by `python -m experiments.claims` from `experiments/results/claims.json` (do not "
+             "edit by hand). \"(n=3)\": mean ± std over 3 training seeds; p: Welch's t-test over training seeds "
+             "(a 'tie' is p >= 0.05).", "", "| claim | paper | data (settings) | ours | verdict |", "|---|---|---|---|---|"]
+    for claim in claims:
+        paper = compact(claim["paper"]) if claim["paper"] is not None else "-"
+        for dataset in claim["ours"]:
+            s = claim["settings"].get(dataset, {})
+            seeds = sorted({seed for v in s.values() if isinstance(v, dict) for seed in v.get("training_seeds", [])}
+                           ) or s.get("training_seeds", [])
+            paper_settings = all(v.get("paper_settings", True) for v in s.values() if isinstance(v, dict)) \
+                and s.get("paper_settings", True)
+            where = f"{dataset} (seeds {','.join(map(str, seeds)) or '-'}; {'paper' if paper_settings else 'other'} " \
+                    f"settings)"
+            lines.append(f"| {claim['claim']} | {paper} | {where} | {ours_cell(claim, dataset)} | "
+                         f"{claim['verdict'].get(dataset, 'not measured')} |")
+    return "\n".join(lines + ["", END])
+
+
+def rewrite_block(path: Path, block: str) -> None:
+    """Replace the text between BEGIN and END in `path` (append the block if the markers are absent)."""
+    text = path.read_text() if path.is_file() else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    config = build_config(ClaimsConfig, parse_flags(__doc__, [ClaimsConfig], argv))
+    results_dir = Path(config.results_dir)
+    claims = all_claims(results_dir, config.include_quick)
+    write_json(results_dir / "claims.json", {"generated_by": "python -m experiments.claims", "alpha": ALPHA,
+                                             "claims": claims})
+    if config.results_md:
+        rewrite_block(Path(config.results_md), markdown(claims))
+    for claim in claims:
+        print(f"{claim['id']}: " + ", ".join(f"{d}: {v}" for d, v in claim["verdict"].items()))
+    return claims
+
+
+if __name__ == "__main__":
+    cli.run(main)

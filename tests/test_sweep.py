@@ -1,0 +1,136 @@
+"""experiments/sweep.py and experiments/claims.py: the resumable sweep at the paper's settings writes one JSON per
+(experiment, dataset, configuration, training seed), skips finished jobs, resumes interrupted training bit-exactly,
+and claims.py turns the files into claims.json and RESULTS.md's summary block."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from config import UserError
+from cost import training_units_per_step
+from experiments import claims, common, sweep
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A --quick sweep on digits: Table 1 and its smoothing sweep with 2 training seeds, Table 5 and Fig. 7 with 1."""
+    out = tmp_path_factory.mktemp("sweep")
+    first = sweep.main(["--quick", "--out_dir", str(out), "--datasets", "digits", "--experiments",
+                        "table1,smoothing", "--training_seeds", "0,1"])
+    sweep.main(["--quick", "--out_dir", str(out), "--datasets", "digits", "--experiments", "table5,prepost",
+                "--training_seeds", "0"])
+    return out, first
+
+
+def test_one_json_per_job_with_the_papers_settings(swept):
+    out, first = swept
+    assert len(first["written"]) == 2 * 2 + 2  # (DiT, FPDM) x 2 seeds, then smoothing on both FPDMs
+    fpdm = json.loads((out / "sweep/table1/digits/fpdm/seed1.json").read_text())
+    assert fpdm["training_seed"] == 1 and fpdm["train"]["config"]["train"]["global_seed"] == 1
+    assert (fpdm["settings"]["N"], fpdm["settings"]["M"]) == (12, 12)  # paper Sec. 4.1
+    row = fpdm["evaluation"]["rows"][0]
+    # FLOP-matched: the FPDM's plan never costs more GMACs than the DiT's budget, block-matched never more blocks
+    assert row["flop_matched"]["planned_gmacs_per_image"] <= row["budget_gmacs"] + 1e-9
+    assert row["block_matched"]["planned_blocks_per_image"] <= row["budget_blocks"]
+    names = sorted(p.name for p in (out / "sweep/table5/digits").iterdir())
+    assert names == sorted(["N6-jfb", "N6-multistep", "N6-sjfb", "N12-jfb", "N12-multistep", "N12-sjfb"])
+    bounds = {n: json.loads((out / f"sweep/table5/digits/{n}/seed0.json").read_text())["settings"] for n in names}
+    assert (bounds["N6-jfb"]["m_min"], bounds["N6-jfb"]["M"]) == (1, 1)
+    assert (bounds["N12-multistep"]["m_min"], bounds["N12-multistep"]["M"]) == (12, 12)
+    assert sorted(p.name for p in (out / "sweep/prepost/digits").iterdir()) == [f"prepost{p}" for p in (0, 1, 2, 4)]
+    assert not list(out.glob("sweep/**/*.lock"))
+
+
+def test_equal_training_compute_within_an_experiment(swept):
+    out, _ = swept
+    units = [json.loads(p.read_text())["settings"]["training_units_per_image"]
+             for p in (out / "sweep/table5/digits").glob("*/seed0.json")]
+    per_step = max(json.loads(p.read_text())["settings"]["units_per_step"]
+                   for p in (out / "sweep/table5/digits").glob("*/seed0.json"))
+    assert max(units) - min(units) <= per_step  # equal up to rounding to whole steps
+
+
+def test_a_second_run_skips_finished_jobs(swept):
+    out, _ = swept
+    again = sweep.main(["--quick", "--out_dir", str(out), "--datasets", "digits", "--experiments", "table1",
+                        "--training_seeds", "0,1"])
+    assert again["written"] == [] and len(again["already_there"]) == 4
+
+
+def test_a_live_workers_lock_is_respected_and_a_dead_ones_taken_over(tmp_path):
+    lock = tmp_path / "job.lock"
+    assert sweep.claim(lock) and not sweep.claim(lock)  # held by this (live) process
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{os.uname().nodename} {int(finished.stdout)}")
+    assert sweep.claim(lock) and lock.read_text().endswith(str(os.getpid()))
+
+
+def test_unknown_experiment_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="--experiments"):
+        sweep.main(["--quick", "--out_dir", str(tmp_path), "--experiments", "table9"])
+
+
+def test_interrupted_training_resumes_bit_exactly(tmp_path):
+    model = sweep.base_model("digits")
+    train = replace(common.digits_training("run", 4, 1e-3, tmp_path / "a", sample_grid=False), ckpt_every=2)
+    full = common.run_training(model, train)
+    interrupted = common.run_training(model, replace(train, output_dir=str(tmp_path / "b")))
+    # make run b look as if it was killed after its step-2 checkpoint
+    (interrupted / "summary.json").unlink()
+    for name in ("0000004.pt", "latest.pt"):
+        (interrupted / "checkpoints" / name).unlink()
+    os.link(interrupted / "checkpoints" / "0000002.pt", interrupted / "checkpoints" / "latest.pt")
+    assert common.finished_run(model, replace(train, output_dir=str(tmp_path / "b"))) is None
+    resumed = common.run_training(model, replace(train, output_dir=str(tmp_path / "b")))
+    a, b = (torch.load(d / "checkpoints" / "latest.pt", weights_only=True) for d in (full, resumed))
+    assert a["step"] == b["step"] == 4
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert common.finished_run(model, replace(train, output_dir=str(tmp_path / "b"))) == resumed
+
+
+def test_claims_json_and_results_block(swept, tmp_path):
+    out, _ = swept
+    for name in ("exp2_table1", "exp5_sjfb", "exp7_prepost"):
+        shutil.copyfile(common.DEFAULT_OUT_DIR / f"{name}.json", out / f"{name}.json")
+    markdown = tmp_path / "RESULTS.md"
+    markdown.write_text(f"# Results\n\nbefore\n\n{claims.BEGIN}\nstale\n{claims.END}\n\nafter\n")
+    produced = claims.main(["--results_dir", str(out), "--results_md", str(markdown), "--include_quick", "True"])
+    written = json.loads((out / "claims.json").read_text())["claims"]
+    assert [c["id"] for c in written] == [c["id"] for c in produced]
+    by_id = {c["id"]: c for c in written}
+    for cid in ("table1_block_matched", "table1_flop_matched", "fig4_smoothing", "fig6a_reuse", "table5_sjfb",
+                "fig7_prepost", "params", "memory"):
+        claim = by_id[cid]
+        assert {"claim", "paper", "ours", "settings", "verdict", "files"} <= set(claim)
+        assert all(v in ("agrees", "partly", "disagrees", "not measured") for v in claim["verdict"].values()), cid
+    cell = by_id["table1_block_matched"]["ours"]["digits"][0]
+    assert cell["fpdm_fid"]["n"] == 2 and cell["welch_p"] is not None  # two training seeds: a Welch test
+    assert by_id["table1_block_matched"]["settings"]["digits"]["fpdm"]["training_seeds"] == [0, 1]
+    assert claims.EARLIER in by_id["table1_block_matched"]["ours"]  # the earlier single-seed run, kept apart
+    text = markdown.read_text()
+    assert "stale" not in text and text.startswith("# Results\n\nbefore") and text.rstrip().endswith("after")
+    assert text.count("| FPDM beats DiT") >= 3
+
+
+def test_welch_comparison_and_verdicts():
+    clear = claims.compare([1.0, 1.1, 0.9], [5.0, 5.2, 4.8])
+    assert clear["a_better"] and clear["exceeds_spread"] and claims.winner(clear, "A", "B") == "A"
+    noisy = claims.compare([1.0, 3.0, 2.0], [2.5, 1.5, 2.2])
+    assert noisy["exceeds_spread"] is False and claims.winner(noisy, "A", "B") == "tie"
+    assert claims.compare([1.0], [2.0])["welch_p"] is None
+    assert [claims.verdict(m) for m in ([True, True], [True, False], [False], [])] == [
+        "agrees", "partly", "disagrees", "not measured"]
+
+
+def test_sweep_compute_is_counted_in_dit_steps():
+    dit, fpdm = sweep.dit_model("mnist5k"), sweep.base_model("mnist5k")
+    assert training_units_per_step(dit) == 24 and training_units_per_step(fpdm) == 3 * 2 + 6 + 3 * 6.5
+    train = sweep.training_config("table1", "mnist5k", "fpdm", 0, fpdm, Path("/tmp/unused"), quick=False)
+    assert train.max_steps == round(2000 * 24 / 31.5)
