@@ -444,7 +444,53 @@ def markdown(claims: list[dict[str, Any]]) -> str:
                     f"settings)"
             lines.append(f"| {claim['claim']} | {paper} | {where} | {ours_cell(claim, dataset)} | "
                          f"{claim['verdict'].get(dataset, 'not measured')} |")
-    return "\n".join(lines + ["", END])
+    return "\n".join(lines + details(claims) + ["", END])
+
+
+def details(claims: list[dict[str, Any]]) -> list[str]:
+    """Per-dataset tables of the sweep's comparisons (mean ± std over training seeds, Welch p)."""
+    by_id, lines = {c["id"]: c for c in claims}, []
+    block, flop = by_id["table1_block_matched"]["ours"], by_id["table1_flop_matched"]["ours"]
+    for dataset in (d for d in block if d != EARLIER):
+        lines += ["", f"**Table 1 on {dataset}** (FID; block-matched: equal block passes; FLOP-matched: the FPDM "
+                  "gets the DiT's GMACs per image):", "",
+                  "| sampler | paper blocks | our blocks | GMACs | DiT | FPDM block-matched | p | FPDM FLOP-matched | p "
+                  "| DiT acc. | FPDM acc. (block) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for b, f in zip(block[dataset], flop.get(dataset, [None] * len(block[dataset]))):
+            flop_cells = f"{fmt(f['fpdm_fid'])} | {p_text(f['welch_p'])[2:] or '-'}" if f else "- | -"
+            lines.append(f"| {b['sampler'].upper()} | {b['paper_blocks']} | {b['budget_blocks']} | "
+                         f"{b['budget_gmacs']:.3g} | {fmt(b['dit_fid'])} | {fmt(b['fpdm_fid'])} | "
+                         f"{p_text(b['welch_p'])[2:] or '-'} | {flop_cells} | {100 * b['dit_accuracy']['mean']:.1f}% | "
+                         f"{100 * b['fpdm_accuracy']['mean']:.1f}% |")
+    for dataset, per_n in by_id["table5_sjfb"]["ours"].items():
+        if dataset == EARLIER:
+            continue
+        lines += ["", f"**Table 5 on {dataset}** (FID at one budget, DDPM):", "",
+                  "| N | JFB (m = 1) | multi-step (m = N) | S-JFB (m ~ U{1..N}) | p S-JFB vs multi | p multi vs JFB |",
+                  "|---|---|---|---|---|---|"]
+        for n, v in per_n.items():
+            lines.append(f"| {n} | {fmt(v['fid']['jfb'])} | {fmt(v['fid']['multistep'])} | {fmt(v['fid']['sjfb'])} | "
+                         f"{p_text(v['sjfb_vs_multistep']['welch_p'])[2:] or '-'} | "
+                         f"{p_text(v['multistep_vs_jfb']['welch_p'])[2:] or '-'} |")
+    for dataset, budgets in by_id["fig7_prepost"]["ours"].items():
+        if dataset == EARLIER:
+            continue
+        lines += ["", f"**Fig. 7 on {dataset}** (FID, DDPM, best iterations per step with reuse):", "",
+                  "| blocks | 0 | 1 | 2 | 4 | best | p best (>=1) vs 0 |", "|---|---|---|---|---|---|---|"]
+        for b in budgets:
+            lines.append(f"| {b['budget_blocks']} | " + " | ".join(fmt(b["fid"][p]) for p in (0, 1, 2, 4)) +
+                         f" | {b['best_depth']} | {p_text(b['best_nonzero_vs_zero']['welch_p'])[2:] or '-'} |")
+    for dataset, data in by_id["fig4_smoothing"]["ours"].items():
+        if dataset == EARLIER:
+            continue
+        gains = by_id["fig6a_reuse"]["ours"][dataset]["reuse_gain_by_iters"]
+        lines += ["", f"**Smoothing and reuse on {dataset}** ({data['budget_blocks']} blocks, DDPM; DiT: "
+                  f"{fmt(data['dit_fid']) if data['dit_fid'] else '-'}):", "",
+                  "| iterations per step | FID without reuse | FID gain from reuse |", "|---|---|---|"]
+        for k, s in data["fid_by_iters"].items():
+            lines.append(f"| {k}{' (DiT-equivalent)' if int(k) == data['dit_equivalent_iters'] else ''} | {fmt(s)} | "
+                         f"{fmt(gains[k])} |")
+    return lines
 
 
 def rewrite_block(path: Path, block: str) -> None:

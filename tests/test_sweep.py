@@ -119,6 +119,29 @@ def test_claims_json_and_results_block(swept, tmp_path):
     assert text.count("| FPDM beats DiT") >= 3
 
 
+def test_export_ships_seed_0_and_checks_it(swept):
+    out, _ = swept
+    from experiments import export_models
+    record = export_models.main(["--quick", "--out_dir", str(out), "--dataset", "digits"])
+    for name in ("dit", "fpdm"):
+        model = record["models"][name]
+        assert Path(model["exported_to"]) == out / "pretrained" / f"{name}-digits.safetensors"
+        assert model["run_dir"].endswith(f"table1/digits/{name}-seed0")
+        assert 0.0 <= model["sample_py"]["accuracy"] <= 1.0 and Path(model["sample_py"]["grid"]).is_file()
+        assert common.load(model["exported_to"]).config.fixed_point == (name == "fpdm")
+        from safetensors import safe_open  # the file itself holds fp16 weights
+        with safe_open(model["exported_to"], framework="pt") as handle:
+            assert all(handle.get_tensor(k).dtype == torch.float16 for k in handle.keys()
+                       if handle.get_tensor(k).is_floating_point())
+    assert (out / "export_digits.json").is_file()
+
+
+def test_export_refuses_an_untrained_dataset(tmp_path):
+    from experiments import export_models
+    with pytest.raises(UserError, match="not a finished run"):
+        export_models.main(["--quick", "--out_dir", str(tmp_path), "--dataset", "mnist5k"])
+
+
 def test_welch_comparison_and_verdicts():
     clear = claims.compare([1.0, 1.1, 0.9], [5.0, 5.2, 4.8])
     assert clear["a_better"] and clear["exceeds_spread"] and claims.winner(clear, "A", "B") == "A"
@@ -134,3 +157,14 @@ def test_sweep_compute_is_counted_in_dit_steps():
     assert training_units_per_step(dit) == 24 and training_units_per_step(fpdm) == 3 * 2 + 6 + 3 * 6.5
     train = sweep.training_config("table1", "mnist5k", "fpdm", 0, fpdm, Path("/tmp/unused"), quick=False)
     assert train.max_steps == round(2000 * 24 / 31.5)
+
+
+def test_mnist5k_presets_are_the_shipped_models_recipe(tmp_path):
+    import train
+    config = sweep.SweepConfig(experiments="table1", datasets="mnist5k", training_seeds="0")
+    for job in sweep.jobs(config, tmp_path):
+        preset = "mnist5k.yaml" if job.name == "fpdm" else "mnist5k_dit.yaml"
+        model, training, _, _ = train.parse_configs(["--config", str(common.REPO_ROOT / "configs" / preset)])
+        assert model == job.model, preset
+        assert (training.max_steps, training.lr, training.global_batch_size, training.dataset) == (
+            job.train.max_steps, job.train.lr, job.train.global_batch_size, "mnist5k"), preset
