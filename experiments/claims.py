@@ -505,12 +505,67 @@ def rewrite_block(path: Path, block: str) -> None:
     tmp.replace(path)
 
 
+def plot_table1(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
+    """sweep_table1_<dataset>.png: FID against the budget (DiT steps' worth) for the DiT and the FPDM, block- and
+    FLOP-matched, error bars the std over training seeds."""
+    from experiments.common import pyplot, save_figure
+    plt, by_id, written = pyplot(), {c["id"]: c for c in claims}, []
+    if plt is None:
+        return written
+    for dataset, cells in by_id["table1_block_matched"]["ours"].items():
+        if dataset == EARLIER:
+            continue
+        flop = by_id["table1_flop_matched"]["ours"].get(dataset, [])
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for axis, sampler in zip(axes, ("ddpm", "ddim")):
+            for label, rows, key, style in (("DiT", cells, "dit_fid", "o--"), ("FPDM, equal blocks", cells, "fpdm_fid",
+                                            "s-"), ("FPDM, equal GMACs", flop, "fpdm_fid", "^:")):
+                chosen = [r for r in rows if r["sampler"] == sampler]
+                axis.errorbar([r["dit_steps"] for r in chosen], [r[key]["mean"] for r in chosen],
+                              yerr=[r[key]["std"] for r in chosen], fmt=style, capsize=3, label=label)
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("budget (steps of the DiT)")
+            axis.set_title(f"{dataset}: {sampler.upper()}")
+            axis.legend()
+        axes[0].set_ylabel("FID on classifier features (lower is better)")
+        path = results_dir / f"sweep_table1_{dataset}.png"
+        written.append(save_figure(plt, figure, path))
+    return written
+
+
+def plot_losses(sweep: Sweep, results_dir: Path) -> list[Path]:
+    """sweep_loss_<experiment>_<dataset>.png: training loss against training compute (block-pass units per image),
+    one colour per configuration, one line per training seed: how each setting trained at equal compute."""
+    from experiments.common import pyplot, save_figure
+    plt, written = pyplot(), []
+    if plt is None:
+        return written
+    for experiment, dataset in sorted({(e, d) for (e, d, _) in sweep.results if e != "smoothing"}):
+        figure, axis = plt.subplots(figsize=(7, 4))
+        names = sorted({c for (e, d, c) in sweep.results if (e, d) == (experiment, dataset)})
+        for colour, name in enumerate(names):
+            for i, record in enumerate(sweep.get(experiment, dataset, name)):
+                units = record["settings"]["units_per_step"]
+                steps, losses = zip(*record["train"]["loss_curve"])
+                axis.plot([s * units for s in steps], losses, color=f"C{colour}", alpha=0.8, linewidth=1,
+                          label=name if i == 0 else None)
+        axis.set_xlabel("training compute (block-pass units per image)")
+        axis.set_ylabel("training loss (window mean)")
+        axis.set_yscale("log")
+        axis.set_title(f"{experiment} on {dataset}: one line per training seed")
+        axis.legend(fontsize=8)
+        written.append(save_figure(plt, figure, results_dir / f"sweep_loss_{experiment}_{dataset}.png"))
+    return written
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config = build_config(ClaimsConfig, parse_flags(__doc__, [ClaimsConfig], argv))
     results_dir = Path(config.results_dir)
     claims = all_claims(results_dir, config.include_quick)
     write_json(results_dir / "claims.json", {"generated_by": "python -m experiments.claims", "alpha": ALPHA,
                                              "claims": claims})
+    plot_table1(claims, results_dir)
+    plot_losses(Sweep.read(results_dir, config.include_quick), results_dir)
     if config.results_md:
         rewrite_block(Path(config.results_md), markdown(claims))
     for claim in claims:

@@ -117,6 +117,8 @@ def test_claims_json_and_results_block(swept, tmp_path):
     text = markdown.read_text()
     assert "stale" not in text and text.startswith("# Results\n\nbefore") and text.rstrip().endswith("after")
     assert text.count("| FPDM beats DiT") >= 3
+    for figure in ("sweep_table1_digits.png", "sweep_loss_table5_digits.png", "sweep_loss_prepost_digits.png"):
+        assert (out / figure).is_file(), figure
 
 
 def test_export_ships_seed_0_and_checks_it(swept):
