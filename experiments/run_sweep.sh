@@ -3,7 +3,7 @@
 # for more). Run it again after an interruption: finished jobs are skipped, an interrupted training resumes from its
 # last checkpoint (every 500 steps), and jobs a live worker holds are left to it. Then python -m experiments.claims.
 #   (a) Table 1 on MNIST-5k (block- and FLOP-matched) and (c) its smoothing / reuse sweep
-#   (b) Table 5 at N = 6, 12 and Fig. 7 at 0/1/2/4 pre/post layers on digits
+#   (b) Table 5 at N = 6, 12 and Fig. 7 at 0/1/2/4 pre/post layers on digits, then Table 1 on digits at M = N = 12
 #   (d) Table 5 and Fig. 7 on MNIST-5k (only with SWEEP_MNIST5K_ABLATIONS=1: hours of CPU)
 # Logs: experiments/results/runs/logs/sweep-worker<i>.log
 set -euo pipefail
@@ -17,6 +17,7 @@ mkdir -p "$LOGS"
 worker() {
     "$PYTHON" -m experiments.sweep --experiments table1,smoothing --datasets mnist5k
     "$PYTHON" -m experiments.sweep --experiments table5,prepost --datasets digits
+    "$PYTHON" -m experiments.sweep --experiments table1,smoothing --datasets digits
     "$PYTHON" -m experiments.sweep --experiments smoothing --datasets mnist5k  # models the other worker finished
     if [ "${SWEEP_MNIST5K_ABLATIONS:-0}" = 1 ]; then
         "$PYTHON" -m experiments.sweep --experiments table5,prepost --datasets mnist5k
@@ -25,7 +26,7 @@ worker() {
 
 pids=()
 for i in $(seq 1 "$WORKERS"); do
-    worker > "$LOGS/sweep-worker$i.log" 2>&1 &
+    worker >> "$LOGS/sweep-worker$i.log" 2>&1 &
     pids+=($!)
     sleep 5  # let each worker claim its first job before the next one looks
 done
