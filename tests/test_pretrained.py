@@ -49,3 +49,20 @@ def test_shipped_dit_draws_digits_at_a_small_budget(tmp_path, classifier):
                  "--cfg_scale", "1.0", "--output_dir", str(out), "--num_samples", "20"])
     images = read_samples(out, 20)
     assert classifier_accuracy(classifier, images, np.arange(20) % 10) >= 0.7
+
+
+def test_shipped_mnist5k_fpdm_draws_recognisable_digits(tmp_path):
+    """`python sample.py --ckpt pretrained/fpdm-mnist5k.safetensors` (fewer steps here to keep the suite fast)."""
+    from classifier import load_or_train_classifier
+    path = REPO / "pretrained" / "fpdm-mnist5k.safetensors"
+    _, config = load_model_for_sampling(path)
+    assert config.fixed_point and config.image_size == 28 and config.model == "DiT-Ti/4"
+    assert (config.fixed_point_no_grad_max_iters, config.fixed_point_with_grad_max_iters) == (12, 12)
+    sample.main(["--ckpt", str(path), "--num_samples", "20", "--num_sampling_steps", "50",
+                 "--output_dir", str(tmp_path / "samples")])
+    images = read_samples(tmp_path / "samples", 20)
+    assert images.shape[1:3] == (28, 28)
+    mnist_classifier, test_accuracy = load_or_train_classifier(
+        "mnist5k", str(REPO / "experiments" / "results" / "mnist5k_classifier.safetensors"))
+    assert test_accuracy > 0.95
+    assert classifier_accuracy(mnist_classifier, images, np.arange(20) % 10) >= 0.9
