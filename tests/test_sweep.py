@@ -152,6 +152,15 @@ def test_welch_comparison_and_verdicts():
     assert claims.compare([1.0], [2.0])["welch_p"] is None
     assert [claims.verdict(m) for m in ([True, True], [True, False], [False], [])] == [
         "agrees", "partly", "disagrees", "not measured"]
+    # Table 1: matching only the paper's one DiT win (DDIM at 560) is no support for FPDM
+    cells = [{"paper_winner": "FPDM", "winner": "DiT"}] * 5 + [{"paper_winner": "DiT", "winner": "DiT"}]
+    assert claims.table1_verdict(cells) == "disagrees"
+    cells[0] = {"paper_winner": "FPDM", "winner": "FPDM"}
+    assert claims.table1_verdict(cells) == "partly"
+    cells = [{"paper_winner": "FPDM", "winner": "FPDM"}] * 5 + [{"paper_winner": "DiT", "winner": "tie"}]
+    assert claims.table1_verdict(cells) == "partly"
+    cells[-1] = {"paper_winner": "DiT", "winner": "DiT"}
+    assert claims.table1_verdict(cells) == "agrees"
 
 
 def test_sweep_compute_is_counted_in_dit_steps():
