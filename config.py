@@ -47,6 +47,8 @@ def _check(condition: bool, flag: str, message: str, value: Any) -> None:
 class ModelConfig:
     """Architecture and diffusion process: everything needed to rebuild a trained model."""
     model: str = flag("DiT-Ti/2", "Registry name (DiT-XL/2, ..., DiT-Ti/2); FPDM is the same name with --fixed_point True.")
+    depth: Optional[int] = flag(None, "Transformer blocks of the DiT; for an FPDM, of the DiT it replaces (its default "
+                                       "sampling iterations are depth - pre - post). None: the registry name's depth.")
     image_size: int = flag(8, "Image resolution in pixels (latent models work at image_size // 8).")
     in_channels: int = flag(1, "Channels of the model input (1 for digits, 3 for RGB pixels, 4 for VAE latents).")
     latent: bool = flag(False, "Whether the model denoises VAE latents (decoded with --vae when sampling).")
@@ -75,6 +77,8 @@ class ModelConfig:
         """Refuse impossible depths and S-JFB bounds (0 <= n_min <= N, 1 <= m_min <= M); returns self."""
         for name in ("image_size", "in_channels", "diffusion_steps"):
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.depth is None or self.depth >= 1, "depth", "must be >= 1 (None: the registry name's depth)",
+               self.depth)
         _check(self.num_classes >= 0, "num_classes", "must be >= 0", self.num_classes)
         _check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", "must be in [0, 1)", self.class_dropout_prob)
         _check_choices(self)

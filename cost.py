@@ -50,19 +50,25 @@ class Architecture:
 
 
 @lru_cache(maxsize=None)
-def architecture(model_name: str) -> Architecture:
-    """Depth, width, patch size and MLP ratio of a registry name (its DiT built on the meta device)."""
+def architecture(model_name: str, depth: Optional[int] = None) -> Architecture:
+    """Depth, width, patch size and MLP ratio of a registry name (its DiT built on the meta device); `depth`
+    (ModelConfig.depth) replaces the name's depth when given."""
     import torch
     from models import DiT_models  # local import: models.py imports the formulas above
     with torch.device("meta"):
         dit = DiT_models[model_name](input_size=8, in_channels=1, num_classes=0)
-    return Architecture(dit.depth, dit.hidden_size, dit.patch_size, dit.mlp_ratio)
+    return Architecture(depth or dit.depth, dit.hidden_size, dit.patch_size, dit.mlp_ratio)
+
+
+def model_architecture(model_config: Any) -> Architecture:
+    """The Architecture of a ModelConfig: its registry name at its --depth."""
+    return architecture(model_config.model, model_config.depth)
 
 
 def blocks_per_step(model_config: Any, num_iters: int) -> int:
     """Block passes per image for one denoising step: pre + num_iters + post (FPDM) or depth (DiT)."""
     if not model_config.fixed_point:
-        return architecture(model_config.model).depth
+        return model_architecture(model_config).depth
     return fpdm_step_blocks(model_config.fixed_point_pre_depth, num_iters, model_config.fixed_point_post_depth)
 
 
@@ -70,7 +76,7 @@ def default_sampling_iters(model_config: Any) -> int:
     """Fixed-point iterations per step when none are given: the same-named DiT's depth - pre - post (0 for a DiT)."""
     if not model_config.fixed_point:
         return 0
-    return fpdm_default_iters(architecture(model_config.model).depth, model_config.fixed_point_pre_depth,
+    return fpdm_default_iters(model_architecture(model_config).depth, model_config.fixed_point_pre_depth,
                               model_config.fixed_point_post_depth)
 
 
@@ -119,7 +125,7 @@ def macs_embed_and_final(hidden_size: int, num_tokens: int, patch_size: int, in_
 
 def macs_per_step(model_config: Any, num_iters: int = 0, cfg: bool = False) -> int:
     """MACs per image of one denoising step (num_iters fixed-point iterations for an FPDM; cfg doubles the rows)."""
-    arch = architecture(model_config.model)
+    arch = model_architecture(model_config)
     D, p = arch.hidden_size, arch.patch_size
     T = (model_config.input_size // p) ** 2
     out_channels = 2 * model_config.in_channels if model_config.learn_sigma else model_config.in_channels

@@ -16,6 +16,7 @@ code, so their checkpoints load strict. The model keeps no state between calls: 
 """
 
 import functools
+from functools import partial
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -663,22 +664,23 @@ def _dit_or_fpdm(fixed_point: bool = False, **kwargs: Any) -> DiT:
     return FPDM(**kwargs) if fixed_point else DiT(**kwargs)
 
 
-def DiT_XL_2(**kwargs): return _dit_or_fpdm(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-def DiT_XL_4(**kwargs): return _dit_or_fpdm(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-def DiT_XL_8(**kwargs): return _dit_or_fpdm(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-def DiT_L_2(**kwargs): return _dit_or_fpdm(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-def DiT_L_4(**kwargs): return _dit_or_fpdm(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-def DiT_L_8(**kwargs): return _dit_or_fpdm(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-def DiT_B_2(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-def DiT_B_4(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-def DiT_B_8(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-def DiT_S_2(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-def DiT_S_4(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-def DiT_S_8(**kwargs): return _dit_or_fpdm(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
+# Each entry's keywords are defaults: a caller's depth=... (ModelConfig.depth, --depth) overrides the preset's.
+DiT_XL_2 = partial(_dit_or_fpdm, depth=28, hidden_size=1152, patch_size=2, num_heads=16)
+DiT_XL_4 = partial(_dit_or_fpdm, depth=28, hidden_size=1152, patch_size=4, num_heads=16)
+DiT_XL_8 = partial(_dit_or_fpdm, depth=28, hidden_size=1152, patch_size=8, num_heads=16)
+DiT_L_2 = partial(_dit_or_fpdm, depth=24, hidden_size=1024, patch_size=2, num_heads=16)
+DiT_L_4 = partial(_dit_or_fpdm, depth=24, hidden_size=1024, patch_size=4, num_heads=16)
+DiT_L_8 = partial(_dit_or_fpdm, depth=24, hidden_size=1024, patch_size=8, num_heads=16)
+DiT_B_2 = partial(_dit_or_fpdm, depth=12, hidden_size=768, patch_size=2, num_heads=12)
+DiT_B_4 = partial(_dit_or_fpdm, depth=12, hidden_size=768, patch_size=4, num_heads=12)
+DiT_B_8 = partial(_dit_or_fpdm, depth=12, hidden_size=768, patch_size=8, num_heads=12)
+DiT_S_2 = partial(_dit_or_fpdm, depth=12, hidden_size=384, patch_size=2, num_heads=6)
+DiT_S_4 = partial(_dit_or_fpdm, depth=12, hidden_size=384, patch_size=4, num_heads=6)
+DiT_S_8 = partial(_dit_or_fpdm, depth=12, hidden_size=384, patch_size=8, num_heads=6)
 # CPU-scale presets (the built-in digits dataset).
-def DiT_Ti_1(**kwargs): return _dit_or_fpdm(depth=8, hidden_size=128, patch_size=1, num_heads=4, **kwargs)
-def DiT_Ti_2(**kwargs): return _dit_or_fpdm(depth=8, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
-def DiT_Ti_4(**kwargs): return _dit_or_fpdm(depth=8, hidden_size=128, patch_size=4, num_heads=4, **kwargs)
+DiT_Ti_1 = partial(_dit_or_fpdm, depth=8, hidden_size=128, patch_size=1, num_heads=4)
+DiT_Ti_2 = partial(_dit_or_fpdm, depth=8, hidden_size=128, patch_size=2, num_heads=4)
+DiT_Ti_4 = partial(_dit_or_fpdm, depth=8, hidden_size=128, patch_size=4, num_heads=4)
 
 
 class ModelRegistry(dict):
@@ -709,4 +711,6 @@ def create_model(config: Any, grad_checkpointing: bool = False) -> DiT:
                   grad_checkpointing=grad_checkpointing)
     if config.fixed_point:
         kwargs.update({name: getattr(config, name) for name in FPDM_OPTIONS})
+    if config.depth is not None:
+        kwargs["depth"] = config.depth
     return DiT_models[config.model](fixed_point=config.fixed_point, **kwargs)

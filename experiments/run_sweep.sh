@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The resumable sweep (experiments/sweep.py) in priority order, as two 1-thread workers on a 2-core CPU (WORKERS=n
 # for more). Run it again after an interruption: finished jobs are skipped, an interrupted training resumes from its
-# last checkpoint (every 500 steps), and jobs a live worker holds are left to it. Then python -m experiments.claims.
+# last checkpoint (every 200 steps), and jobs a live worker holds are left to it. Then python -m experiments.claims.
+# OUT_DIR (default experiments/results) receives the results: run the workers from a snapshot of the code (a git
+# worktree) with OUT_DIR pointing at the checkout being edited, so edits never reach a running sweep.
+#   (0) the depth experiment (Table 1 at the paper's depth ratio) on digits, then on MNIST-5k, and its smoothing
 #   (a) Table 1 on MNIST-5k (block- and FLOP-matched) and (c) its smoothing / reuse sweep
 #   (b) Table 5 at N = 6, 12 and Fig. 7 at 0/1/2/4 pre/post layers on digits, then Table 1 on digits at M = N = 12
 #   (d) Table 5 and Fig. 7 on MNIST-5k (only with SWEEP_MNIST5K_ABLATIONS=1: hours of CPU)
@@ -11,16 +14,21 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 WORKERS="${WORKERS:-2}"
 export OMP_NUM_THREADS=1
-LOGS=experiments/results/runs/logs
+OUT_DIR="${OUT_DIR:-experiments/results}"
+LOGS="$OUT_DIR/runs/logs"
 mkdir -p "$LOGS"
 
+sweep() { "$PYTHON" -m experiments.sweep --out_dir "$OUT_DIR" "$@"; }
+
 worker() {
-    "$PYTHON" -m experiments.sweep --experiments table1,smoothing --datasets mnist5k
-    "$PYTHON" -m experiments.sweep --experiments table5,prepost --datasets digits
-    "$PYTHON" -m experiments.sweep --experiments table1,smoothing --datasets digits
-    "$PYTHON" -m experiments.sweep --experiments smoothing --datasets mnist5k  # models the other worker finished
+    sweep --experiments depth,depth_smoothing --datasets digits
+    sweep --experiments depth,depth_smoothing --datasets mnist5k
+    sweep --experiments table1,smoothing --datasets mnist5k
+    sweep --experiments table5,prepost --datasets digits
+    sweep --experiments table1,smoothing --datasets digits
+    sweep --experiments smoothing --datasets mnist5k  # models the other worker finished
     if [ "${SWEEP_MNIST5K_ABLATIONS:-0}" = 1 ]; then
-        "$PYTHON" -m experiments.sweep --experiments table5,prepost --datasets mnist5k
+        sweep --experiments table5,prepost --datasets mnist5k
     fi
 }
 
@@ -31,4 +39,4 @@ for i in $(seq 1 "$WORKERS"); do
     sleep 5  # let each worker claim its first job before the next one looks
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-"$PYTHON" -m experiments.claims
+"$PYTHON" -m experiments.claims --results_dir "$OUT_DIR"

@@ -20,6 +20,11 @@ Experiments (in the order the jobs run; `--experiments` picks):
              (Fig. 4 and 6a).
   table5     the three training methods at N = 6 and 12, sampled at one budget (as exp5).
   prepost    FPDMs with 0, 1, 2, 4 pre/post layers at the three budgets (as exp7).
+  depth      Table 1 at the paper's depth ratio: the FPDM (M = N = 12) against the 28-block DiT it replaces (the
+             depth of DiT-XL/2) at 140 / 280 / 560 blocks (5 / 10 / 20 of its steps), and DiTs of depth 4, 8, 12
+             at the same training compute (beyond the paper). The FPDM's iterations per step are searched over
+             1, 2, 4, 8, 12, 26 (26: the 28-block DiT's equivalent).
+  depth_smoothing  sampling only, on depth's FPDMs: Fig. 4 and 6a at 560 blocks over the same iterations.
 
     python -m experiments.sweep                                      # every job, in priority order
     python -m experiments.sweep --experiments table1 --datasets mnist5k --training_seeds 0,1,2
@@ -36,16 +41,19 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import cli
 from config import ModelConfig, TrainConfig, UserError, build_config, flag, load_preset
-from cost import training_units_per_step
+from cost import model_architecture, training_units_per_step
 from experiments import common
 from records import read_json, write_json
 
 NAME = "sweep"
-EXPERIMENTS = ("table1", "smoothing", "table5", "prepost")
+EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing")
+TRAINED_BY = {"smoothing": "table1", "depth_smoothing": "depth"}  # sampling-only experiments: whose models they use
 DATASETS = ("mnist5k", "digits")
 PAPER_SJFB = (0, 12, 1, 12)  # (n_min, N, m_min, M): S-JFB with M = N = 12 (paper Sec. 4.1)
 TABLE5_NS = (6, 12)
 PREPOST_DEPTHS = (0, 1, 2, 4)
+PAPER_DIT_DEPTH = 28  # DiT-XL/2's blocks: the baseline the paper's FPDM replaces (its budgets are 5/10/20 steps)
+DIT_DEPTHS = (4, 8, 12, PAPER_DIT_DEPTH)
 
 
 @dataclass(frozen=True)
@@ -60,10 +68,12 @@ class DatasetRecipe:
 
 RECIPES = {
     # MNIST-5k: 2,000 DiT steps (~21 min for the DiT at 1 thread, 1.6 steps/s; the FPDM's 1,524 steps ~25 min).
-    "mnist5k": DatasetRecipe("configs/mnist5k.yaml", {"table1": 2000, "table5": 1000, "prepost": 1000},
+    # depth: 2,800 steps of the 8-block DiT = 67,200 units per image = 800 steps of the 28-block DiT (~35 min at 1
+    # thread on MNIST-5k, ~12 min on digits) = 2,133 FPDM steps (configs/*_dit28.yaml).
+    "mnist5k": DatasetRecipe("configs/mnist5k.yaml", {"table1": 2000, "table5": 1000, "prepost": 1000, "depth": 2800},
                              search_samples=100, num_samples=500, sampling_seeds=(0,)),
     # digits: 1,000 DiT steps as exp1 for Table 1; 300 as exp5 for the ablations (~100 s per model at 1 thread).
-    "digits": DatasetRecipe("configs/digits.yaml", {"table1": 1000, "table5": 300, "prepost": 300},
+    "digits": DatasetRecipe("configs/digits.yaml", {"table1": 1000, "table5": 300, "prepost": 300, "depth": 2800},
                             search_samples=250, num_samples=500, sampling_seeds=(0, 1)),
 }
 QUICK_COMPUTE, QUICK_SAMPLES = 2, 8
@@ -116,6 +126,17 @@ def dit_model(dataset: str) -> ModelConfig:
     return replace(base_model(dataset), fixed_point=False).validate()
 
 
+def reference_dit(experiment: str, dataset: str) -> ModelConfig:
+    """The DiT whose steps an experiment's budgets count: the dataset's 8-block DiT, or the 28-block one (depth)."""
+    dit = dit_model(dataset)
+    return replace(dit, depth=PAPER_DIT_DEPTH).validate() if experiment.startswith("depth") else dit
+
+
+def trained_by(experiment: str) -> str:
+    """The experiment whose jobs train the models `experiment` evaluates (itself, unless sampling only)."""
+    return TRAINED_BY.get(experiment, experiment)
+
+
 def table5_variants(n_max: int) -> dict[str, tuple[int, int, int, int]]:
     """Table 5's training methods at N = n_max (M = N, as Table 4's rows equal Table 5's S-JFB rows)."""
     return {f"N{n_max}-jfb": (0, n_max, 1, 1), f"N{n_max}-multistep": (0, n_max, n_max, n_max),
@@ -127,6 +148,12 @@ def configurations(experiment: str, dataset: str) -> dict[str, ModelConfig]:
     fpdm = base_model(dataset)
     if experiment in ("table1", "smoothing"):
         return {"dit": dit_model(dataset), "fpdm": fpdm} if experiment == "table1" else {"fpdm": fpdm}
+    if experiment in ("depth", "depth_smoothing"):
+        # The FPDM's weights do not depend on depth; it sets the DiT-equivalent iterations (depth - pre - post).
+        deep_fpdm = {"fpdm": replace(fpdm, depth=PAPER_DIT_DEPTH).validate()}
+        if experiment == "depth_smoothing":
+            return deep_fpdm
+        return {**deep_fpdm, **{f"dit{d}": replace(dit_model(dataset), depth=d).validate() for d in DIT_DEPTHS}}
     if experiment == "table5":
         return {name: with_sjfb(fpdm, bounds) for n in TABLE5_NS for name, bounds in table5_variants(n).items()}
     return {f"prepost{p}": replace(fpdm, fixed_point_pre_depth=p, fixed_point_post_depth=p).validate()
@@ -140,7 +167,7 @@ def training_config(experiment: str, dataset: str, name: str, seed: int, model: 
     dit_steps = QUICK_COMPUTE if quick else RECIPES[dataset].compute[experiment]
     steps = common.steps_for_units(dit_steps * training_units_per_step(dit_model(dataset)), model)
     return replace(build_config(TrainConfig, preset), global_seed=seed, max_steps=steps,
-                   log_every=max(1, min(100, steps)), ckpt_every=max(1, min(500, steps)), sample_grid=False,
+                   log_every=max(1, min(100, steps)), ckpt_every=max(1, min(200, steps)), sample_grid=False,
                    output_dir=str(runs_dir / experiment / dataset), output_subdir=f"{name}-seed{seed}").validate()
 
 
@@ -154,12 +181,12 @@ def jobs(config: SweepConfig, out_dir: Path) -> list[Job]:
     selected = []
     for experiment in EXPERIMENTS:
         for dataset in (d for d in DATASETS if d in datasets and experiment in experiments):
-            trained_by = "table1" if experiment == "smoothing" else experiment
             for seed in seeds:
                 for name, model in configurations(experiment, dataset).items():
-                    train = training_config(trained_by, dataset, name, seed, model, runs_dir, config.quick)
+                    train = training_config(trained_by(experiment), dataset, name, seed, model, runs_dir,
+                                            config.quick)
                     selected.append(Job(experiment, dataset, name, seed, model, train,
-                                        trains=experiment != "smoothing"))
+                                        trains=trained_by(experiment) == experiment))
     return selected
 
 
@@ -220,7 +247,7 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path) -> Optional[dict[str, 
     """Train (unless sampling only) and, unless --train_only, evaluate; returns the result written, or None when
     there is nothing to write yet (training only, or a sampling-only job whose model is not trained)."""
     if not job.trains and common.finished_run(job.model, job.train) is None:
-        print(f"skip {describe(job)}: its model (table1) is not trained yet")
+        print(f"skip {describe(job)}: its model ({trained_by(job.experiment)}) is not trained yet")
         return None
     record = common.train_digits_model(job.model, job.train)
     if config.train_only:
@@ -237,12 +264,12 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path) -> Optional[dict[str, 
 def settings(job: Job, quick: bool) -> dict[str, Any]:
     """What claims.json records about how a model was trained."""
     model = job.model
-    return {"fixed_point": model.fixed_point, "pre_depth": model.fixed_point_pre_depth,
+    return {"fixed_point": model.fixed_point, "dit_depth": model_architecture(model).depth, "pre_depth": model.fixed_point_pre_depth,
             "post_depth": model.fixed_point_post_depth, "n_min": model.fixed_point_no_grad_min_iters,
             "N": model.fixed_point_no_grad_max_iters, "m_min": model.fixed_point_with_grad_min_iters,
             "M": model.fixed_point_with_grad_max_iters, "model": model.model, "image_size": model.image_size,
             "dit_equivalent_steps": QUICK_COMPUTE if quick else RECIPES[job.dataset].compute[
-                "table1" if job.experiment == "smoothing" else job.experiment],
+                trained_by(job.experiment)],
             "steps": job.train.max_steps, "units_per_step": training_units_per_step(model),
             "training_units_per_image": training_units_per_step(model) * job.train.max_steps,
             "lr": job.train.lr, "batch_size": job.train.global_batch_size}

@@ -16,13 +16,15 @@ from typing import Any, Callable, Sequence
 from config import SampleConfig
 from cost import blocks_per_step, default_sampling_iters, macs_per_step
 from experiments import common
-from experiments.sweep import QUICK_SAMPLES, RECIPES, Job, SweepConfig, dit_model
+from experiments.sweep import QUICK_SAMPLES, RECIPES, Job, SweepConfig, reference_dit
 
 DIT_STEPS = (5, 10, 20)          # budgets, in steps of the dataset's DiT
 SMOOTHING_DIT_STEPS = 10         # the smoothing / reuse sweep's budget (the paper's Fig. 4 uses its middle one)
 SMOOTHING_ITERS = (1, 2, 3, 4, 6)
 TABLE5_DIT_STEPS, TABLE5_ITERS = 10, 3  # Table 5's sampling: one budget, fixed iterations (as exp5)
 CANDIDATE_ITERS = (1, 2, 4, 6)
+DEPTH_ITERS = (1, 2, 4, 8, 12, 26)   # depth experiments: candidates and smoothing curve (26 = 28 - 1 - 1)
+DEPTH_SMOOTHING_DIT_STEPS = 20       # 560 blocks of the 28-block DiT
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ def sizes(job: Job, quick: bool) -> Sizes:
     if quick:
         return Sizes((2,), (1, 2), 4, QUICK_SAMPLES, (0,))
     recipe = RECIPES[job.dataset]
-    return Sizes(DIT_STEPS, CANDIDATE_ITERS, recipe.search_samples, recipe.num_samples, recipe.sampling_seeds)
+    candidates = DEPTH_ITERS if job.experiment.startswith("depth") else CANDIDATE_ITERS
+    return Sizes(DIT_STEPS, candidates, recipe.search_samples, recipe.num_samples, recipe.sampling_seeds)
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,8 +58,8 @@ def load_trained(record: dict[str, Any]) -> common.Loaded:
 
 
 def dit_budgets(job: Job, dit_steps: int) -> tuple[int, float]:
-    """(block passes, GMACs) per image of `dit_steps` steps of the dataset's DiT."""
-    dit = dit_model(job.dataset)
+    """(block passes, GMACs) per image of `dit_steps` steps of the experiment's reference DiT."""
+    dit = reference_dit(job.experiment, job.dataset)
     return dit_steps * blocks_per_step(dit, 0), dit_steps * macs_per_step(dit, 0) / 1e9
 
 
@@ -100,9 +103,10 @@ def table1(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, A
 def smoothing(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
     """Iterations per step at one block budget, with and without reuse (DDPM): Fig. 4's smoothing curve, including
     the DiT-equivalent allocation (depth - pre - post iterations), and Fig. 6a's reuse gain."""
-    size, loaded = sizes(job, config.quick), load_trained(record)
-    blocks, gmacs = dit_budgets(job, size.dit_steps[0] if config.quick else SMOOTHING_DIT_STEPS)
-    iters = sorted({*(size.candidates if config.quick else SMOOTHING_ITERS), default_sampling_iters(job.model)})
+    size, loaded, deep = sizes(job, config.quick), load_trained(record), job.experiment.startswith("depth")
+    full_steps, full_iters = (DEPTH_SMOOTHING_DIT_STEPS, DEPTH_ITERS) if deep else (SMOOTHING_DIT_STEPS, SMOOTHING_ITERS)
+    blocks, gmacs = dit_budgets(job, size.dit_steps[0] if config.quick else full_steps)
+    iters = sorted({*(size.candidates if config.quick else full_iters), default_sampling_iters(job.model)})
     rows = []
     for k in (k for k in iters if blocks_per_step(job.model, k) <= blocks):
         for reuse in (False, True):
@@ -136,4 +140,5 @@ def prepost(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, 
 
 
 EVALUATIONS: dict[str, Callable[[Job, dict[str, Any], SweepConfig], dict[str, Any]]] = {
-    "table1": table1, "smoothing": smoothing, "table5": table5, "prepost": prepost}
+    "table1": table1, "smoothing": smoothing, "table5": table5, "prepost": prepost, "depth": table1,
+    "depth_smoothing": smoothing}

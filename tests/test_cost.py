@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cost
-from config import ModelConfig
+from config import ModelConfig, UserError
 from models import create_model
 
 DIGITS_FPDM = ModelConfig(model="DiT-Ti/2", image_size=8, in_channels=1, num_classes=10, fixed_point=True,
@@ -119,3 +119,25 @@ def test_guidance_doubles_the_macs(monkeypatch):
 
     assert measured_macs_per_image(model, monkeypatch, guided) == cost.macs_per_step(DIGITS_FPDM, 2, cfg=True)
     assert cost.macs_per_step(DIGITS_FPDM, 2, cfg=True) == 2 * cost.macs_per_step(DIGITS_FPDM, 2)
+
+
+def test_depth_sets_blocks_macs_default_iterations_and_the_network(tmp_path):
+    """--depth replaces the registry depth everywhere: the network, the block count, the MACs, the FPDM's
+    DiT-equivalent iterations and the checkpoint's config."""
+    from checkpoint import load_safetensors, save_safetensors
+    deep_dit, deep_fpdm = replace(DIGITS_DIT, depth=28), replace(DIGITS_FPDM, depth=28)
+    assert cost.blocks_per_step(deep_dit, 0) == 28 and cost.default_sampling_iters(deep_fpdm) == 26
+    assert cost.default_sampling_iters(replace(DIGITS_FPDM, depth=4)) == 2
+    per_block = cost.macs_per_step(DIGITS_DIT) - cost.macs_per_step(replace(DIGITS_DIT, depth=7))
+    assert cost.macs_per_step(deep_dit) - cost.macs_per_step(DIGITS_DIT) == 20 * per_block > 0
+    assert cost.training_units_per_step(deep_dit) == 84 and cost.training_units_per_step(deep_fpdm) == \
+        cost.training_units_per_step(DIGITS_FPDM)
+    network = create_model(replace(DIGITS_DIT, depth=3))
+    assert network.depth == 3 and len(network.blocks) == 3
+    fpdm = create_model(deep_fpdm)
+    assert fpdm.default_num_iters == 26
+    assert sum(p.numel() for p in fpdm.parameters()) == sum(p.numel() for p in create_model(DIGITS_FPDM).parameters())
+    save_safetensors(network.state_dict(), replace(DIGITS_DIT, depth=3), tmp_path / "w.safetensors")
+    assert load_safetensors(tmp_path / "w.safetensors")[1].depth == 3
+    with pytest.raises(UserError, match="--depth: must be >= 1"):
+        replace(DIGITS_DIT, depth=0).validate()

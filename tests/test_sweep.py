@@ -179,3 +179,21 @@ def test_mnist5k_presets_are_the_shipped_models_recipe(tmp_path):
         assert model == job.model, preset
         assert (training.max_steps, training.lr, training.global_batch_size, training.dataset) == (
             job.train.max_steps, job.train.lr, job.train.global_batch_size, "mnist5k"), preset
+
+
+def test_depth_experiment_trains_every_model_for_the_same_units(tmp_path):
+    """The depth experiment: the FPDM (DiT-equivalent 26 iterations) and DiTs of depth 4/8/12/28, each trained for
+    67,200 block-pass units per image (to within one step), budgets counted in steps of the 28-block DiT."""
+    from cost import blocks_per_step, default_sampling_iters, model_architecture, training_units_per_step
+    config = sweep.SweepConfig(experiments="depth,depth_smoothing", datasets="digits", training_seeds="0")
+    selected = sweep.jobs(config, tmp_path)
+    depth_jobs = [job for job in selected if job.experiment == "depth"]
+    assert [job.name for job in depth_jobs] == ["fpdm", "dit4", "dit8", "dit12", "dit28"]
+    assert [model_architecture(job.model).depth for job in depth_jobs] == [28, 4, 8, 12, 28]
+    for job in depth_jobs:
+        units = training_units_per_step(job.model)
+        assert abs(units * job.train.max_steps - 67_200) <= units / 2, job.name
+    assert default_sampling_iters(depth_jobs[0].model) == 26
+    smoothing = [job for job in selected if job.experiment == "depth_smoothing"]
+    assert len(smoothing) == 1 and not smoothing[0].trains and smoothing[0].train == depth_jobs[0].train
+    assert blocks_per_step(sweep.reference_dit("depth", "digits"), 0) * 5 == 140
