@@ -67,9 +67,9 @@ def bare_forward_seconds(fn: Callable, args: tuple, iters: int, device) -> float
 #                                 Benchmark                                     #
 #################################################################################
 
-def build_variants(size: str, steps: int, device) -> dict[str, dict[str, Any]]:
+def build_variants(size: str, steps: int, device, precision: str = "auto") -> dict[str, dict[str, Any]]:
     """DiT, FPDM at equal blocks per step and FPDM at equal GMACs per image (same weights as FPDM), each with the
-    plan sampling.prepare_sampling makes from its flags, as sample.py would."""
+    plan sampling.prepare_sampling makes from its flags (and --precision), as sample.py would."""
     import torch
     from allocation import planned_macs
     from config import ModelConfig, SampleConfig
@@ -87,7 +87,7 @@ def build_variants(size: str, steps: int, device) -> dict[str, dict[str, Any]]:
     for label in VARIANTS:
         fixed_point = label != "DiT"
         model_config = ModelConfig(model=model_name, fixed_point=fixed_point, **data)
-        flags: dict[str, Any] = dict(cfg_scale=1.0, num_sampling_steps=steps)
+        flags: dict[str, Any] = dict(cfg_scale=1.0, num_sampling_steps=steps, precision=precision)
         if label == "FPDM":
             flags["fixed_point_iters"] = iters
         elif label == EQUAL_GMACS:  # the largest plan of `steps` steps within the DiT's GMACs (cost.py)
@@ -101,12 +101,14 @@ def build_variants(size: str, steps: int, device) -> dict[str, dict[str, Any]]:
     return variants
 
 
-def measure_size(size: str, batch: int, steps: int, repeats: int, bare_iters: int, device) -> dict[str, Any]:
-    """Interleaved repeated measurements of sampling time (sampling.generate) and bare block time per variant."""
+def measure_size(size: str, batch: int, steps: int, repeats: int, bare_iters: int, device,
+                 precision: str = "auto") -> dict[str, Any]:
+    """Interleaved repeated measurements of sampling time (sampling.generate) and bare block time per variant, at
+    sampling's --precision (auto: tf32 on CUDA, fp32 on the CPU; the bare block timings run without autocast)."""
     import torch
     from sampling import generate
 
-    variants = build_variants(size, steps, device)
+    variants = build_variants(size, steps, device, precision)
     samples: dict[str, dict[str, list[float]]] = {k: {"sample_s": [], "block_s": [], "map_s": []} for k in variants}
     spent: dict[str, Any] = {}
     for entry in variants.values():
@@ -162,6 +164,7 @@ def measure_size(size: str, batch: int, steps: int, repeats: int, bare_iters: in
 
     dit, fpdm = models["DiT"], models[EQUAL_GMACS]
     return {"size": size, "batch": batch, "device": str(device), "repeats": repeats, "bare_iters": bare_iters,
+            "precision": variants["DiT"]["sample_config"].precision,
             "models": {label: models[label] for label in ("DiT", "FPDM")},
             "sample_time_fpdm_over_dit": time_ratio("FPDM"),
             "equal_gmacs": {"FPDM": fpdm, "sample_time_fpdm_over_dit": time_ratio(EQUAL_GMACS),

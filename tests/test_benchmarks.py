@@ -2,13 +2,14 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from config import ModelConfig, UserError
 import cost
-from benchmarks import default_run, macs, param_counts, report, sampling_throughput, train_speed
+from benchmarks import default_run, gpu, macs, param_counts, report, sampling_throughput, train_speed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,3 +188,152 @@ def test_sjfb_rank_skew_matches_simulated_per_rank_draws(tmp_path):
              for _ in range(3000)]
     simulated = sum(max(s) for s in steps) / sum(sum(s) / 8 for s in steps)
     assert simulated == pytest.approx(ratios["8"], rel=0.02)
+
+
+#################################################################################
+#                    benchmarks/gpu.py: the prepared GPU check                  #
+#################################################################################
+
+def _strings(value):
+    """Every string in a JSON value (keys included)."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *_strings(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def _check_gpu_memory_part(part):
+    assert part["measure"] == "peak_tensor_mb" and "cuda_max_allocated_mb" in part["skipped"]
+    runs = {(r["label"], r["grad_checkpointing"]): r for r in part["runs"]}
+    assert set(runs) == {(label, ckpt) for label in ("DiT", "FPDM m=12", "FPDM S-JFB draws") for ckpt in (False, True)}
+    for (label, ckpt), r in runs.items():
+        assert r["cuda_max_allocated_mb"] is None and r["peak_tensor_mb"] > 0 and r["losses_finite"]
+        assert r["paths"] == {"device": "cpu", "autocast": "bf16", "tf32": None, "fused_adamw": False}
+        assert r["batch"] == 4 and r["params"] < 10e6                       # toy size (Ti/2), not XL/2
+        if label == "FPDM m=12":
+            assert r["sjfb_iters"] == [[12, 12]] * 2
+        elif label == "FPDM S-JFB draws":
+            assert all(0 <= n <= 12 and 1 <= m <= 12 for n, m in r["sjfb_iters"])
+    assert runs[("FPDM m=12", False)]["params"] < runs[("DiT", False)]["params"]
+    for ckpt, suffix in ((False, ""), (True, " ckpt")):
+        expected = runs[("FPDM m=12", ckpt)]["peak_tensor_mb"] / runs[("DiT", ckpt)]["peak_tensor_mb"]
+        assert part["ratios"][f"FPDM m=12 / DiT{suffix}"] == pytest.approx(expected)
+    assert part["ratios"]["DiT ckpt / plain"] == pytest.approx(
+        runs[("DiT", True)]["peak_tensor_mb"] / runs[("DiT", False)]["peak_tensor_mb"])
+    assert part["paper"]["fpdm_gb"] == 10.2 and part["paper"]["dit_gb"] == 25.2
+
+
+def _check_gpu_speed_part(part):
+    assert part["peak_bf16_flops"] is None and "cpu" in part["skipped"]["mfu"]
+    runs = {r["label"]: r for r in part["runs"]}
+    assert set(runs) == {"DiT eager", "FPDM eager", "DiT compiled", "FPDM compiled"}
+    fpdm_config, _ = gpu.preset_configs(True, True, gpu.PINNED_SJFB)
+    dit_config, _ = gpu.preset_configs(False, True, {})
+    for label, r in runs.items():
+        assert r["compile"] == label.endswith("compiled") and r["mfu"] is None and r["losses_finite"]
+        assert r["step_s"]["n"] == 2 and r["warmup_steps"] == 1
+        assert r["images_per_s"] == pytest.approx(4 / r["step_s"]["median"])
+        expected = cost.training_macs_per_image(fpdm_config, (12, 12)) if r["fixed_point"] else \
+            cost.training_macs_per_image(dit_config, None)
+        assert r["train_gflops_per_image"] == pytest.approx(2 * expected / 1e9)
+    for mode in ("eager", "compiled"):
+        assert part["ratios"][f"FPDM / DiT {mode}"] == pytest.approx(
+            runs[f"FPDM {mode}"]["images_per_s"] / runs[f"DiT {mode}"]["images_per_s"])
+    assert part["ratios"]["DiT compiled / eager"] == pytest.approx(
+        runs["DiT compiled"]["images_per_s"] / runs["DiT eager"]["images_per_s"])
+
+
+def _check_gpu_sampling_part(part):
+    assert set(part["precisions"]) == {"fp32", "tf32", "bf16"}
+    resolved = {k: v["precision"] for k, v in part["precisions"].items()}
+    assert resolved == {"fp32": "fp32", "tf32": "fp32", "bf16": "bf16"}     # TF32 is a CUDA feature
+    for summary in part["precisions"].values():
+        models = summary["models"]
+        two_steps = 2 * cost.architecture("DiT-Ti/2").depth                        # Ti/2, 2 steps: equal blocks
+        assert models["DiT"]["blocks_per_image"] == models["FPDM"]["blocks_per_image"] == two_steps
+        assert models["FPDM@GMACs"]["gmacs_per_image"] <= models["DiT"]["gmacs_per_image"]
+        for key, label in (("equal_blocks", "FPDM"), ("equal_gmacs", "FPDM@GMACs")):
+            assert summary["fpdm_over_dit_images_per_s"][key] == pytest.approx(
+                models[label]["images_per_s"] / models["DiT"]["images_per_s"])
+    floors = part["residual_floor"]
+    assert floors["fp32"]["precision"] == "fp32" and floors["bf16"]["precision"] == "bf16"
+    assert all(0 < floors[p]["floor"] < 1 for p in ("fp32", "bf16"))
+    assert floors["bf16 / fp32"] == pytest.approx(floors["bf16"]["floor"] / floors["fp32"]["floor"])
+
+
+def test_gpu_quick_runs_every_part_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["command"] == "python -m benchmarks.gpu --quick --out '<outside the repository>/gpu.json'"
+    assert payload["versions"]["device"] == "cpu" and payload["versions"]["cuda"] is None
+    assert payload["versions"]["torch"] and payload["quick"] and payload["sizes"]["batch"] == 4
+    assert not [s for s in _strings(payload) if s.startswith("/") or str(REPO) in s or str(tmp_path) in s]
+    parts = payload["parts"]
+    assert list(parts) == list(gpu.PARTS)
+    for part in parts.values():
+        assert part["status"] == "done", part
+        assert 0 < part["seconds"] <= part["limit_s"] == gpu.QUICK_PART_SECONDS
+    assert payload["total_runtime_s"] >= sum(p["seconds"] for p in parts.values())
+    _check_gpu_memory_part(parts["memory"])
+    _check_gpu_speed_part(parts["train_speed"])
+    _check_gpu_sampling_part(parts["sampling"])
+    cuda_paths = parts["cuda_paths"]
+    assert cuda_paths["pytest_cuda"]["status"] == "skipped" and "CUDA" in cuda_paths["pytest_cuda"]["reason"]
+    ddp = cuda_paths["sample_ddp"]
+    assert ddp["status"] == "done" and ddp["backend"] == "gloo" and ddp["device"] == "cpu" and ddp["images"] == 8
+
+
+def test_gpu_part_past_its_limit_keeps_what_it_measured():
+    def slow(config, part):
+        part["runs"] = ["first"]
+        time.sleep(5)
+        part["runs"].append("second")
+
+    started = time.perf_counter()
+    part = gpu.run_part(slow, gpu.GpuConfig(), 0.3)
+    assert time.perf_counter() - started < 3
+    assert part["status"] == "timed_out" and part["runs"] == ["first"] and "0.3 s" in part["reason"]
+    assert 0.3 <= part["seconds"] < 3 and part["limit_s"] == 0.3
+    failed = gpu.run_part(lambda config, part: part.update(x=1 / 0), gpu.GpuConfig(), 5)
+    assert failed["status"] == "failed" and failed["error"].startswith("ZeroDivisionError")
+    assert str(REPO) not in failed["traceback"] and "benchmarks/gpu.py" in failed["traceback"]
+    skipped = gpu.run_part(lambda config, part: part.update(status="skipped", reason="why"), gpu.GpuConfig(), 5)
+    assert skipped["status"] == "skipped"
+
+
+def test_gpu_writes_the_json_after_each_part(tmp_path, monkeypatch):
+    def done(config, part):
+        part["figure"] = 1.0
+
+    def interrupted(config, part):
+        raise KeyboardInterrupt  # a killed run: no later part and no final write
+
+    monkeypatch.setitem(gpu.PART_FUNCTIONS, "memory", done)
+    monkeypatch.setitem(gpu.PART_FUNCTIONS, "train_speed", interrupted)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main(["--parts", "memory,train_speed,sampling", "--out", str(out)])
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["memory"]["status"] == "done" and parts["memory"]["figure"] == 1.0
+    assert parts["cuda_paths"] == {"status": "skipped", "reason": "not in --parts"}
+
+
+@pytest.mark.parametrize("args, flag", [(["--parts", "memory,gpu_magic"], "--parts"), (["--parts", ","], "--parts"),
+                                        (["--part_seconds", "0"], "--part_seconds"), (["--batch", "0"], "--batch")])
+def test_gpu_rejects_bad_flags_naming_them(args, flag, tmp_path):
+    with pytest.raises(UserError, match=flag):
+        gpu.main([*args, "--out", str(tmp_path / "gpu.json")])
+
+
+def test_gpu_device_table_and_default_output():
+    assert gpu.peak_bf16_flops("NVIDIA H200") == (989.4e12, None)
+    assert gpu.peak_bf16_flops("NVIDIA H100 PCIe")[0] == 756e12
+    assert gpu.peak_bf16_flops("NVIDIA A100-SXM4-80GB")[0] == 312e12
+    flops, why = gpu.peak_bf16_flops("Tesla V100-SXM2-16GB")
+    assert flops is None and "V100" in why
+    assert gpu.default_out("NVIDIA H200") == REPO / "benchmarks" / "results" / "gpu_nvidia_h200.json"
+    assert gpu.shown(str(REPO / "benchmarks" / "x.json")) == "benchmarks/x.json"
