@@ -17,16 +17,17 @@ CUDA. Estimated H200 time of the full run (limits in brackets):
                               S-JFB draws pinned at n = N = 12, m = M = 12, and the FPDM at its S-JFB draws, each with
                               and without --grad_checkpointing (paper: 10.2 GB vs 25.2 GB). Off CUDA the figure is the
                               peak of live tensor bytes (bench_common.PeakTensorBytes) of the first step.
-  train_speed  ~140 s [150 s] images/s and model FLOP utilisation (2 x cost.training_macs_per_image, which already
+  train_speed  ~150 s [180 s] images/s and model FLOP utilisation (2 x cost.training_macs_per_image, which already
                               counts a backward as two forwards: the MACs x 2 x 3 of the issue, against the device's
                               dense bf16 peak), eager and --compile, DiT and FPDM at n = m = 12; FPDM/DiT ratios.
+                              Most of it is the inductor builds of the two compiled runs (the FPDM's is last).
   sampling     ~90 s [100 s]  sampling_throughput.measure_size at XL/2, 10 steps (280 blocks per image) in fp32, tf32
                               and bf16: images/s of the DiT, the FPDM at equal blocks and at equal GMACs, and the
                               FPDM/DiT ratios; the residual floor of the fixed-point iteration in fp32 and bf16 (the
                               trained pretrained/fpdm-mnist5k.safetensors, 40 iterations per step, no reuse).
-  cuda_paths   ~100 s [110 s] `pytest -m cuda tests` (the CUDA-marked tests) and a 1-GPU
+  cuda_paths   ~50 s [80 s]   `pytest -m cuda tests` (tests/test_cuda.py) and a 1-GPU
                               `torchrun --nproc_per_node 1 sample_ddp.py` (NCCL; gloo off CUDA).
-Total ~7 min (at most 7.7 min by the limits, plus start-up), so a second try fits in 15 minutes of device time.
+Total ~6 min (at most 7.7 min by the limits, plus start-up), so a second try fits in 15 minutes of device time.
 --quick runs Ti/2 on 8x8x4 latents, batch 4, sampling Ti/2 digits at 2 steps, and runs the compiled variants under
 torch.compiler's force_eager stance off CUDA (the --compile code path without an inductor build).
 """
@@ -53,7 +54,7 @@ from benchmarks.train_memory import PAPER
 from config import UserError, flag
 
 PARTS = ("memory", "train_speed", "sampling", "cuda_paths")
-PART_SECONDS = {"memory": 100.0, "train_speed": 150.0, "sampling": 100.0, "cuda_paths": 110.0}
+PART_SECONDS = {"memory": 100.0, "train_speed": 180.0, "sampling": 100.0, "cuda_paths": 80.0}
 QUICK_PART_SECONDS = 300.0
 PRESETS = {False: REPO / "configs" / "imagenet256_dit_xl2.yaml", True: REPO / "configs" / "imagenet256_fpdm_xl2.yaml"}
 QUICK_MODEL = {"model": "DiT-Ti/2", "image_size": 64}                     # 8x8x4 latents
@@ -81,7 +82,7 @@ class GpuConfig:
     parts: str = flag(",".join(PARTS), "Comma-separated parts to run (in the fixed order memory, train_speed, "
                                        "sampling, cuda_paths).")
     part_seconds: Optional[float] = flag(None, "Time limit of every part in seconds (None: memory 100, train_speed "
-                                                "150, sampling 100, cuda_paths 110; --quick 300).")
+                                                "180, sampling 100, cuda_paths 80; --quick 300).")
     batch: Optional[int] = flag(None, "Training batch of the memory and speed parts (None: 64; --quick 4).")
     steps: Optional[int] = flag(None, "Timed training steps per speed run, after warm-up (None: 10; --quick 2).")
     sample_batch: Optional[int] = flag(None, "Images per sampling batch (None: 32; --quick 4).")
@@ -396,7 +397,9 @@ def sampling_part(config: GpuConfig, part: dict[str, Any]) -> None:
     """Images/s per precision (sampling_throughput.measure_size), then the fixed-point residual floors."""
     import torch
     from benchmarks import sampling_throughput
+    from training import set_tf32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    set_tf32(False, device)  # train_speed left TF32 on; sampling's --precision turns it on for tf32 batches only
     size, steps, repeats, bare = ("Ti/2-digits", 2, 1, 2) if config.quick else ("XL/2-latents", 10, 2, 5)
     part.update(size=size, steps=steps, batch=config.sizes()["sample_batch"], precisions={})
     for precision in PRECISIONS:

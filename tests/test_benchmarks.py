@@ -59,12 +59,16 @@ def test_macs_rejects_unknown_setting(tmp_path):
         macs.main(["--settings", "Z/9 latents", "--out", str(tmp_path / "m.json")])
 
 
+def _run_quick(module: str, out: Path, timeout: float) -> dict:
+    """`python -m benchmarks.<module> --quick --out OUT` in a fresh process; the JSON it wrote."""
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_train_memory_quick_fresh_processes(tmp_path):
-    out = tmp_path / "memory.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_memory", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    payload = json.loads(out.read_text())
+    payload = _run_quick("train_memory", tmp_path / "memory.json", timeout=120)
     assert {"pairs", "comparisons", "n_sweep", "paper", "machine"} <= set(payload)
     dit, fpdm = payload["pairs"]
     assert not dit["fixed_point"] and fpdm["fixed_point"] and dit["batch"] == fpdm["batch"] == 64
@@ -263,11 +267,7 @@ def _check_gpu_sampling_part(part):
 
 
 def test_gpu_quick_runs_every_part_on_the_cpu(tmp_path):
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    payload = json.loads(out.read_text())
+    payload = _run_quick("gpu", tmp_path / "gpu.json", timeout=600)
     assert payload["command"] == "python -m benchmarks.gpu --quick --out '<outside the repository>/gpu.json'"
     assert payload["versions"]["device"] == "cpu" and payload["versions"]["cuda"] is None
     assert payload["versions"]["torch"] and payload["quick"] and payload["sizes"]["batch"] == 4
