@@ -10,7 +10,7 @@ JSON is rewritten (atomically) after every part, so a killed run keeps the parts
 done, timed_out, failed (with the error) or skipped (with the reason); CUDA-only figures are null with a reason off
 CUDA. Estimated H200 time of the full run (limits in brackets):
 
-  memory       ~75 s [100 s]  FPDM-XL/2 (1 + 1, configs/imagenet256_fpdm_xl2.yaml) vs DiT-XL/2
+  memory       ~75 s [90 s]   FPDM-XL/2 (1 + 1, configs/imagenet256_fpdm_xl2.yaml) vs DiT-XL/2
                               (configs/imagenet256_dit_xl2.yaml) on synthetic 32x32x4 latents, batch 64, bf16
                               autocast, fused AdamW and the EMA, through training.py's setup_state and train_step as
                               train.py runs them: peak torch.cuda.max_memory_allocated for the DiT, the FPDM with its
@@ -21,13 +21,13 @@ CUDA. Estimated H200 time of the full run (limits in brackets):
                               counts a backward as two forwards: the MACs x 2 x 3 of the issue, against the device's
                               dense bf16 peak), eager and --compile, DiT and FPDM at n = m = 12; FPDM/DiT ratios.
                               Most of it is the inductor builds of the two compiled runs (the FPDM's is last).
-  sampling     ~90 s [100 s]  sampling_throughput.measure_size at XL/2, 10 steps (280 blocks per image) in fp32, tf32
+  sampling     ~70 s [90 s]   sampling_throughput.measure_size at XL/2, 10 steps (280 blocks per image) in fp32, tf32
                               and bf16: images/s of the DiT, the FPDM at equal blocks and at equal GMACs, and the
                               FPDM/DiT ratios; the residual floor of the fixed-point iteration in fp32 and bf16 (the
                               trained pretrained/fpdm-mnist5k.safetensors, 40 iterations per step, no reuse).
-  cuda_paths   ~50 s [80 s]   `pytest -m cuda tests` (tests/test_cuda.py) and a 1-GPU
-                              `torchrun --nproc_per_node 1 sample_ddp.py` (NCCL; gloo off CUDA).
-Total ~6 min (at most 7.7 min by the limits, plus start-up), so a second try fits in 15 minutes of device time.
+  cuda_paths   ~70 s [100 s]  a 1-GPU `torchrun --nproc_per_node 1 sample_ddp.py` (NCCL; gloo off CUDA), then
+                              `pytest -m cuda tests` (tests/test_cuda.py; one inductor build).
+Total ~6.1 min (at most 7.7 min by the limits, plus start-up), so a second try fits in 15 minutes of device time.
 --quick runs Ti/2 on 8x8x4 latents, batch 4, sampling Ti/2 digits at 2 steps, and runs the compiled variants under
 torch.compiler's force_eager stance off CUDA (the --compile code path without an inductor build).
 """
@@ -54,7 +54,7 @@ from benchmarks.train_memory import PAPER
 from config import UserError, flag
 
 PARTS = ("memory", "train_speed", "sampling", "cuda_paths")
-PART_SECONDS = {"memory": 100.0, "train_speed": 180.0, "sampling": 100.0, "cuda_paths": 80.0}
+PART_SECONDS = {"memory": 90.0, "train_speed": 180.0, "sampling": 90.0, "cuda_paths": 100.0}
 QUICK_PART_SECONDS = 300.0
 PRESETS = {False: REPO / "configs" / "imagenet256_dit_xl2.yaml", True: REPO / "configs" / "imagenet256_fpdm_xl2.yaml"}
 QUICK_MODEL = {"model": "DiT-Ti/2", "image_size": 64}                     # 8x8x4 latents
@@ -81,8 +81,8 @@ class GpuConfig:
     quick: bool = flag(False, "Toy sizes (Ti/2, batch 4, 2 timed steps, 2 sampling steps) on any device: the CPU test.")
     parts: str = flag(",".join(PARTS), "Comma-separated parts to run (in the fixed order memory, train_speed, "
                                        "sampling, cuda_paths).")
-    part_seconds: Optional[float] = flag(None, "Time limit of every part in seconds (None: memory 100, train_speed "
-                                                "180, sampling 100, cuda_paths 80; --quick 300).")
+    part_seconds: Optional[float] = flag(None, "Time limit of every part in seconds (None: memory 90, train_speed "
+                                                "180, sampling 90, cuda_paths 100; --quick 300).")
     batch: Optional[int] = flag(None, "Training batch of the memory and speed parts (None: 64; --quick 4).")
     steps: Optional[int] = flag(None, "Timed training steps per speed run, after warm-up (None: 10; --quick 2).")
     sample_batch: Optional[int] = flag(None, "Images per sampling batch (None: 32; --quick 4).")
@@ -153,9 +153,17 @@ def versions() -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info.update(cudnn=torch.backends.cudnn.version(), capability=f"{props.major}.{props.minor}",
                     memory_gb=props.total_memory / 1e9,
-                    nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available()
-                    else None)
+                    nccl=nccl_version())
     return info
+
+
+def nccl_version() -> Optional[str]:
+    """NCCL's version as text (torch gives a tuple, older versions an int), None without NCCL."""
+    import torch
+    if not torch.distributed.is_nccl_available():
+        return None
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def peak_bf16_flops(name: str) -> tuple[Optional[float], Optional[str]]:
@@ -449,13 +457,13 @@ def residual_floor(precision: str, quick: bool, device: Any) -> dict[str, Any]:
 #################################################################################
 
 def cuda_paths_part(config: GpuConfig, part: dict[str, Any]) -> None:
-    """The CUDA-marked tests (CUDA only) and a one-process torchrun of sample_ddp.py (NCCL on CUDA, else gloo)."""
+    """A one-process torchrun of sample_ddp.py (NCCL on CUDA, else gloo), then the CUDA-marked tests (CUDA only)."""
     import torch
+    part["sample_ddp"] = sample_ddp_run(config.quick)
     if torch.cuda.is_available():
         part["pytest_cuda"] = pytest_cuda()
     else:
         part["pytest_cuda"] = {"status": "skipped", "reason": "no CUDA device: the CUDA-marked tests would skip"}
-    part["sample_ddp"] = sample_ddp_run(config.quick)
 
 
 def subprocess_env() -> dict[str, str]:
