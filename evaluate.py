@@ -358,24 +358,10 @@ def evaluate_samples(options: EvaluateConfig) -> dict[str, Any]:
     return record
 
 
-def inception_score_metrics(sample: Extracted) -> dict[str, Any]:
-    """Inception Score (mean and std over 10 splits) of the class scores, or why there is none."""
-    splits = metrics.INCEPTION_SCORE_SPLITS
-    if sample.scores is None:
-        return metrics.unavailable("inception_score", sample.scores_unavailable, "inception_score_std")
-    if sample.scores.shape[0] < splits:
-        return metrics.unavailable("inception_score", f"needs at least {splits} images ({splits} splits); got "
-                                   f"{sample.scores.shape[0]}", "inception_score_std")
-    kind = metrics.score_kind(sample.scores)
-    mean, std = metrics.inception_score(sample.scores, kind, splits)
-    return {"inception_score": mean, "inception_score_std": std, "inception_score_splits": splits,
-            "inception_score_input": kind}
-
-
 def sample_metrics(extractor: FeatureExtractor, sample: Extracted, labels: Optional[np.ndarray]) -> dict[str, Any]:
     """Inception Score, and the classifier's metrics (test accuracy, histogram of predicted classes, accuracy and
     per-class accuracy where labels exist), each either a value or recorded unavailable with the reason."""
-    result = inception_score_metrics(sample)
+    result = metrics.inception_score_record(sample.scores, sample.scores_unavailable)
     model = extractor.digits_classifier
     if model is None:
         reason = ("the feature network is not a classifier of the samples' labels (Inception's 1008 classes do not "

@@ -194,6 +194,21 @@ def inception_score(scores: np.ndarray, kind: str = "logits",
     return float(np.mean(values)), float(np.std(values))
 
 
+def inception_score_record(scores: Optional[np.ndarray], reason: str = "",
+                           splits: int = INCEPTION_SCORE_SPLITS) -> dict[str, Any]:
+    """{'inception_score', 'inception_score_std', ...} of (N, C) class scores, or None with why (`reason` when
+    there are no scores, or too few images for the splits)."""
+    if scores is None:
+        return unavailable("inception_score", reason or "no class scores", "inception_score_std")
+    if scores.shape[0] < splits:
+        return unavailable("inception_score", f"needs at least {splits} images ({splits} splits); got "
+                           f"{scores.shape[0]}", "inception_score_std")
+    kind = score_kind(scores)
+    mean, std = inception_score(scores, kind, splits)
+    return {"inception_score": mean, "inception_score_std": std, "inception_score_splits": splits,
+            "inception_score_input": kind}
+
+
 def per_class_accuracy(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> list[Optional[float]]:
     """Accuracy among the samples of each label 0..num_classes-1 (None for a label no sample has)."""
     accuracy: list[Optional[float]] = []
