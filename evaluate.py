@@ -1,20 +1,27 @@
 """
-Evaluate a sample archive from sample_ddp.py: FID (digits-FID or Inception FID) and classifier accuracy.
+Evaluate a sample archive from sample_ddp.py: FID, KID, precision/recall, Inception Score and classifier accuracy.
 
 Examples:
-    # digits-FID against all 1797 real digits with the shipped classifier (8x8 samples of a digits model)
+    # digits metrics against all 1797 real digits with the shipped classifier (8x8 samples of a digits model),
+    # the reference's features cached (and keyed) in results/digits_ref.npz
     python evaluate.py --samples samples/fpdm-digits.npz --classifier results/digits_classifier.safetensors \\
-        --setup samples/fpdm-digits.json --out results/eval.jsonl
+        --setup samples/fpdm-digits.json --ref_stats results/digits_ref.npz --out results/eval.jsonl
     # the same on the MNIST-5k classifier's features against all 5000 real digits (28x28 samples of an mnist5k model)
     python evaluate.py --samples samples/fpdm-mnist5k.npz --dataset mnist5k \\
         --classifier experiments/results/mnist5k_classifier.safetensors
-    # Inception FID with the TorchScript FID Inception and an ADM reference batch (statistics are read from it)
+    # Inception metrics with the TorchScript FID Inception and an ADM reference batch (its arr_0 images; a file of
+    # mu/sigma only gives FID alone)
     python evaluate.py --samples samples/fpdm-XL-2.npz --features inception \\
-        --inception weights/inception-2015-12-05.pt --ref_stats VIRTUAL_imagenet256_labeled.npz
+        --inception weights/inception-2015-12-05.pt --ref_npz VIRTUAL_imagenet256_labeled.npz --ref_stats ref.npz
 
-Frechet distance and Inception features live in fid.py, the built-in datasets' classifiers in classifier.py; this
-script puts them together. `--features digits` means the classifier of the built-in --dataset (digits by default,
-or mnist5k). Every run appends one JSON line (metrics + full setup + warnings) to --out.
+Frechet distance and Inception features live in fid.py, KID, precision/recall and the Inception Score in metrics.py,
+the built-in datasets' classifiers in classifier.py; this script puts them together, all from one feature network.
+`--features digits` means the classifier of the built-in --dataset (digits by default, or mnist5k): its 64-d
+features and its logits. `--inception FILE` is a TorchScript module: model(x, return_features=True) on uint8
+(N, 3, H, W) images gives (N, D) features, model(x) gives (N, C) probabilities or logits. Every run appends one JSON
+line (metrics + full setup + warnings, paths relative to the repository) to --out; a metric that does not apply is
+null beside `<name>_unavailable` saying why. Nearest-neighbour radii are computed in blocks: memory is bounded by
+--metric_block_size, not by the number of images.
 """
 from __future__ import annotations
 

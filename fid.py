@@ -207,7 +207,7 @@ def load_inception_torchscript(path: str, device: str = "cpu", flag: str = "--in
 
     Call convention (that of NVlabs' metrics and clean-fid): `model(images, return_features=True)` with `images` a
     uint8 (N, 3, H, W) tensor in 0..255 of any size (the module resizes to 299x299 itself) returns float (N, 2048)
-    pool features. Pickled `.pkl` exports are refused: unpickling runs arbitrary code; use the `.pt` TorchScript file.
+    pool features; `model(images)` returns class outputs (inception_class_scores, for the Inception Score). Pickled `.pkl` exports are refused: unpickling runs arbitrary code; use the `.pt` TorchScript file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: Inception weights file not found: {path} (expected a TorchScript file such "
@@ -244,18 +244,29 @@ def inception_features(
     return torch.cat(features).numpy()                                              # (N, D)
 
 
+def class_score_kwargs(model: torch.jit.ScriptModule) -> dict[str, bool]:
+    """{'no_output_bias': True} when the module's forward takes it (inception-2015-12-05.pt does): the original
+    Inception Score code (Salimans et al. 2016) takes the softmax of pool3 @ W without the output bias."""
+    try:
+        names = {argument.name for argument in model.forward.schema.arguments}
+    except AttributeError:  # not a scripted forward: call it plainly
+        return {}
+    return {"no_output_bias": True} if "no_output_bias" in names else {}
+
+
 @torch.no_grad()
 def inception_class_scores(
     model: torch.jit.ScriptModule, images: np.ndarray, batch_size: int = 100, device: str = "cpu",
     flag: str = "--inception",
 ) -> np.ndarray:
-    """uint8 (N, H, W, 3) images -> float64 (N, C) class scores of `model(images)` (return_features=False): the
-    1008-way softmax of inception-2015-12-05.pt, or logits of another network (metrics.score_kind tells which)."""
-    scores = []
+    """uint8 (N, H, W, 3) images -> float64 (N, C) class scores of `model(images)` (return_features=False; with
+    no_output_bias=True where the module takes it): the 1008-way softmax of inception-2015-12-05.pt, or logits of
+    another network (metrics.score_kind tells which)."""
+    scores, kwargs = [], class_score_kwargs(model)
     for start in range(0, images.shape[0], batch_size):
         batch = to_nchw_tensor(images[start:start + batch_size]).to(device)   # (B, 3, H, W) uint8
         try:
-            output = model(batch)
+            output = model(batch, **kwargs)
         except Exception as error:
             raise UserError(f"{flag}: the TorchScript module gives no class scores when called without "
                             f"return_features ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"

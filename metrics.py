@@ -30,10 +30,7 @@ PRECISION_RECALL_K = 3          # Kynkäänniemi et al. 2019 use k = 3
 KID_NUM_SUBSETS = 100           # Bińkowski et al. 2018: 100 subsets of 1000 (fewer samples: subsets of all of them)
 KID_SUBSET_SIZE = 1000
 INCEPTION_SCORE_SPLITS = 10     # Salimans et al. 2016: 10 splits
-DEFAULT_BLOCK_SIZE = 4096       # distance blocks of 4096 x 4096 float64: 128 MiB each
-BLOCK_MEMORY_NOTE = (f"nearest-neighbour distances are computed in blocks of B x B float64 (B = --metric_block_size, "
-                     f"default {DEFAULT_BLOCK_SIZE}: about 3 x 8 x B^2 bytes = "
-                     f"{3 * 8 * DEFAULT_BLOCK_SIZE ** 2 / 2 ** 20:.0f} MiB at a time, whatever the number of images)")
+DEFAULT_BLOCK_SIZE = 4096       # distance blocks of 4096 x 4096 float64: 128 MiB each, at most 3 alive at once
 
 
 #################################################################################
@@ -57,15 +54,17 @@ def _blocks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def _as_tensor(features: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(N, D) float64 tensor on `device` (float64: ties between a distance and a radius are decided consistently)."""
-    return torch.as_tensor(np.asarray(features, dtype=np.float64) if not torch.is_tensor(features) else features,
-                           dtype=torch.float64).to(device)
+def _as_tensor(features: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(N, D) float64 tensor on `device` (float64: KID's cubic kernel sums and the distance-vs-radius comparisons
+    lose nothing to round-off)."""
+    return torch.as_tensor(np.asarray(features, dtype=np.float64), device=device)
 
 
 def _distances(x: torch.Tensor, y: torch.Tensor, x_sq: torch.Tensor, y_sq: torch.Tensor) -> torch.Tensor:
-    """(B, C) Euclidean distances via ||x||^2 + ||y||^2 - 2 x.y (one matmul; clamped against round-off)."""
-    return (x_sq[:, None] + y_sq[None, :] - 2.0 * x @ y.T).clamp_min_(0.0).sqrt_()
+    """(B, C) Euclidean distances via ||x||^2 + ||y||^2 - 2 x.y: one matmul, then in place (one B x C buffer;
+    clamped against round-off)."""
+    squared = (x @ y.T).mul_(-2.0).add_(x_sq[:, None]).add_(y_sq[None, :])
+    return squared.clamp_min_(0.0).sqrt_()
 
 
 #################################################################################

@@ -184,10 +184,14 @@ class InceptionWithLogits(torch.nn.Module):
         self.register_buffer("projection", torch.randn(6, 6, generator=generator))
         self.register_buffer("classes", torch.randn(6, 8, generator=generator) * 4.0)
 
-    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, return_features: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
         x = img.to(torch.float32) / 255.0                                  # (N, 3, H, W)
         features = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1) @ self.projection   # (N, 6)
-        return features if return_features else features @ self.classes   # (N, 6) or (N, 8)
+        if return_features:
+            return features                                                # (N, 6)
+        bias = torch.zeros(8) if no_output_bias else torch.arange(8.0) * 3.0
+        return features @ self.classes + bias                              # (N, 8) logits
 
 
 def test_inception_records_all_metrics_and_refuses_a_stale_reference_cache(tmp_path):
@@ -206,7 +210,7 @@ def test_inception_records_all_metrics_and_refuses_a_stale_reference_cache(tmp_p
     with pytest.warns(UserWarning):
         record = evaluate.main(argv)
     result = record["metrics"]
-    logits = stand_in(torch.from_numpy(fake).permute(0, 3, 1, 2)).double().numpy()
+    logits = stand_in(torch.from_numpy(fake).permute(0, 3, 1, 2), no_output_bias=True).double().numpy()
     assert result["inception_score"] == pytest.approx(metrics.inception_score(logits, "logits")[0], rel=1e-5)
     real_features = stand_in(torch.from_numpy(real).permute(0, 3, 1, 2), True).double().numpy()
     fake_features = stand_in(torch.from_numpy(fake).permute(0, 3, 1, 2), True).double().numpy()
