@@ -228,14 +228,18 @@ def compute_reference(options: EvaluateConfig, extractor: FeatureExtractor, sour
                       key: str) -> fid.FeatureStats:
     """Reference features and statistics: of the built-in split, of --ref_npz's arr_0 images, or --ref_npz's
     precomputed mu/sigma when it holds no images (ADM's statistics-only files)."""
+    names = npz_names(options.ref_npz, "--ref_npz") if options.dataset is None else []
     if options.dataset is not None:
         real_images, _ = classifier.classifier_spec(options.dataset).load_uint8(options.ref_split)
-    elif "arr_0" in npz_names(options.ref_npz, "--ref_npz"):
+    elif "arr_0" in names:
         real_images, _ = load_sample_npz(options.ref_npz, flag="--ref_npz")
-    else:
-        stats = fid.FeatureStats.load(options.ref_npz, flag="--ref_npz")  # refuses a file without mu/sigma
+    elif {"mu", "sigma"} <= set(names):
+        stats = fid.FeatureStats.load(options.ref_npz, flag="--ref_npz")
         stats.cache_key = key
         return stats
+    else:
+        raise UserError(f"--ref_npz {options.ref_npz}: needs real images (arr_0) or statistics (mu and sigma); has "
+                        f"{sorted(names)}")
     features = extract(extractor, real_images, options.batch_size, options.progress, "reference features",
                        with_scores=False).features
     stats = fid.FeatureStats.from_features(features, feature_extractor=extractor.name, source=source)
@@ -334,6 +338,10 @@ def evaluate_samples(options: EvaluateConfig) -> dict[str, Any]:
         raise UserError(f"--samples {options.samples}: the {extractor.name} features of these samples are not finite "
                         "(NaN or inf); nothing was recorded")
     reference = load_reference(options, extractor, record_warnings)
+    if reference.stats.mu.shape[0] != sample.features.shape[1]:
+        where = options.ref_npz or options.ref_stats or f"--dataset {options.dataset}"
+        raise UserError(f"the reference {where} has {reference.stats.mu.shape[0]}-d statistics but {extractor.name} "
+                        f"gives {sample.features.shape[1]}-d features: pass the reference of this feature network")
     if sample.features.shape[0] <= sample.features.shape[1]:
         fid.record_warning(f"{sample.features.shape[0]} samples for {sample.features.shape[1]}-d features: the "
                            "sample covariance is rank-deficient", record_warnings)

@@ -241,6 +241,13 @@ def test_inception_without_logits_or_reference_images_says_why(tmp_path, incepti
     assert result["fid"] > 0 and result["kid"] is None and result["precision"] is None and result["recall"] is None
     assert "adm_stats.npz holds only mu/sigma" in result["kid_unavailable"]
     assert result["inception_score"] is None and "return_features" in result["inception_score_unavailable"]
+    np.savez(tmp_path / "wide_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))   # another network's statistics
+    np.savez(tmp_path / "neither.npz", labels=np.zeros(3))
+    for reference, message in (("wide_stats.npz", r"wide_stats.npz has 2048-d.*6-d"), ("neither.npz", r"arr_0.*mu")):
+        with pytest.raises(UserError, match=message), pytest.warns(UserWarning):
+            evaluate.main(["--samples", str(tmp_path / "fake.npz"), "--inception", path, "--ref_npz",
+                           str(tmp_path / reference), "--out", str(tmp_path / "eval.jsonl")])
+    assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 1
 
 
 def test_unconditional_digits_samples_record_why_accuracy_is_missing(tmp_path, trained_classifier):
