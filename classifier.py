@@ -236,6 +236,15 @@ def digits_features(model: nn.Module, images: np.ndarray, batch_size: int = 1024
     return torch.cat(features).double().numpy()
 
 
+@torch.no_grad()
+def digits_logits(model: nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """uint8 (N, H, W, C) images -> float64 (N, 10) logits of a built-in dataset's classifier (Inception Score,
+    per-class accuracy)."""
+    model.eval()
+    inputs = _inputs(model, images)
+    return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]).double().numpy()
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """Short sha256 of a model's parameters (identifies the feature extractor in cached stats)."""
     digest = hashlib.sha256()

@@ -256,13 +256,15 @@ class SampleDDPConfig(SampleConfig):
 
 @dataclass
 class EvaluateConfig:
-    """evaluate.py: FID (digits-FID or Inception FID) and classifier accuracy of a sample archive."""
+    """evaluate.py: FID, KID, precision/recall, Inception Score and classifier accuracy of a sample archive."""
     samples: str = flag("", "ADM-format .npz: arr_0 uint8 (N, H, W, 3) RGB, optional arr_1 labels.", required=True)
     features: Optional[str] = flag(None, "Feature extractor. None: inception if --inception is given, else digits.",
                                     choices=["digits", "inception"])
-    ref_stats: Optional[str] = flag(None, "Reference statistics .npz (mu, sigma); with --ref_npz/--dataset it is the cache path (None: "
-                                    "computed, not cached).")
-    ref_npz: Optional[str] = flag(None, "ADM-format .npz of real images (arr_0); excludes --dataset (None: no such file).")
+    ref_stats: Optional[str] = flag(None, "Reference statistics .npz (mu, sigma, features); with --ref_npz/--dataset it is the "
+                                    "cache of (reference, feature network), keyed and refused when stale (None: computed, "
+                                    "not cached).")
+    ref_npz: Optional[str] = flag(None, "ADM-format reference .npz: real images (arr_0), or only precomputed mu/sigma "
+                                        "(then FID only); excludes --dataset (None: no such file).")
     dataset: Optional[str] = flag(None, "Built-in reference dataset; --features digits then uses its classifier "
                                          "(None: digits for --features digits).", choices=["digits", "mnist5k"])
     ref_split: str = flag("all", "Which real images form the reference (all = 1797 digits or 5000 mnist5k).",
@@ -278,13 +280,23 @@ class EvaluateConfig:
                            "writes it).")
     out: str = flag("results/eval.jsonl", "JSON-lines file the record is appended to.")
     batch_size: int = flag(100, "Images per feature batch.")
-    device: str = flag("cpu", "cpu, cuda or cuda:N.")
+    device: str = flag("auto", "auto (cuda when there is a GPU, else cpu), cpu, cuda or cuda:N: feature network and "
+                               "metrics.")
+    metric_block_size: int = flag(4096, "Precision/recall: k-NN distances are computed in blocks of B x B float64, "
+                                        "about 24 B^2 bytes at a time (B = 4096: 384 MiB), for any number of images.")
+    kid_subsets: int = flag(100, "KID: number of random subsets (mean and std are over them).")
+    kid_subset_size: int = flag(1000, "KID: images per subset (fewer images: all of them).")
+    progress: bool = flag(True, "Progress bars (stderr) for feature extraction and each metric.")
 
     def validate(self) -> "EvaluateConfig":
         """Refuse bad values of single flags; returns self."""
         _check_choices(self)
         _check(not (self.ref_npz and self.dataset), "ref_npz", "excludes --dataset", self.dataset)
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        for name in ("batch_size", "metric_block_size", "kid_subsets"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(self.kid_subset_size >= 2, "kid_subset_size", "must be >= 2", self.kid_subset_size)
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+               "must be auto, cpu, cuda or cuda:N", self.device)
         return self
 
 

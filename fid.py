@@ -104,6 +104,8 @@ class FeatureStats:
     n: int                         # number of feature vectors (0 if unknown, e.g. third-party stats)
     feature_extractor: str = ""    # fingerprint of the extractor ("" if unknown)
     source: str = ""               # what the features were computed from
+    features: Optional[np.ndarray] = None  # (N, D) float32 features themselves (KID, precision/recall), if kept
+    cache_key: str = ""            # evaluate.py's key of (reference, extractor) when this is its cache ("" if none)
 
     @classmethod
     def from_features(cls, features: np.ndarray, feature_extractor: str = "", source: str = "") -> "FeatureStats":
@@ -119,9 +121,13 @@ class FeatureStats:
                    feature_extractor=feature_extractor, source=source)
 
     def save(self, path: str) -> None:
-        """Write to `.npz` atomically (keys mu, sigma, n, feature_extractor, source)."""
+        """Write to `.npz` atomically (keys mu, sigma, n, feature_extractor, source; features and cache_key when
+        set)."""
+        extra = {"cache_key": np.str_(self.cache_key)} if self.cache_key else {}
+        if self.features is not None:
+            extra["features"] = np.asarray(self.features, dtype=np.float32)
         save_npz(path, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
-                 feature_extractor=np.str_(self.feature_extractor), source=np.str_(self.source))
+                 feature_extractor=np.str_(self.feature_extractor), source=np.str_(self.source), **extra)
 
     @classmethod
     def load(cls, path: str, flag: str = "--ref_stats") -> "FeatureStats":
@@ -139,7 +145,12 @@ class FeatureStats:
         source = str(arrays["source"]) if "source" in arrays else os.path.basename(path)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise UserError(f"{flag}: {path} has mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
-        return cls(mu=mu, sigma=sigma, n=n, feature_extractor=feature_extractor, source=source)
+        features = arrays.get("features")
+        if features is not None and (features.ndim != 2 or features.shape[1] != mu.shape[0]):
+            raise UserError(f"{flag}: {path} has features {features.shape}; expected (N, {mu.shape[0]})")
+        cache_key = str(arrays["cache_key"]) if "cache_key" in arrays else ""
+        return cls(mu=mu, sigma=sigma, n=n, feature_extractor=feature_extractor, source=source, features=features,
+                   cache_key=cache_key)
 
 
 def fid_from_stats(stats1: FeatureStats, stats2: FeatureStats) -> float:
@@ -196,7 +207,7 @@ def load_inception_torchscript(path: str, device: str = "cpu", flag: str = "--in
 
     Call convention (that of NVlabs' metrics and clean-fid): `model(images, return_features=True)` with `images` a
     uint8 (N, 3, H, W) tensor in 0..255 of any size (the module resizes to 299x299 itself) returns float (N, 2048)
-    pool features. Pickled `.pkl` exports are refused: unpickling runs arbitrary code; use the `.pt` TorchScript file.
+    pool features; `model(images)` returns class outputs (inception_class_scores, for the Inception Score). Pickled `.pkl` exports are refused: unpickling runs arbitrary code; use the `.pt` TorchScript file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: Inception weights file not found: {path} (expected a TorchScript file such "
@@ -231,6 +242,41 @@ def inception_features(
             raise UserError(f"{flag}: expected features of shape ({batch.shape[0]}, D); got {shape}")
         features.append(output.double().cpu())
     return torch.cat(features).numpy()                                              # (N, D)
+
+
+def class_score_kwargs(model: torch.jit.ScriptModule) -> dict[str, bool]:
+    """{'no_output_bias': True} when the module's forward takes it (inception-2015-12-05.pt does): the original
+    Inception Score code (Salimans et al. 2016) takes the softmax of pool3 @ W without the output bias."""
+    try:
+        names = {argument.name for argument in model.forward.schema.arguments}
+    except AttributeError:  # not a scripted forward: call it plainly
+        return {}
+    return {"no_output_bias": True} if "no_output_bias" in names else {}
+
+
+@torch.no_grad()
+def inception_class_scores(
+    model: torch.jit.ScriptModule, images: np.ndarray, batch_size: int = 100, device: str = "cpu",
+    flag: str = "--inception",
+) -> np.ndarray:
+    """uint8 (N, H, W, 3) images -> float64 (N, C) class scores of `model(images)` (return_features=False; with
+    no_output_bias=True where the module takes it): the 1008-way softmax of inception-2015-12-05.pt, or logits of
+    another network (metrics.score_kind tells which)."""
+    scores, kwargs = [], class_score_kwargs(model)
+    for start in range(0, images.shape[0], batch_size):
+        batch = to_nchw_tensor(images[start:start + batch_size]).to(device)   # (B, 3, H, W) uint8
+        try:
+            output = model(batch, **kwargs)
+        except Exception as error:
+            raise UserError(f"{flag}: the TorchScript module gives no class scores when called without "
+                            f"return_features ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                            ) from error
+        if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[0] != batch.shape[0]:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise UserError(f"{flag}: expected class scores of shape ({batch.shape[0]}, C) without return_features; "
+                            f"got {shape}")
+        scores.append(output.double().cpu())
+    return torch.cat(scores).numpy()                                                # (N, C)
 
 
 #################################################################################

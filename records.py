@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from sampling import TrajectoryStats
 
 SETUP_FILE = "setup.json"  # written by sample.py / sample_ddp.py next to the samples; read by evaluate.py
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """`path` relative to the repository root (records must not hold absolute paths: they move between machines)."""
+    return os.path.relpath(os.path.abspath(path), REPO_ROOT)
 
 
 #################################################################################

@@ -36,6 +36,7 @@ from allocation import IterationPlan, planned_macs
 from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, parse_flags
 from cost import blocks_per_step, training_units_per_step
+from metrics import feature_metrics, inception_score_record
 from records import read_json, to_jsonable, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -322,11 +323,17 @@ class Evaluator:
             dataset, str(classifier_path), seed=CLASSIFIER_SEED, flag="--classifier")
         self.reference = classifier.digits_reference_stats(self.classifier, "all")
         self.feature_extractor = classifier.digits_feature_extractor_id(self.classifier)
+        self.real_features = classifier.digits_features(  # KID and precision/recall need the features themselves
+            self.classifier, classifier.classifier_spec(dataset).load_uint8("all")[0])
 
-    def __call__(self, images: np.ndarray, labels: Optional[np.ndarray]) -> dict[str, float]:
-        """{'fid', 'accuracy'} of uint8 (N, H, W, C) samples."""
+    def __call__(self, images: np.ndarray, labels: Optional[np.ndarray]) -> dict[str, Any]:
+        """{'fid', 'accuracy'} and metrics.py's (precision, recall, kid, inception_score, ...; None with a reason
+        when there are too few samples) of uint8 (N, H, W, C) samples."""
         metrics = classifier.evaluate_digits_samples(self.classifier, images, labels, self.reference)
-        return {"fid": float(metrics["digits_fid"]), "accuracy": float(metrics.get("classifier_accuracy", math.nan))}
+        more = feature_metrics(self.real_features, classifier.digits_features(self.classifier, images), self.reference)
+        more.update(inception_score_record(classifier.digits_logits(self.classifier, images)))
+        return {**more, "fid": float(metrics["digits_fid"]),
+                "accuracy": float(metrics.get("classifier_accuracy", math.nan))}
 
     def describe(self) -> dict[str, Any]:
         """What the numbers are measured with (recorded in every JSON)."""
@@ -354,13 +361,15 @@ def evaluate_setting(loaded: Loaded, evaluator: Evaluator, config: SampleConfig,
             trajectories.extend(drawn.trajectories)
     fid_mean, fid_std = mean_std([r["fid"] for r in per_seed])
     acc_mean, acc_std = mean_std([r["accuracy"] for r in per_seed])
+    more = {f"{name}_{stat}": value for name in ("precision", "recall", "kid", "inception_score") for stat, value in
+            zip(("mean", "std"), mean_std([math.nan if r[name] is None else r[name] for r in per_seed]))}
     result = {"fid_mean": fid_mean, "fid_std": fid_std, "accuracy_mean": acc_mean, "accuracy_std": acc_std,
               "per_seed": per_seed, "num_samples": num_samples, "num_steps": drawn.plan.num_steps,
               "iters_per_step": drawn.plan.iters_per_step, "planned_blocks_per_image": drawn.plan.blocks_per_image,
               "blocks_per_image_max": drawn.stats["blocks_per_image_max"],
               "within_budget": drawn.stats["within_budget"],
               "planned_gmacs_per_image": planned_macs(loaded.config, drawn.plan) / 1e9, "sampler": "ddim" if config.ddim else "ddpm",
-              "seconds": time.time() - start_time}
+              "seconds": time.time() - start_time, **more}
     if keep_trajectories:
         result["_trajectories"] = trajectories
     return result

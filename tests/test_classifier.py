@@ -99,3 +99,13 @@ def test_shipped_mnist5k_classifier_loads_and_is_accurate(trained_classifier):
         classifier.load_or_train_digits_classifier(str(MNIST5K_CLASSIFIER), seed=0)
     with pytest.raises(UserError, match="--dataset 'cifar'"):
         classifier.classifier_spec("cifar")
+
+
+def test_digits_logits_predict_what_the_classifier_predicts(trained_classifier):
+    model, _, _ = trained_classifier
+    images, labels = load_digits_uint8("test")
+    logits = classifier.digits_logits(model, images, batch_size=100)   # batches: the same as one pass
+    assert logits.shape == (len(images), 10)
+    assert np.mean(logits.argmax(axis=1) == labels) == pytest.approx(classifier.classifier_accuracy(model, images,
+                                                                                                    labels))
+    assert classifier.predicted_class_histogram(model, images) == np.bincount(logits.argmax(1), minlength=10).tolist()

@@ -38,6 +38,7 @@ def assert_fid_record(record: dict) -> None:
     """A digits-FID evaluation: finite non-negative FID, accuracy in [0, 1], never over budget."""
     assert math.isfinite(record["fid_mean"]) and record["fid_mean"] >= 0
     assert 0.0 <= record["accuracy_mean"] <= 1.0
+    assert all(0.0 <= record[f"{name}_mean"] <= 1.0 for name in ("precision", "recall"))  # metrics.py beside FID
     assert record["within_budget"] and record["blocks_per_image_max"] <= record["planned_blocks_per_image"]
 
 
