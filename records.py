@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
@@ -17,9 +17,41 @@ from config import UserError, config_diff
 
 if TYPE_CHECKING:
     from allocation import IterationPlan
-    from sampling import TrajectoryStats
 
 SETUP_FILE = "setup.json"  # written by sample.py / sample_ddp.py next to the samples; read by evaluate.py
+
+
+@dataclass
+class TrajectoryStats:
+    """What one batch's trajectory spent, per step in sampling order (t = T-1 first). Per image: every image of a
+    batch runs the same number of iterations."""
+    timesteps: list[int] = field(default_factory=list)          # original diffusion timesteps visited
+    iteration_caps: list[int] = field(default_factory=list)     # iterations allowed (plan or adaptive cap)
+    iters_per_step: list[int] = field(default_factory=list)     # fixed-point iterations actually run
+    blocks_per_step: list[int] = field(default_factory=list)    # block passes per image actually run
+    macs_per_step: list[int] = field(default_factory=list)      # MACs per image actually run (cost.macs_per_step)
+    residuals_per_step: list[list[float]] = field(default_factory=list)  # relative residual after each iteration
+    reused_solution: list[bool] = field(default_factory=list)   # whether the step started from the previous solution
+
+    @property
+    def blocks_per_image(self) -> int:
+        """Total transformer-block forward passes per image for this trajectory."""
+        return sum(self.blocks_per_step)
+
+    @property
+    def macs_per_image(self) -> int:
+        """Total multiply-accumulates per image for this trajectory (guidance's doubled rows included)."""
+        return sum(self.macs_per_step)
+
+    @property
+    def delta_per_step(self) -> list[Optional[float]]:
+        """The paper's delta_t (Fig. 6b/c): the residual of the last iteration at each step."""
+        return [r[-1] if r else None for r in self.residuals_per_step]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**asdict(self), "blocks_per_image": self.blocks_per_image, "macs_per_image": self.macs_per_image,
+                "delta_per_step": self.delta_per_step}
 
 
 #################################################################################

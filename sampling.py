@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -35,7 +35,7 @@ from config import DEFAULT_CFG_SCALE, ModelConfig, SampleConfig, UserError, conf
 import cost
 from images import decode_to_uint8, make_grid, save_png
 from models import FixedPointStats, classifier_free_guidance
-from records import summarize_stats
+from records import TrajectoryStats, summarize_stats
 from solvers import get_solver
 
 TIMESTEP_SPACINGS = ("default", "trailing")
@@ -262,43 +262,6 @@ def image_labels(indices: Sequence[int], seed: int, num_classes: int, class_labe
     if label_mode != "random":
         raise ValueError(f"label_mode must be cycle or random (got {label_mode!r})")
     return ImageRandom(seed, indices, num_classes).labels()
-
-
-#################################################################################
-#                               One trajectory                                  #
-#################################################################################
-
-@dataclass
-class TrajectoryStats:
-    """What one batch's trajectory spent, per step in sampling order (t = T-1 first). Per image: every image of a
-    batch runs the same number of iterations."""
-    timesteps: list[int] = field(default_factory=list)          # original diffusion timesteps visited
-    iteration_caps: list[int] = field(default_factory=list)     # iterations allowed (plan or adaptive cap)
-    iters_per_step: list[int] = field(default_factory=list)     # fixed-point iterations actually run
-    blocks_per_step: list[int] = field(default_factory=list)    # block passes per image actually run
-    macs_per_step: list[int] = field(default_factory=list)      # MACs per image actually run (cost.macs_per_step)
-    residuals_per_step: list[list[float]] = field(default_factory=list)  # relative residual after each iteration
-    reused_solution: list[bool] = field(default_factory=list)   # whether the step started from the previous solution
-
-    @property
-    def blocks_per_image(self) -> int:
-        """Total transformer-block forward passes per image for this trajectory."""
-        return sum(self.blocks_per_step)
-
-    @property
-    def macs_per_image(self) -> int:
-        """Total multiply-accumulates per image for this trajectory (guidance's doubled rows included)."""
-        return sum(self.macs_per_step)
-
-    @property
-    def delta_per_step(self) -> list[Optional[float]]:
-        """The paper's delta_t (Fig. 6b/c): the residual of the last iteration at each step."""
-        return [r[-1] if r else None for r in self.residuals_per_step]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {**asdict(self), "blocks_per_image": self.blocks_per_image, "macs_per_image": self.macs_per_image,
-                "delta_per_step": self.delta_per_step}
 
 
 @dataclass

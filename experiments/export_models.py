@@ -23,7 +23,7 @@ from PIL import Image
 import cli
 import sample
 from config import UserError, flag
-from experiments import common, sweep, sweep_eval
+from experiments import common, sweep
 
 NAME = "export_models"
 CHECK_SAMPLES, CHECK_SAMPLES_QUICK = 500, 8
@@ -58,15 +58,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{records[job.name]['unguided']['accuracy_mean']:.3f}, FID {records[job.name]['unguided']['fid_mean']:.2f};"
               f" sample.py accuracy {records[job.name]['sample_py']['accuracy']:.3f}")
     payload = {"dataset": config.dataset, "quick": config.quick, "models": records,
-               "evaluator": sweep_eval.evaluator(config.dataset).describe()}
+               "evaluator": sweep.evaluator(config.dataset).describe()}
     common.write_result(replace(run, name=f"export_{config.dataset}"), payload)
     return payload
 
 
 def check(path: Path, job: sweep.Job, config: ExportConfig, out_dir: Path) -> dict[str, Any]:
     """The exported file's unguided Table-1 numbers and what `sample.py --ckpt <file>` draws."""
-    loaded, score = common.load(path), sweep_eval.evaluator(job.dataset)
-    blocks, _ = sweep_eval.dit_budgets(job, 20)
+    loaded, score = common.load(path), sweep.evaluator(job.dataset)
+    blocks, _ = sweep.dit_budgets(job, 20)
     setting = replace(common.EVALUATION_SAMPLING, budget=blocks)
     if loaded.config.fixed_point:  # the iterations its Table-1 search chose most often at this budget, with reuse
         setting = replace(setting, fixed_point_iters=table1_iters(job, out_dir), fixed_point_reuse_solution=True)
