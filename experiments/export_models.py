@@ -38,7 +38,7 @@ class ExportConfig(common.ExperimentConfig):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config, run = common.start(NAME, ExportConfig, __doc__, argv, {}, {})
+    config, run = common.start(NAME, ExportConfig, __doc__, argv)
     if config.dataset not in sweep.RECIPES:
         raise UserError(f"--dataset: expected one of {', '.join(sweep.RECIPES)} (got {config.dataset!r})")
     export_dir = Path(config.export_dir or (run.out_dir / "pretrained" if config.quick else common.PRETRAINED_DIR))

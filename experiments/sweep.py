@@ -36,16 +36,16 @@ import functools
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import cli
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, load_preset
 from cost import (blocks_per_step, default_sampling_iters, macs_per_step, model_architecture,
                   training_units_per_step)
 from experiments import common
-from records import read_json, write_json
+from records import write_json
 
 NAME = "sweep"
 EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing")
@@ -83,7 +83,7 @@ QUICK_COMPUTE, QUICK_SAMPLES = 2, 8
 
 @dataclass
 class SweepConfig(common.ExperimentConfig):
-    """Flags of the sweep (--seeds and --num_samples of ExperimentConfig are not used: see RECIPES)."""
+    """Flags of the sweep (sample sizes come from RECIPES)."""
     experiments: str = flag(",".join(EXPERIMENTS), "Comma list of experiments to run (table1, smoothing, table5, "
                                                    "prepost).")
     datasets: str = flag(",".join(DATASETS), "Comma list of datasets (mnist5k, digits).")
@@ -394,7 +394,7 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path) -> Optional[dict[str, 
     result = {"experiment": job.experiment, "dataset": job.dataset, "configuration": job.name,
               "training_seed": job.seed, "quick": config.quick, "settings": settings(job, config.quick),
               "train": record, "evaluation": evaluation, "machine": common.machine_description()}
-    write_json(job.result_path(out_dir), common._strip_private(result))
+    write_json(job.result_path(out_dir), result)
     return result
 
 
@@ -418,7 +418,7 @@ def describe(job: Job) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every selected job whose result is missing and that no live worker holds."""
-    config, run = common.start(NAME, SweepConfig, __doc__, argv, {}, {})
+    config, run = common.start(NAME, SweepConfig, __doc__, argv)
     done, ran, skipped = [], [], []
     for job in jobs(config, run.out_dir):
         path = job.result_path(run.out_dir)
