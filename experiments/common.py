@@ -30,7 +30,7 @@ from allocation import IterationPlan, planned_macs
 from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, parse_flags
 from cost import training_units_per_step
-from records import read_json, to_jsonable, write_json
+from records import read_json, to_jsonable, write_json, write_record
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO_ROOT / "experiments" / "results"
@@ -281,11 +281,11 @@ def evaluate_setting(loaded: Loaded, evaluator: Evaluator, config: SampleConfig,
 #################################################################################
 
 def write_result(run: Run, payload: dict[str, Any]) -> Path:
-    """Write <out_dir>/<name>.json (atomic, indented) with the command line that produced it."""
+    """Write <out_dir>/<name>.json (atomic, indented, paths relative) with the command line that produced it."""
     payload = {"experiment": run.name, "command": run.command, "machine": machine_description(),
                "wall_clock_s": time.time() - run.started, **payload}
     path = run.out_dir / f"{run.name}.json"
-    write_json(path, payload)
+    write_record(path, payload)
     return path
 
 

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             f"finished run; run python -m experiments.sweep --experiments table1 --datasets "
                             f"{config.dataset} first")
         path = common.export_ema(run_dir, export_dir / f"{job.name}-{config.dataset}.safetensors")
-        records[job.name] = {"run_dir": str(shown(run_dir)), "exported_to": str(shown(path)),
+        records[job.name] = {"run_dir": str(run_dir), "exported_to": str(path),
                              "size_bytes": path.stat().st_size, **check(path, job, config, run.out_dir)}
         print(f"{job.name}: {path} ({path.stat().st_size / 1e6:.1f} MB); unguided accuracy "
               f"{records[job.name]['unguided']['accuracy_mean']:.3f}, FID {records[job.name]['unguided']['fid_mean']:.2f};"
@@ -83,15 +83,9 @@ def check(path: Path, job: sweep.Job, config: ExportConfig, out_dir: Path) -> di
     grid = out_dir / f"{job.name}-{job.dataset}-grid.png"
     shutil.copyfile(folder / "grid.png", grid)
     return {"unguided": {k: v for k, v in unguided.items() if k != "per_seed"},
-            "sample_py": {"command": f"python sample.py --ckpt {shown(path)}", "num_samples": num,
+            "sample_py": {"command": f"python sample.py --ckpt {path}", "num_samples": num,
                           "accuracy": score(images, labels)["accuracy"],
-                          "grid": str(shown(grid))}}
-
-
-def shown(path: Path) -> Path:
-    """A path as recorded: relative to the repository when inside it."""
-    path = Path(path).resolve()
-    return path.relative_to(common.REPO_ROOT) if path.is_relative_to(common.REPO_ROOT) else path
+                          "grid": str(grid)}}
 
 
 def table1_iters(job: sweep.Job, out_dir: Path) -> int:

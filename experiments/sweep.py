@@ -45,7 +45,7 @@ from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_conf
 from cost import (blocks_per_step, default_sampling_iters, macs_per_step, model_architecture,
                   training_units_per_step)
 from experiments import common
-from records import write_json
+from records import resolve_path, write_record
 
 NAME = "sweep"
 EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing")
@@ -246,8 +246,8 @@ def evaluator(dataset: str) -> common.Evaluator:
 
 
 def load_trained(record: dict[str, Any]) -> common.Loaded:
-    """The EMA weights of a finished run."""
-    return common.load(Path(record["run_dir"]) / "checkpoints" / "latest.pt")
+    """The EMA weights of a finished run (its run_dir relative to the repository root, or absolute)."""
+    return common.load(resolve_path(record["run_dir"], common.REPO_ROOT) / "checkpoints" / "latest.pt")
 
 
 def dit_budgets(job: Job, dit_steps: int) -> tuple[int, float]:
@@ -394,7 +394,7 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path) -> Optional[dict[str, 
     result = {"experiment": job.experiment, "dataset": job.dataset, "configuration": job.name,
               "training_seed": job.seed, "quick": config.quick, "settings": settings(job, config.quick),
               "train": record, "evaluation": evaluation, "machine": common.machine_description()}
-    write_json(job.result_path(out_dir), result)
+    write_record(job.result_path(out_dir), result)
     return result
 
 

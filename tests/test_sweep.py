@@ -31,6 +31,8 @@ def test_one_json_per_job_with_the_papers_settings(swept):
     out, first = swept
     assert len(first["written"]) == 2 * 2 + 2  # (DiT, FPDM) x 2 seeds, then smoothing on both FPDMs
     fpdm = json.loads((out / "sweep/table1/digits/fpdm/seed1.json").read_text())
+    run_dir = Path(fpdm["train"]["run_dir"])  # outside a repository: relative to the record's folder
+    assert not run_dir.is_absolute() and (out / "sweep/table1/digits/fpdm" / run_dir / "ema.safetensors").is_file()
     assert fpdm["training_seed"] == 1 and fpdm["train"]["config"]["train"]["global_seed"] == 1
     assert (fpdm["settings"]["N"], fpdm["settings"]["M"]) == (12, 12)  # paper Sec. 4.1
     row = fpdm["evaluation"]["rows"][0]
@@ -147,7 +149,8 @@ def test_export_ships_seed_0_and_checks_it(swept):
         with safe_open(model["exported_to"], framework="pt") as handle:
             assert all(handle.get_tensor(k).dtype == torch.float16 for k in handle.keys()
                        if handle.get_tensor(k).is_floating_point())
-    assert (out / "export_digits.json").is_file()
+    written = json.loads((out / "export_digits.json").read_text())["models"]["fpdm"]
+    assert written["exported_to"] == "pretrained/fpdm-digits.safetensors"  # relative to the record's folder
 
 
 def test_export_refuses_an_untrained_dataset(tmp_path):
