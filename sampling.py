@@ -37,6 +37,7 @@ from images import decode_to_uint8, make_grid, save_png
 from models import FixedPointStats, classifier_free_guidance
 from records import TrajectoryStats, summarize_stats
 from solvers import get_solver
+from vae import load_vae_for
 
 TIMESTEP_SPACINGS = ("default", "trailing")
 
@@ -474,6 +475,50 @@ def prepare_sampling(model_config: ModelConfig, config: SampleConfig, model: Any
     if config.budget_gmacs is not None:
         assert planned_macs(model_config, plan, config.cfg_scale != 1.0) <= config.budget_gmacs * 1e9
     return config, plan, notes
+
+
+@dataclass
+class Loaded:
+    """A checkpoint ready to sample from (sample.py's and sample_ddp.py's step "load")."""
+    model: Any
+    model_config: ModelConfig
+    ckpt: Path
+    device: torch.device
+    vae: Any  # the AutoencoderKL of a latent model, else None
+
+
+def load(config: SampleConfig, model_flags: dict[str, Any], device: torch.device) -> Loaded:
+    """--ckpt on `device` (model flags checked against it, weights finite) and, for a latent model, its --vae."""
+    model, model_config, ckpt = load_sampling_model(config.ckpt, device, config.use_ema, model_flags)
+    check_finite_weights(model, ckpt)
+    return Loaded(model, model_config, ckpt, device, load_vae_for(model_config, config.vae, device))
+
+
+@dataclass
+class Request:
+    """What to draw (the step "plan"): the effective flags, the compute plan with its notes, --class_labels."""
+    config: SampleConfig
+    plan: IterationPlan
+    notes: list[str]
+    class_labels: Optional[list[int]]
+
+    def labels(self, indices: Sequence[int], num_classes: int, label_mode: str) -> Optional[Tensor]:
+        """The class labels of images `indices` (image_labels)."""
+        return image_labels(indices, self.config.seed, num_classes, self.class_labels, label_mode=label_mode)
+
+
+def plan_request(loaded: Loaded, config: SampleConfig) -> Request:
+    """Check the flags against the loaded model and plan the compute (prepare_sampling)."""
+    config, plan, notes = prepare_sampling(loaded.model_config, config, model=loaded.model, device=loaded.device)
+    return Request(config, plan, notes, parse_class_labels(config.class_labels, loaded.model_config.num_classes))
+
+
+def draw(loaded: Loaded, request: Request, indices: Sequence[int], labels: Optional[Tensor],
+         **options: Any) -> Generated:
+    """generate() images `indices` of a request (the step "generate"); `options`: on_batch, keep_images."""
+    return generate(loaded.model, loaded.model_config, request.config, request.plan, indices, labels,
+                    seed=request.config.seed, batch_size=request.config.batch_size, device=loaded.device,
+                    vae=loaded.vae, **options)
 
 
 def sample_grid_png(model: Any, model_config: ModelConfig, path: str | Path, *,
