@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the recorded setup and statistics. Everything that can fail does so
     before anything is written."""
     config, model_flags = parse_args(argv)
-    loaded = sampling.load(config, model_flags, sampling.resolve_device(config.device))
+    loaded = sampling.load(config, model_flags)
     request = sampling.plan_request(loaded, config)
     indices = list(range(request.config.num_samples))
     labels = request.labels(indices, loaded.model_config.num_classes, label_mode="cycle")

@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     state = distributed.init()
     rank, world_size = state.process_index, state.num_processes
     rank_gpu = config.device == "auto" and torch.cuda.is_available()  # cuda:LOCAL_RANK, already made current
-    loaded = sampling.load(config, model_flags, state.device if rank_gpu else sampling.resolve_device(config.device))
+    loaded = sampling.load(config, model_flags, state.device if rank_gpu else None)
     request = sampling.plan_request(loaded, config)
     folder = ShardFolder.claim(loaded, request)
     todo = share_missing(folder.missing, rank, world_size)

@@ -487,8 +487,10 @@ class Loaded:
     vae: Any  # the AutoencoderKL of a latent model, else None
 
 
-def load(config: SampleConfig, model_flags: dict[str, Any], device: torch.device) -> Loaded:
-    """--ckpt on `device` (model flags checked against it, weights finite) and, for a latent model, its --vae."""
+def load(config: SampleConfig, model_flags: dict[str, Any], device: Optional[torch.device] = None) -> Loaded:
+    """--ckpt on `device` (None: --device) with the model flags checked against it and finite weights, and, for a
+    latent model, its --vae."""
+    device = device or resolve_device(config.device)
     model, model_config, ckpt = load_sampling_model(config.ckpt, device, config.use_ema, model_flags)
     check_finite_weights(model, ckpt)
     return Loaded(model, model_config, ckpt, device, load_vae_for(model_config, config.vae, device))
