@@ -18,8 +18,8 @@ Experiments (in the order the jobs run; `--experiments` picks):
              search seed, with solution reuse (Sec. 3.3) as in the paper's Table 1.
   smoothing  sampling only, on table1's FPDMs: iterations per step at one block budget, with and without reuse
              (Fig. 4 and 6a).
-  table5     the three training methods at N = 6 and 12, sampled at one budget (as exp5).
-  prepost    FPDMs with 0, 1, 2, 4 pre/post layers at the three budgets (as exp7).
+  table5     the three training methods at N = 6 and 12, sampled at one budget.
+  prepost    FPDMs with 0, 1, 2, 4 pre/post layers at the three budgets.
   depth      Table 1 at the paper's depth ratio: the FPDM (M = N = 12) against the 28-block DiT it replaces (the
              depth of DiT-XL/2) at 140 / 280 / 560 blocks (5 / 10 / 20 of its steps), and DiTs of depth 4, 8, 12
              at the same training compute (beyond the paper). The FPDM's iterations per step are searched over
@@ -74,7 +74,7 @@ RECIPES = {
     # thread on MNIST-5k, ~12 min on digits) = 2,133 FPDM steps (configs/*_dit28.yaml).
     "mnist5k": DatasetRecipe("configs/mnist5k.yaml", {"table1": 2000, "table5": 1000, "prepost": 1000, "depth": 2800},
                              search_samples=100, num_samples=500, sampling_seeds=(0,)),
-    # digits: 1,000 DiT steps as exp1 for Table 1; 300 as exp5 for the ablations (~100 s per model at 1 thread).
+    # digits: 1,000 DiT steps for Table 1 (the shipped models' compute); 300 for the ablations (~100 s per model).
     "digits": DatasetRecipe("configs/digits.yaml", {"table1": 1000, "table5": 300, "prepost": 300, "depth": 2800},
                             search_samples=250, num_samples=500, sampling_seeds=(0, 1)),
 }
@@ -214,7 +214,7 @@ def names(text: str, allowed: Sequence[str], flag_name: str) -> list[str]:
 DIT_STEPS = (5, 10, 20)          # budgets, in steps of the dataset's DiT
 SMOOTHING_DIT_STEPS = 10         # the smoothing / reuse sweep's budget (the paper's Fig. 4 uses its middle one)
 SMOOTHING_ITERS = (1, 2, 3, 4, 6)
-TABLE5_DIT_STEPS, TABLE5_ITERS = 10, 3  # Table 5's sampling: one budget, fixed iterations (as exp5)
+TABLE5_DIT_STEPS, TABLE5_ITERS = 10, 3  # Table 5's sampling: one budget, fixed iterations
 CANDIDATE_ITERS = (1, 2, 4, 6)
 DEPTH_ITERS = (1, 2, 4, 8, 12, 26)   # depth experiments: candidates and smoothing curve (26 = 28 - 1 - 1)
 DEPTH_SMOOTHING_DIT_STEPS = 20       # 560 blocks of the 28-block DiT
