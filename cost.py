@@ -14,14 +14,15 @@ and one FPDM iteration adds the fixed-point projection, Linear 2D->2D + Linear 2
 (pre-projection, Linear D->D) costs T D^2 once per step. Classifier-free guidance runs 2 rows per image: twice the
 MACs, the same block count per image.
 
-Architectures (depth, width, patch size, MLP ratio) come from the model registry in models.py, built on the meta
-device (no memory, no weights): one source for the presets.
+The registry's architectures (depth, width, patch size, heads) are the table ARCHITECTURES below: models.py builds
+its constructors from it, so the formulas and the networks share one source and cost.py needs no network.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, replace
 from typing import Any, Optional
+
+from config import UserError
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features fed to the timestep MLP (models.TimestepEmbedder)
 
@@ -42,22 +43,35 @@ def fpdm_default_iters(depth: int, pre_depth: int, post_depth: int) -> int:
 
 @dataclass(frozen=True)
 class Architecture:
-    """Shape of a registry model: what the cost formulas need."""
-    depth: int          # blocks of the explicit DiT
-    hidden_size: int    # D
-    patch_size: int     # p
-    mlp_ratio: float    # r
+    """Shape of a registry model: what the cost formulas and models.py's constructors need."""
+    depth: int              # blocks of the explicit DiT
+    hidden_size: int        # D
+    patch_size: int         # p
+    num_heads: int
+    mlp_ratio: float = 4.0  # r (every preset uses DiT's 4)
 
 
-@lru_cache(maxsize=None)
+def _family(depth: int, hidden_size: int, num_heads: int, name: str, patches: tuple[int, ...]) -> dict:
+    return {f"{name}/{p}": Architecture(depth, hidden_size, p, num_heads) for p in patches}
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    **_family(28, 1152, 16, "DiT-XL", (2, 4, 8)),
+    **_family(24, 1024, 16, "DiT-L", (2, 4, 8)),
+    **_family(12, 768, 12, "DiT-B", (2, 4, 8)),
+    **_family(12, 384, 6, "DiT-S", (2, 4, 8)),
+    **_family(8, 128, 4, "DiT-Ti", (1, 2, 4)),  # CPU-scale presets (the built-in digits dataset)
+}
+"""The model registry's presets by name (models.DiT_models is built from this table)."""
+
+
 def architecture(model_name: str, depth: Optional[int] = None) -> Architecture:
-    """Depth, width, patch size and MLP ratio of a registry name (its DiT built on the meta device); `depth`
-    (ModelConfig.depth) replaces the name's depth when given."""
-    import torch
-    from models import DiT_models  # local import: models.py imports the formulas above
-    with torch.device("meta"):
-        dit = DiT_models[model_name](input_size=8, in_channels=1, num_classes=0)
-    return Architecture(depth or dit.depth, dit.hidden_size, dit.patch_size, dit.mlp_ratio)
+    """Depth, width, patch size, heads and MLP ratio of a registry name; `depth` (ModelConfig.depth) replaces the
+    name's depth when given."""
+    if model_name not in ARCHITECTURES:
+        raise UserError(f"--model: unknown model {model_name!r}; valid names: {', '.join(ARCHITECTURES)}")
+    arch = ARCHITECTURES[model_name]
+    return replace(arch, depth=depth) if depth else arch
 
 
 def model_architecture(model_config: Any) -> Architecture:

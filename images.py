@@ -3,7 +3,7 @@
 Sample archives use the ADM evaluator's format: an .npz with ``arr_0`` uint8 (N, H, W, 3) RGB images and, for
 class-conditional models, ``arr_1`` (N,) int64 labels (written by sample_ddp.py, read by evaluate.py).
 
-Image shards are sample_ddp.py's working files: an .npz holding ``indices`` int64 (n,) (which images),
+Image shards are sample_ddp.py's working files (sample_folders.py): an .npz holding ``indices`` int64 (n,) (which images),
 ``images`` uint8 (n, H, W, C) as generated (C = 1 for grayscale) and, for class-conditional models, ``labels``
 int64 (n,). Each is written atomically, so a shard file on disk is always complete. ``pack_shards`` fills the
 ADM archive from them through a memory-mapped temporary .npy, so 50,000 images are never held in memory twice.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -29,8 +29,15 @@ from images import save_npz
 from records import write_json
 from vae import encode_images, resolve_vae_name, vae_scale_and_shift
 
-if TYPE_CHECKING:
-    from data import ImageFolderDataset
+
+
+class ImageFolder(Protocol):
+    """What extraction reads of a data.ImageFolderDataset (named here so latents.py need not import data.py, which
+    reads latents)."""
+    samples: list[tuple[str, int]]  # (path, class index), in extraction order
+    classes: list[str]
+    num_images: int
+    num_classes: int
 
 LATENTS_FORMAT = "fpdm-latents"
 LATENTS_FORMAT_VERSION = 1
@@ -141,7 +148,7 @@ def extraction_settings(vae_name: str, image_size: int, flip: bool, chunk_size: 
             "dtype": dtype}
 
 
-def find_complete_chunks(features_path: str | os.PathLike, dataset: ImageFolderDataset, settings: dict[str, Any],
+def find_complete_chunks(features_path: str | os.PathLike, dataset: ImageFolder, settings: dict[str, Any],
                          chunk_ids: Iterable[int] | None = None) -> set[int]:
     """Ids of chunks (all, or those in `chunk_ids`) already on disk for these settings and images.
 
@@ -182,7 +189,7 @@ def _chunk_seed(seed: int, chunk_id: int) -> int:
     return int(np.random.SeedSequence([seed, chunk_id]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def extract_latent_chunks(dataset: ImageFolderDataset, features_path: str | os.PathLike, vae: Any,
+def extract_latent_chunks(dataset: ImageFolder, features_path: str | os.PathLike, vae: Any,
                           settings: dict[str, Any], chunk_ids: Iterable[int], batch_size: int = 32,
                           num_workers: int = 0, progress: bool = False) -> list[int]:
     """Encode the given chunks that are not complete on disk and write each atomically; returns the ids written."""
@@ -231,7 +238,7 @@ def extract_latent_chunks(dataset: ImageFolderDataset, features_path: str | os.P
     return todo
 
 
-def write_latents_manifest(features_path: str | os.PathLike, dataset: ImageFolderDataset, vae: Any,
+def write_latents_manifest(features_path: str | os.PathLike, dataset: ImageFolder, vae: Any,
                            settings: dict[str, Any]) -> dict[str, Any]:
     """Check every chunk exists with these settings, then write manifest.json atomically (the last step)."""
     folder = Path(features_path)

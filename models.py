@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from cost import fpdm_default_iters, fpdm_step_blocks
+from cost import ARCHITECTURES, Architecture, fpdm_default_iters, fpdm_step_blocks
 from solvers import SolverStats, get_solver
 
 from config import UserError
@@ -664,23 +664,10 @@ def _dit_or_fpdm(fixed_point: bool = False, **kwargs: Any) -> DiT:
     return FPDM(**kwargs) if fixed_point else DiT(**kwargs)
 
 
-# Each entry's keywords are defaults: a caller's depth=... (ModelConfig.depth, --depth) overrides the preset's.
-DiT_XL_2 = partial(_dit_or_fpdm, depth=28, hidden_size=1152, patch_size=2, num_heads=16)
-DiT_XL_4 = partial(_dit_or_fpdm, depth=28, hidden_size=1152, patch_size=4, num_heads=16)
-DiT_XL_8 = partial(_dit_or_fpdm, depth=28, hidden_size=1152, patch_size=8, num_heads=16)
-DiT_L_2 = partial(_dit_or_fpdm, depth=24, hidden_size=1024, patch_size=2, num_heads=16)
-DiT_L_4 = partial(_dit_or_fpdm, depth=24, hidden_size=1024, patch_size=4, num_heads=16)
-DiT_L_8 = partial(_dit_or_fpdm, depth=24, hidden_size=1024, patch_size=8, num_heads=16)
-DiT_B_2 = partial(_dit_or_fpdm, depth=12, hidden_size=768, patch_size=2, num_heads=12)
-DiT_B_4 = partial(_dit_or_fpdm, depth=12, hidden_size=768, patch_size=4, num_heads=12)
-DiT_B_8 = partial(_dit_or_fpdm, depth=12, hidden_size=768, patch_size=8, num_heads=12)
-DiT_S_2 = partial(_dit_or_fpdm, depth=12, hidden_size=384, patch_size=2, num_heads=6)
-DiT_S_4 = partial(_dit_or_fpdm, depth=12, hidden_size=384, patch_size=4, num_heads=6)
-DiT_S_8 = partial(_dit_or_fpdm, depth=12, hidden_size=384, patch_size=8, num_heads=6)
-# CPU-scale presets (the built-in digits dataset).
-DiT_Ti_1 = partial(_dit_or_fpdm, depth=8, hidden_size=128, patch_size=1, num_heads=4)
-DiT_Ti_2 = partial(_dit_or_fpdm, depth=8, hidden_size=128, patch_size=2, num_heads=4)
-DiT_Ti_4 = partial(_dit_or_fpdm, depth=8, hidden_size=128, patch_size=4, num_heads=4)
+def _registry_entry(arch: Architecture) -> partial:
+    # Keywords of a partial are defaults: a caller's depth=... (ModelConfig.depth, --depth) overrides the preset's.
+    return partial(_dit_or_fpdm, depth=arch.depth, hidden_size=arch.hidden_size, patch_size=arch.patch_size,
+                   num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio)
 
 
 class ModelRegistry(dict):
@@ -690,13 +677,7 @@ class ModelRegistry(dict):
         raise UserError(f"--model: unknown model {name!r}; valid names: {', '.join(self)}")
 
 
-DiT_models = ModelRegistry({
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-    "DiT-Ti/1": DiT_Ti_1, "DiT-Ti/2": DiT_Ti_2, "DiT-Ti/4": DiT_Ti_4,
-})
+DiT_models = ModelRegistry({name: _registry_entry(arch) for name, arch in ARCHITECTURES.items()})
 
 
 def get_model_class(name: str):

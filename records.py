@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+import re
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
@@ -17,7 +18,6 @@ from config import UserError, config_diff
 
 if TYPE_CHECKING:
     from allocation import IterationPlan
-    from sampling import TrajectoryStats
 
 SETUP_FILE = "setup.json"  # written by sample.py / sample_ddp.py next to the samples; read by evaluate.py
 REPO_ROOT = Path(__file__).resolve().parent
@@ -26,6 +26,39 @@ REPO_ROOT = Path(__file__).resolve().parent
 def repo_relative(path: str | os.PathLike) -> str:
     """`path` relative to the repository root (records must not hold absolute paths: they move between machines)."""
     return os.path.relpath(os.path.abspath(path), REPO_ROOT)
+
+
+@dataclass
+class TrajectoryStats:
+    """What one batch's trajectory spent, per step in sampling order (t = T-1 first). Per image: every image of a
+    batch runs the same number of iterations."""
+    timesteps: list[int] = field(default_factory=list)          # original diffusion timesteps visited
+    iteration_caps: list[int] = field(default_factory=list)     # iterations allowed (plan or adaptive cap)
+    iters_per_step: list[int] = field(default_factory=list)     # fixed-point iterations actually run
+    blocks_per_step: list[int] = field(default_factory=list)    # block passes per image actually run
+    macs_per_step: list[int] = field(default_factory=list)      # MACs per image actually run (cost.macs_per_step)
+    residuals_per_step: list[list[float]] = field(default_factory=list)  # relative residual after each iteration
+    reused_solution: list[bool] = field(default_factory=list)   # whether the step started from the previous solution
+
+    @property
+    def blocks_per_image(self) -> int:
+        """Total transformer-block forward passes per image for this trajectory."""
+        return sum(self.blocks_per_step)
+
+    @property
+    def macs_per_image(self) -> int:
+        """Total multiply-accumulates per image for this trajectory (guidance's doubled rows included)."""
+        return sum(self.macs_per_step)
+
+    @property
+    def delta_per_step(self) -> list[Optional[float]]:
+        """The paper's delta_t (Fig. 6b/c): the residual of the last iteration at each step."""
+        return [r[-1] if r else None for r in self.residuals_per_step]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**asdict(self), "blocks_per_image": self.blocks_per_image, "macs_per_image": self.macs_per_image,
+                "delta_per_step": self.delta_per_step}
 
 
 #################################################################################
@@ -42,6 +75,37 @@ def _json_default(value: Any) -> Any:
 def to_jsonable(value: Any) -> Any:
     """`value` as it reads back from a JSON file (tuples become lists, paths text, ...)."""
     return json.loads(json.dumps(value, default=_json_default))
+
+
+# An absolute path in a string: a "/" that starts a token, then at least two components ("GMACs /s", "1/2" are not).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/[^\s/\"',;)]+/[^\s\"',;)]*")
+
+
+def record_root(record_path: str | os.PathLike) -> Path:
+    """The folder a record's paths are relative to: the repository holding it (the nearest folder with .git), else
+    the record's own folder. So a committed record means the same in every clone."""
+    folder = Path(os.path.abspath(record_path)).parent
+    return next((f for f in (folder, *folder.parents) if (f / ".git").exists()), folder)
+
+
+def relative_paths(text: str, root: str | os.PathLike) -> str:
+    """`text` with every absolute path written relative to `root`; relative paths stay as they are (idempotent)."""
+    return ABSOLUTE_PATH.sub(lambda match: os.path.relpath(match.group(0), root), text)
+
+
+def resolve_path(stored: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """A path read from a record whose paths are relative to `root` (record_root); old absolute ones as they are."""
+    return Path(root) / stored
+
+
+def portable(payload: Any, record_path: str | os.PathLike) -> Any:
+    """`payload` as the record at `record_path` stores it: JSON types, paths relative to record_root."""
+    return json.loads(relative_paths(json.dumps(payload, default=_json_default), record_root(record_path)))
+
+
+def write_record(path: str | os.PathLike, payload: Any) -> Path:
+    """write_json of a record that others read (results, setup.json): its paths relative to record_root(path)."""
+    return write_json(path, portable(payload, path))
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
@@ -77,7 +141,8 @@ def refuse_other_setup(folder: Path, setup: dict[str, Any], flag: str, image_fil
         return
     recorded = read_json(record_path, flag)
     before = recorded.get("setup", {}) if isinstance(recorded, dict) else {}
-    differences = config_diff(comparable(before), comparable(setup))
+    # Both sides as stored, so a folder written with absolute paths (older versions) still compares equal.
+    differences = config_diff(comparable(portable(before, record_path)), comparable(portable(setup, record_path)))
     if differences:
         raise UserError(f"{flag} {folder} holds images of a different setup (recorded != now: "
                         f"{'; '.join(differences[:8])}); pass another {flag}, or the same flags to continue it")
@@ -85,7 +150,7 @@ def refuse_other_setup(folder: Path, setup: dict[str, Any], flag: str, image_fil
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append one JSON line to `path` (creating the folder): logs that grow run after run."""
-    line = json.dumps(record, default=_json_default)
+    line = relative_paths(json.dumps(record, default=_json_default), record_root(path))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         handle.write(line + "\n")
@@ -188,7 +253,7 @@ def write_diagnostics(path: str | Path, plan: IterationPlan, trajectories: Seque
         })
     payload = {"plan": plan.to_dict(), "setup": setup or {}, "per_batch_blocks_per_image":
                [s.blocks_per_image for s in trajectories], "steps": steps}
-    write_json(path, payload)
+    write_record(path, payload)
     if not plot or not trajectories or not plan.fixed_point:
         return None
     return plot_deltas(Path(path).with_suffix(".png"), plan, trajectories[:max_curves])

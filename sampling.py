@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -35,8 +35,9 @@ from config import DEFAULT_CFG_SCALE, ModelConfig, SampleConfig, UserError, conf
 import cost
 from images import decode_to_uint8, make_grid, save_png
 from models import FixedPointStats, classifier_free_guidance
-from records import summarize_stats
+from records import TrajectoryStats, summarize_stats
 from solvers import get_solver
+from vae import load_vae_for
 
 TIMESTEP_SPACINGS = ("default", "trailing")
 
@@ -264,43 +265,6 @@ def image_labels(indices: Sequence[int], seed: int, num_classes: int, class_labe
     return ImageRandom(seed, indices, num_classes).labels()
 
 
-#################################################################################
-#                               One trajectory                                  #
-#################################################################################
-
-@dataclass
-class TrajectoryStats:
-    """What one batch's trajectory spent, per step in sampling order (t = T-1 first). Per image: every image of a
-    batch runs the same number of iterations."""
-    timesteps: list[int] = field(default_factory=list)          # original diffusion timesteps visited
-    iteration_caps: list[int] = field(default_factory=list)     # iterations allowed (plan or adaptive cap)
-    iters_per_step: list[int] = field(default_factory=list)     # fixed-point iterations actually run
-    blocks_per_step: list[int] = field(default_factory=list)    # block passes per image actually run
-    macs_per_step: list[int] = field(default_factory=list)      # MACs per image actually run (cost.macs_per_step)
-    residuals_per_step: list[list[float]] = field(default_factory=list)  # relative residual after each iteration
-    reused_solution: list[bool] = field(default_factory=list)   # whether the step started from the previous solution
-
-    @property
-    def blocks_per_image(self) -> int:
-        """Total transformer-block forward passes per image for this trajectory."""
-        return sum(self.blocks_per_step)
-
-    @property
-    def macs_per_image(self) -> int:
-        """Total multiply-accumulates per image for this trajectory (guidance's doubled rows included)."""
-        return sum(self.macs_per_step)
-
-    @property
-    def delta_per_step(self) -> list[Optional[float]]:
-        """The paper's delta_t (Fig. 6b/c): the residual of the last iteration at each step."""
-        return [r[-1] if r else None for r in self.residuals_per_step]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {**asdict(self), "blocks_per_image": self.blocks_per_image, "macs_per_image": self.macs_per_image,
-                "delta_per_step": self.delta_per_step}
-
-
 @dataclass
 class SampleBatch:
     """A finished batch: image indices, labels (None if unconditional), samples in model space and statistics."""
@@ -511,6 +475,52 @@ def prepare_sampling(model_config: ModelConfig, config: SampleConfig, model: Any
     if config.budget_gmacs is not None:
         assert planned_macs(model_config, plan, config.cfg_scale != 1.0) <= config.budget_gmacs * 1e9
     return config, plan, notes
+
+
+@dataclass
+class Loaded:
+    """A checkpoint ready to sample from (sample.py's and sample_ddp.py's step "load")."""
+    model: Any
+    model_config: ModelConfig
+    ckpt: Path
+    device: torch.device
+    vae: Any  # the AutoencoderKL of a latent model, else None
+
+
+def load(config: SampleConfig, model_flags: dict[str, Any], device: Optional[torch.device] = None) -> Loaded:
+    """--ckpt on `device` (None: --device) with the model flags checked against it and finite weights, and, for a
+    latent model, its --vae."""
+    device = device or resolve_device(config.device)
+    model, model_config, ckpt = load_sampling_model(config.ckpt, device, config.use_ema, model_flags)
+    check_finite_weights(model, ckpt)
+    return Loaded(model, model_config, ckpt, device, load_vae_for(model_config, config.vae, device))
+
+
+@dataclass
+class Request:
+    """What to draw (the step "plan"): the effective flags, the compute plan with its notes, --class_labels."""
+    config: SampleConfig
+    plan: IterationPlan
+    notes: list[str]
+    class_labels: Optional[list[int]]
+
+    def labels(self, indices: Sequence[int], num_classes: int, label_mode: str) -> Optional[Tensor]:
+        """The class labels of images `indices` (image_labels)."""
+        return image_labels(indices, self.config.seed, num_classes, self.class_labels, label_mode=label_mode)
+
+
+def plan_request(loaded: Loaded, config: SampleConfig) -> Request:
+    """Check the flags against the loaded model and plan the compute (prepare_sampling)."""
+    config, plan, notes = prepare_sampling(loaded.model_config, config, model=loaded.model, device=loaded.device)
+    return Request(config, plan, notes, parse_class_labels(config.class_labels, loaded.model_config.num_classes))
+
+
+def draw(loaded: Loaded, request: Request, indices: Sequence[int], labels: Optional[Tensor],
+         **options: Any) -> Generated:
+    """generate() images `indices` of a request (the step "generate"); `options`: on_batch, keep_images."""
+    return generate(loaded.model, loaded.model_config, request.config, request.plan, indices, labels,
+                    seed=request.config.seed, batch_size=request.config.batch_size, device=loaded.device,
+                    vae=loaded.vae, **options)
 
 
 def sample_grid_png(model: Any, model_config: ModelConfig, path: str | Path, *,

@@ -113,9 +113,9 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 
 def write_payload(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write the results JSON (records.write_json) and say where."""
-    from records import write_json  # here, not at the top: records imports torch (threads are limited first)
-    write_json(path, payload)
+    """Write the results JSON (records.write_record: paths relative to the repository) and say where."""
+    from records import write_record  # here, not at the top: records imports torch (threads are limited first)
+    write_record(path, payload)
     print(f"wrote {path}")
 
 

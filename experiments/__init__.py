@@ -1,2 +1,2 @@
-"""Miniature reproductions of the paper's experiments; run each from the repository root as
-`python -m experiments.<name>` (see experiments/common.py)."""
+"""The sweep at the paper's settings (sweep.py), its claims and figures (claims.py) and the model export
+(export_models.py); run each from the repository root as `python -m experiments.<name>`."""

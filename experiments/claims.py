@@ -2,11 +2,9 @@
 
 One entry per paper claim: the paper's numbers, ours per dataset with the spread over training seeds, the settings
 (M, N, depths, training compute, training seeds, whether they are the paper's), a verdict per dataset, and the files
-the numbers come from. Two kinds of evidence are kept apart:
-  * "<dataset>" (e.g. mnist5k, digits): the sweep (experiments/sweep.py) at the paper's settings, >= 1 training seed;
-    a FID difference counts only if Welch's t-test over training seeds gives p < 0.05 ("exceeds the spread");
-  * "digits (earlier, 1 seed)": the earlier single-seed digits experiments (exp2-exp7, S-JFB M = N = 3), where only
-    the direction can be read.
+the numbers come from. The evidence per dataset (e.g. mnist5k, digits) is the sweep (experiments/sweep.py) at the
+paper's settings, >= 1 training seed; a FID difference counts only if Welch's t-test over training seeds gives
+p < 0.05 ("exceeds the spread"); with one seed only the direction can be read.
 Verdicts: agrees (every comparison the claim makes goes the paper's way), partly (some do), disagrees (none do),
 not measured.
 
@@ -18,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -28,7 +26,6 @@ from records import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
-EARLIER = "digits (earlier, 1 seed)"
 ALPHA = 0.05
 BEGIN, END = "<!-- claims.py: begin -->", "<!-- claims.py: end -->"
 DIT_STEPS_TO_PAPER_BLOCKS = {5: 140, 10: 280, 20: 560}
@@ -42,7 +39,7 @@ PAPER_TABLE1 = {  # paper blocks -> sampler -> (DiT FID, FPDM FID)
 @dataclass
 class ClaimsConfig:
     """Flags of claims."""
-    results_dir: str = flag(str(RESULTS), "Folder holding sweep/ and the exp*.json files.")
+    results_dir: str = flag(str(RESULTS), "Folder holding sweep/ (the sweep's result files).")
     results_md: str = flag(str(ROOT / "RESULTS.md"), "Markdown file whose summary block is rewritten ('': none).")
     include_quick: bool = flag(False, "Also read the sweep's --quick results (for tests; never for RESULTS.md).")
 
@@ -144,12 +141,6 @@ class Sweep:
         return [r["_path"] for name in configurations for r in self.get(experiment, dataset, name)]
 
 
-def earlier(results_dir: Path, name: str) -> Optional[dict[str, Any]]:
-    """An earlier single-seed experiment's JSON (exp2-exp7), or None."""
-    path = results_dir / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def fid_of(record: dict[str, Any]) -> float:
     return float(record["fid_mean"])
 
@@ -158,7 +149,7 @@ def fid_of(record: dict[str, Any]) -> float:
 #                                   The claims                                  #
 #################################################################################
 
-def table1_claim(sweep: Sweep, results_dir: Path, matching: str) -> dict[str, Any]:
+def table1_claim(sweep: Sweep, matching: str) -> dict[str, Any]:
     """Table 1: FPDM vs DiT at 140/280/560 blocks (our 5/10/20 DiT steps), DDPM and DDIM; block- or FLOP-matched."""
     paper_winner = {(b, s): "FPDM" if fp < dit else "DiT" for b, row in PAPER_TABLE1.items() for s, (dit, fp) in row.items()}
     ours, verdicts, settings, files = {}, {}, {}, []
@@ -184,18 +175,6 @@ def table1_claim(sweep: Sweep, results_dir: Path, matching: str) -> dict[str, An
         ours[dataset], verdicts[dataset] = cells, table1_verdict(cells)
         settings[dataset] = sweep.settings("table1", dataset, ("dit", "fpdm"))
         files += sweep.files("table1", dataset, ("dit", "fpdm"))
-    old = earlier(results_dir, "exp2_table1")
-    if old is not None and matching == "block_matched":
-        cells = []
-        for row in old["rows"]:
-            blocks = DIT_STEPS_TO_PAPER_BLOCKS.get(row["dit_steps"])
-            won = "FPDM" if row["FPDM"]["fid_mean"] < row["DiT"]["fid_mean"] else "DiT"
-            cells.append({"dit_steps": row["dit_steps"], "sampler": row["sampler"], "winner": won,
-                          "paper_winner": paper_winner.get((blocks, row["sampler"])),
-                          "fpdm_fid": spread([row["FPDM"]["fid_mean"]]), "dit_fid": spread([row["DiT"]["fid_mean"]])})
-        ours[EARLIER], verdicts[EARLIER] = cells, table1_verdict(cells)
-        settings[EARLIER] = {"N": 3, "M": 3, "training_seeds": [0], "paper_settings": False}
-        files.append("experiments/results/exp2_table1.json")
     what = "equal GMACs per image (cost.macs_per_step)" if matching == "flop_matched" else "equal block passes"
     return {"id": f"table1_{matching}", "claim": f"FPDM beats DiT at 140 and 280 blocks (DDPM and DDIM) and at 560 "
             f"with DDPM; DiT wins at 560 with DDIM (Table 1), compared at {what}",
@@ -204,7 +183,7 @@ def table1_claim(sweep: Sweep, results_dir: Path, matching: str) -> dict[str, An
             "ours": ours, "settings": settings, "verdict": verdicts, "files": files}
 
 
-def smoothing_claims(sweep: Sweep, results_dir: Path) -> list[dict[str, Any]]:
+def smoothing_claims(sweep: Sweep) -> list[dict[str, Any]]:
     """Fig. 4 (a few iterations over many steps is best; the DiT-equivalent allocation is worse than the DiT) and
     Fig. 6a (reuse helps at few iterations, barely at many)."""
     fig4 = {"id": "fig4_smoothing", "claim": "At a fixed budget, a few iterations per step over many steps is best; "
@@ -242,26 +221,10 @@ def smoothing_claims(sweep: Sweep, results_dir: Path) -> list[dict[str, Any]]:
         for claim in (fig4, fig6):
             claim["settings"][dataset] = sweep.settings("table1", dataset, ("fpdm",))
             claim["files"] += sweep.files("smoothing", dataset, ("fpdm",))
-    old3, old4 = earlier(results_dir, "exp3_smoothing"), earlier(results_dir, "exp4_reuse")
-    if old3 is not None:
-        by_k = {r["iters"]: r["fid_mean"] for r in old3["fpdm"]}
-        k_dit = max(by_k)
-        fig4["ours"][EARLIER] = {"fid_by_iters": by_k, "best_iters": old3["best_iters"], "dit_fid": old3["dit"]["fid_mean"]}
-        fig4["verdict"][EARLIER] = verdict([old3["best_iters"] < k_dit, by_k[k_dit] > old3["dit"]["fid_mean"]])
-        fig4["files"].append("experiments/results/exp3_smoothing.json")
-    if old4 is not None:
-        gains = {r["iters"]: r["no_reuse"]["fid_mean"] - r["reuse"]["fid_mean"] for r in old4["sweep"]}
-        fewest, most = min(gains), max(gains)
-        fig6["ours"][EARLIER] = {"reuse_gain_by_iters": gains}
-        fig6["verdict"][EARLIER] = verdict([gains[fewest] > 0, gains[fewest] > abs(gains[most])])
-        fig6["files"].append("experiments/results/exp4_reuse.json")
-    for claim in (fig4, fig6):
-        if EARLIER in claim["ours"]:
-            claim["settings"][EARLIER] = {"N": 3, "M": 3, "training_seeds": [0], "paper_settings": False}
     return [fig4, fig6]
 
 
-def table5_claims(sweep: Sweep, results_dir: Path) -> list[dict[str, Any]]:
+def table5_claims(sweep: Sweep) -> list[dict[str, Any]]:
     """Table 5 (S-JFB < multi-step JFB < JFB, which fails) and Table 4 (N = 6 beats N = 12)."""
     t5 = {"id": "table5_sjfb", "claim": "S-JFB beats multi-step JFB, and both beat 1-step JFB, which fails (Table 5, "
           "N = 6 and 12, M = N)", "paper": {"N=6": {"JFB": 567.6, "multi-step": 48.2, "S-JFB": 43.2},
@@ -294,18 +257,10 @@ def table5_claims(sweep: Sweep, results_dir: Path) -> list[dict[str, Any]]:
             t4["verdict"][dataset] = verdict([winner(c, "6", "12") == "6"])
             t4["settings"][dataset] = sweep.settings("table5", dataset, ("N6-sjfb", "N12-sjfb"))
             t4["files"] += sweep.files("table5", dataset, ("N6-sjfb", "N12-sjfb"))
-    old = earlier(results_dir, "exp5_sjfb")
-    if old is not None:
-        v = {k.split(" ")[0]: r["fid_mean"] for k, r in old["variants"].items()}
-        t5["ours"][EARLIER] = {"N=3": v}
-        t5["verdict"][EARLIER] = verdict([v["S-JFB"] < v["multi-step"], v["multi-step"] < v["JFB"],
-                                          v["S-JFB"] < v["JFB"]])
-        t5["settings"][EARLIER] = {"N": 3, "M": 3, "training_seeds": [0], "paper_settings": False}
-        t5["files"].append("experiments/results/exp5_sjfb.json")
     return [t5, t4]
 
 
-def prepost_claim(sweep: Sweep, results_dir: Path) -> dict[str, Any]:
+def prepost_claim(sweep: Sweep) -> dict[str, Any]:
     """Fig. 7: >= 1 pre/post layer beats 0 at every budget; 1 is best at small budgets, 2 or 4 at larger ones."""
     claim = {"id": "fig7_prepost", "claim": "At least 1 explicit pre/post layer always beats 0; 1 is best at small "
              "budgets, 2 or 4 at larger ones (Fig. 7)", "paper": "plot only (0, 1, 2, 4 layers)", "ours": {},
@@ -327,20 +282,11 @@ def prepost_claim(sweep: Sweep, results_dir: Path) -> dict[str, Any]:
         claim["ours"][dataset], claim["verdict"][dataset] = budgets, verdict(matches)
         claim["settings"][dataset] = sweep.settings("prepost", dataset, [f"prepost{p}" for p in depths])
         claim["files"] += sweep.files("prepost", dataset, [f"prepost{p}" for p in depths])
-    old = earlier(results_dir, "exp7_prepost")
-    if old is not None:
-        by_depth = {int(p): [r["fid_mean"] for r in m["rows"]] for p, m in old["models"].items()}
-        best = [min(by_depth, key=lambda p: by_depth[p][i]) for i in range(len(old["budgets"]))]
-        claim["ours"][EARLIER] = {"fid_by_depth": by_depth, "budgets": old["budgets"], "best_depth": best}
-        claim["verdict"][EARLIER] = verdict([b != 0 for b in best] + [best[0] == 1, best[-1] in (2, 4)])
-        claim["settings"][EARLIER] = {"N": 3, "M": 3, "depths": sorted(by_depth), "training_seeds": [0],
-                                      "paper_settings": False}
-        claim["files"].append("experiments/results/exp7_prepost.json")
     return claim
 
 
-def static_claims(results_dir: Path, sweep: Sweep) -> list[dict[str, Any]]:
-    """Parameters, training memory and Anderson: measured once (no training seeds involved, or earlier only)."""
+def static_claims(sweep: Sweep) -> list[dict[str, Any]]:
+    """Parameters and training memory: measured once (no training seeds involved)."""
     claims = []
     params = json.loads((ROOT / "benchmarks/results/param_counts.json").read_text())
     xl = next(r for r in params["rows"] if r["model"] == "DiT-XL/2")
@@ -364,24 +310,16 @@ def static_claims(results_dir: Path, sweep: Sweep) -> list[dict[str, Any]]:
                    "settings": {"N": 12, "M": 12, "batch": xl_pair[0]["batch"], "device": "cpu"},
                    "verdict": {"XL/2 CPU": verdict([fpdm_mb < 0.6 * dit_mb])},
                    "files": ["benchmarks/results/train_memory.json"]})
-    old = earlier(results_dir, "exp6_anderson")
-    if old is not None:
-        rows = {r["iters"]: {"iteration": r["iteration"]["fid_mean"], "anderson": r["anderson"]["fid_mean"]}
-                for r in old["rows"]}
-        claims.append({"id": "anderson", "claim": "(beyond the paper) Anderson acceleration vs plain fixed-point "
-                       "iteration at equal budget", "paper": None, "ours": {EARLIER: rows},
-                       "settings": {EARLIER: {"N": 3, "M": 3, "training_seeds": [0], "paper_settings": False}},
-                       "verdict": {EARLIER: "no FID difference"}, "files": ["experiments/results/exp6_anderson.json"]})
     return claims
 
 
 def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str, Any]]:
     """Every claim from the files under results_dir."""
     sweep = Sweep.read(results_dir, include_quick)
-    claims = static_claims(results_dir, sweep)
-    claims += [table1_claim(sweep, results_dir, "block_matched"), table1_claim(sweep, results_dir, "flop_matched")]
-    claims += smoothing_claims(sweep, results_dir) + table5_claims(sweep, results_dir)
-    claims.append(prepost_claim(sweep, results_dir))
+    claims = static_claims(sweep)
+    claims += [table1_claim(sweep, "block_matched"), table1_claim(sweep, "flop_matched")]
+    claims += smoothing_claims(sweep) + table5_claims(sweep)
+    claims.append(prepost_claim(sweep))
     return claims
 
 
@@ -392,27 +330,24 @@ def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str,
 def ours_cell(claim: dict[str, Any], dataset: str) -> str:
     """A short, readable summary of our numbers for one dataset."""
     data, cid = claim["ours"][dataset], claim["id"]
-    if cid.startswith("table1") and dataset != EARLIER:
+    if cid.startswith("table1"):
         return "; ".join(f"{c['sampler'].upper()} {c['paper_blocks']}: FPDM {c['fpdm_fid']['mean']:.1f} vs DiT "
                          f"{c['dit_fid']['mean']:.1f} ({c['winner']}{p_text(c['welch_p'])})" for c in data)
-    if cid.startswith("table1"):
-        return "; ".join(f"{c['sampler'].upper()} {DIT_STEPS_TO_PAPER_BLOCKS[c['dit_steps']]}: FPDM "
-                         f"{c['fpdm_fid']['mean']:.1f} vs DiT {c['dit_fid']['mean']:.1f}" for c in data)
-    if cid == "table5_sjfb" and dataset != EARLIER:
+    if cid == "table5_sjfb":
         return "; ".join(f"{n}: S-JFB {fmt(v['fid']['sjfb'], 1)}, multi {fmt(v['fid']['multistep'], 1)}, JFB "
                          f"{fmt(v['fid']['jfb'], 1)}" for n, v in data.items())
     if cid == "table4_mn":
         c = data["N=M=6_vs_12"]
         return f"S-JFB N=M=6 {fmt(c['a'], 1)} vs 12 {fmt(c['b'], 1)}{p_text(c['welch_p'])}"
-    if cid == "fig7_prepost" and dataset != EARLIER:
+    if cid == "fig7_prepost":
         return "; ".join(f"{b['budget_blocks']} blocks: " + ", ".join(f"{p}: {s['mean']:.1f}" for p, s in
                                                                       b["fid"].items()) + f" (best {b['best_depth']})"
                          for b in data)
-    if cid == "fig4_smoothing" and dataset != EARLIER:
+    if cid == "fig4_smoothing":
         parts = ", ".join(f"k={k}: {s['mean']:.1f}" for k, s in data["fid_by_iters"].items())
         dit = f"; DiT {data['dit_fid']['mean']:.1f}" if data["dit_fid"] else ""
         return f"{data['budget_blocks']} blocks: {parts}{dit}"
-    if cid == "fig6a_reuse" and dataset != EARLIER:
+    if cid == "fig6a_reuse":
         return "FID gain from reuse: " + ", ".join(f"k={k}: {s['mean']:+.1f}" for k, s in
                                                   data["reuse_gain_by_iters"].items())
     return compact(data)
@@ -458,7 +393,7 @@ def details(claims: list[dict[str, Any]]) -> list[str]:
     """Per-dataset tables of the sweep's comparisons (mean ± std over training seeds, Welch p)."""
     by_id, lines = {c["id"]: c for c in claims}, []
     block, flop = by_id["table1_block_matched"]["ours"], by_id["table1_flop_matched"]["ours"]
-    for dataset in (d for d in block if d != EARLIER):
+    for dataset in block:
         lines += ["", f"**Table 1 on {dataset}** (FID; block-matched: equal block passes; FLOP-matched: the FPDM "
                   "gets the DiT's GMACs per image):", "",
                   "| sampler | paper blocks | our blocks | GMACs | DiT | FPDM block-matched | p | FPDM FLOP-matched | p "
@@ -470,8 +405,6 @@ def details(claims: list[dict[str, Any]]) -> list[str]:
                          f"{p_text(b['welch_p'])[2:] or '-'} | {flop_cells} | {100 * b['dit_accuracy']['mean']:.1f}% | "
                          f"{100 * b['fpdm_accuracy']['mean']:.1f}% |")
     for dataset, per_n in by_id["table5_sjfb"]["ours"].items():
-        if dataset == EARLIER:
-            continue
         lines += ["", f"**Table 5 on {dataset}** (FID at one budget, DDPM):", "",
                   "| N | JFB (m = 1) | multi-step (m = N) | S-JFB (m ~ U{1..N}) | p S-JFB vs multi | p multi vs JFB |",
                   "|---|---|---|---|---|---|"]
@@ -480,16 +413,12 @@ def details(claims: list[dict[str, Any]]) -> list[str]:
                          f"{p_text(v['sjfb_vs_multistep']['welch_p'])[2:] or '-'} | "
                          f"{p_text(v['multistep_vs_jfb']['welch_p'])[2:] or '-'} |")
     for dataset, budgets in by_id["fig7_prepost"]["ours"].items():
-        if dataset == EARLIER:
-            continue
         lines += ["", f"**Fig. 7 on {dataset}** (FID, DDPM, best iterations per step with reuse):", "",
                   "| blocks | 0 | 1 | 2 | 4 | best | p best (>=1) vs 0 |", "|---|---|---|---|---|---|---|"]
         for b in budgets:
             lines.append(f"| {b['budget_blocks']} | " + " | ".join(fmt(b["fid"][p]) for p in (0, 1, 2, 4)) +
                          f" | {b['best_depth']} | {p_text(b['best_nonzero_vs_zero']['welch_p'])[2:] or '-'} |")
     for dataset, data in by_id["fig4_smoothing"]["ours"].items():
-        if dataset == EARLIER:
-            continue
         gains = by_id["fig6a_reuse"]["ours"][dataset]["reuse_gain_by_iters"]
         lines += ["", f"**Smoothing and reuse on {dataset}** ({data['budget_blocks']} blocks, DDPM; DiT: "
                   f"{fmt(data['dit_fid']) if data['dit_fid'] else '-'}):", "",
@@ -520,8 +449,6 @@ def plot_table1(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     if plt is None:
         return written
     for dataset, cells in by_id["table1_block_matched"]["ours"].items():
-        if dataset == EARLIER:
-            continue
         flop = by_id["table1_flop_matched"]["ours"].get(dataset, [])
         figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         for axis, sampler in zip(axes, ("ddpm", "ddim")):

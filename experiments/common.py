@@ -1,18 +1,12 @@
-"""Shared helpers for the miniature reproductions in experiments/ (run from the repository root as
-`python -m experiments.<name>`).
+"""What the sweep (experiments/sweep.py) and export_models.py share: flags and the run context, training through
+the library (reusing a finished run, resuming an interrupted one), loading weights, sampling and scoring.
 
 Everything here is a thin layer over the library: models and runs are ModelConfig / TrainConfig / SampleConfig
 objects, training goes through `run_training`, sampling through `generate` (the one call into each), block costs
-come from cost.py, compute plans from allocation.py (via sampling), and digits-FID / classifier accuracy from
-`classifier` (on fid.py's Frechet distance). No sampling, allocation, cost or FID logic is re-implemented here.
-
-Conventions of every experiment script:
-  * flags come from one dataclass per script (fields of ExperimentConfig plus its own), parsed by config.parse_flags;
-    a field left None takes the script's full or --quick default;
-  * one command, `--out_dir` (default experiments/results/), writes `<out_dir>/<name>.json` and `<name>.png`;
-  * `--quick` runs in seconds (tiny models trained for a few steps, a handful of samples) for the tests;
-  * sampling seeds: seed s draws image i from generator seed `s * SEED_STRIDE + i` (sampling.py's per-image
-    streams), so different seeds never share images; allocation searches use their own seed (SEARCH_SEED).
+come from cost.py, compute plans from allocation.py (via sampling), and FID / classifier accuracy from `classifier`
+(on fid.py's Frechet distance). Sampling seeds: seed s draws image i from generator seed `s * SEED_STRIDE + i`
+(sampling.py's per-image streams), so different seeds never share images; allocation searches use their own seed
+(SEARCH_SEED).
 """
 from __future__ import annotations
 
@@ -25,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,25 +29,16 @@ import sampling
 from allocation import IterationPlan, planned_macs
 from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
 from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, parse_flags
-from cost import blocks_per_step, training_units_per_step
+from cost import training_units_per_step
 from metrics import feature_metrics, inception_score_record
-from records import read_json, to_jsonable, write_json
+from records import read_json, to_jsonable, write_json, write_record
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO_ROOT / "experiments" / "results"
 PRETRAINED_DIR = REPO_ROOT / "pretrained"
-FPDM_CKPT = PRETRAINED_DIR / "fpdm-digits.safetensors"
-DIT_CKPT = PRETRAINED_DIR / "dit-digits.safetensors"
-CLASSIFIER_PATH = DEFAULT_OUT_DIR / "digits_classifier.safetensors"
 CLASSIFIER_SEED = 0  # the cached classifiers were trained with seed 0 and their recipe's default steps
 SEED_STRIDE = 1_000_000
 SEARCH_SEED = 99  # allocation searches never use the seeds whose FID is reported
-QUICK_MODEL_STEPS = 3  # training steps of the tiny --quick models
-
-DEFAULT_SJFB = (0, 3, 1, 3)  # (n_min, N, m_min, M): S-JFB with M = N = 3 (Table 4: 3 is as good as 6, half the cost)
-# The digits recipe shared by every model here (paper Sec. 4.1: v-prediction + zero terminal SNR, learned sigma).
-DIGITS_MODEL = ModelConfig(model="DiT-Ti/2", predict_v=True, use_zero_terminal_snr=True, learn_sigma=True)
-DIGITS_TRAINING = TrainConfig(dataset="digits", global_batch_size=64, global_seed=0)
 # FID sampling as the paper reports it: no guidance; large batches (image i is the same whatever the batch size).
 EVALUATION_SAMPLING = SampleConfig(cfg_scale=1.0, batch_size=500, device="cpu")
 
@@ -63,32 +48,17 @@ EVALUATION_SAMPLING = SampleConfig(cfg_scale=1.0, batch_size=500, device="cpu")
 #################################################################################
 
 
-
 @dataclass
 class ExperimentConfig:
-    """Flags every experiment shares; None means the script's full (or --quick) default."""
-    out_dir: str = flag(str(DEFAULT_OUT_DIR), "Folder for <name>.json and <name>.png.")
+    """Flags every experiment script shares."""
+    out_dir: str = flag(str(DEFAULT_OUT_DIR), "Folder for the results (and runs/ for the training runs).")
     quick: bool = flag(False, "Seconds-long smoke run (tiny models, few samples).")
     threads: int = flag(1, "torch intra-op threads (1: robust on a shared 2-core CPU; 2 only when idle).")
-    seeds: Optional[int] = flag(None, "Number of sampling seeds (None: the script's default).")
-    num_samples: Optional[int] = flag(None, "Samples per FID evaluation (None: the script's default).")
-    classifier: str = flag(str(CLASSIFIER_PATH), "Cached digits classifier (safetensors).")
-    zero_allowed: ClassVar[tuple[str, ...]] = ()  # whole-number flags of a script for which 0 is valid
 
     def validate(self) -> "ExperimentConfig":
-        """Every whole-number flag must be >= 1 (>= 0 if in zero_allowed; lists are checked where they are read)."""
-        for f in fields(self):
-            value, low = getattr(self, f.name), 0 if f.name in self.zero_allowed else 1
-            if isinstance(value, int) and not isinstance(value, bool) and value < low:
-                raise UserError(f"--{f.name}: must be >= {low} (got {value})")
+        if self.threads < 1:
+            raise UserError(f"--threads: must be >= 1 (got {self.threads})")
         return self
-
-
-@dataclass
-class CheckpointConfig(ExperimentConfig):
-    """ExperimentConfig plus the weights the evaluation scripts sample from."""
-    fpdm_ckpt: str = flag("", f"FPDM weights ('': {FPDM_CKPT.relative_to(REPO_ROOT)}; --quick: tiny quick models).")
-    dit_ckpt: str = flag("", f"DiT weights ('': {DIT_CKPT.relative_to(REPO_ROOT)}; --quick: tiny quick models).")
 
 
 @dataclass(frozen=True)
@@ -100,14 +70,11 @@ class Run:
     started: float
 
 
-def start(name: str, cls: type, doc: str, argv: Sequence[str] | None, full: dict[str, Any],
-          quick: dict[str, Any]) -> tuple[Any, Run]:
-    """Parse `argv` into `cls` (fields left None take `full` or, under --quick, `quick`), set the threads and
-    create --out_dir; returns the validated config and the run context."""
+def start(name: str, cls: type, doc: str, argv: Sequence[str] | None) -> tuple[Any, Run]:
+    """Parse `argv` into `cls`, set the threads and create --out_dir; returns the validated config and the run
+    context."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = build_config(cls, parse_flags(doc, [cls], argv))
-    defaults = quick if config.quick else full
-    config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None}).validate()
+    config = build_config(cls, parse_flags(doc, [cls], argv)).validate()
     torch.set_num_threads(config.threads)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,23 +95,6 @@ def int_list(text: str, flag: str) -> list[int]:
 #################################################################################
 #                                   Training                                    #
 #################################################################################
-
-def digits_model(fixed_point: bool, sjfb: Sequence[int] = DEFAULT_SJFB, pre_post: int = 1) -> ModelConfig:
-    """The digits DiT (8 blocks), or an FPDM with `pre_post` pre + one fixed-point block + `pre_post` post blocks
-    trained with S-JFB bounds `sjfb` = (n_min, N, m_min, M)."""
-    if not fixed_point:
-        return DIGITS_MODEL.validate()
-    n_lo, n_hi, m_lo, m_hi = sjfb
-    return replace(DIGITS_MODEL, fixed_point=True, fixed_point_pre_depth=pre_post, fixed_point_post_depth=pre_post,
-                   fixed_point_no_grad_min_iters=n_lo, fixed_point_no_grad_max_iters=n_hi,
-                   fixed_point_with_grad_min_iters=m_lo, fixed_point_with_grad_max_iters=m_hi).validate()
-
-
-def digits_training(name: str, steps: int, lr: float, runs_dir: Path, sample_grid: bool = True) -> TrainConfig:
-    """DIGITS_TRAINING for `steps` steps at `lr` into <runs_dir>/<name> (one log window per 100 steps)."""
-    return replace(DIGITS_TRAINING, lr=lr, max_steps=steps, log_every=max(1, min(100, steps)), ckpt_every=steps,
-                   output_dir=str(runs_dir), output_subdir=name, sample_grid=sample_grid).validate()
-
 
 def steps_for_units(total_units: float, config: ModelConfig) -> int:
     """Training steps that spend `total_units` block-pass units per image for this model."""
@@ -229,31 +179,6 @@ def export_ema(run_dir: str | Path, path: str | Path, half: bool = True) -> Path
     return Path(path)
 
 
-def quick_models(out_dir: Path) -> tuple[Path, Path]:
-    """Tiny FPDM and DiT (QUICK_MODEL_STEPS training steps) for --quick runs, trained once per out_dir and reused."""
-    folder = out_dir / "quick_models"
-    fpdm_path, dit_path = folder / "fpdm.safetensors", folder / "dit.safetensors"
-    for path, fixed_point in ((fpdm_path, True), (dit_path, False)):
-        if not path.is_file():
-            train_config = digits_training(path.stem, QUICK_MODEL_STEPS, lr=1e-3, runs_dir=folder / "runs",
-                                           sample_grid=False)
-            export_ema(run_training(digits_model(fixed_point), train_config), path)
-    return fpdm_path, dit_path
-
-
-def resolve_checkpoints(config: CheckpointConfig, out_dir: Path) -> tuple[Path, Path]:
-    """(FPDM, DiT) weights: the flags, else the shipped models, else (under --quick) tiny quick models."""
-    if config.quick and not (config.fpdm_ckpt and config.dit_ckpt):
-        quick_fpdm, quick_dit = quick_models(out_dir)
-        return Path(config.fpdm_ckpt or quick_fpdm), Path(config.dit_ckpt or quick_dit)
-    fpdm_path, dit_path = Path(config.fpdm_ckpt or FPDM_CKPT), Path(config.dit_ckpt or DIT_CKPT)
-    for path, flag_name in ((fpdm_path, "--fpdm_ckpt"), (dit_path, "--dit_ckpt")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{flag_name}: {path} does not exist; run python -m experiments.exp1_equal_compute "
-                                    "first")
-    return fpdm_path, dit_path
-
-
 @dataclass
 class Loaded:
     """A model loaded for sampling, with its weights file and ModelConfig."""
@@ -265,12 +190,6 @@ class Loaded:
 def load(path: str | Path) -> Loaded:
     """Load weights for sampling (eval mode, CPU) via checkpoint.load_model_for_sampling."""
     return Loaded(Path(path), *load_model_for_sampling(path, device="cpu", flag="--ckpt"))
-
-
-def load_models(config: CheckpointConfig, out_dir: Path) -> tuple[Loaded, Loaded]:
-    """The (FPDM, DiT) an evaluation script samples from (resolve_checkpoints), loaded."""
-    fpdm_path, dit_path = resolve_checkpoints(config, out_dir)
-    return load(fpdm_path), load(dit_path)
 
 
 #################################################################################
@@ -299,11 +218,6 @@ def generate(model: torch.nn.Module, model_config: ModelConfig, config: SampleCo
     return Drawn(drawn.images, None if labels is None else labels.numpy(), plan, drawn.trajectories, stats)
 
 
-def fpdm_iteration_grid(model_config: ModelConfig, budget: int, candidates: Sequence[int]) -> list[int]:
-    """Iterations per step from `candidates` whose step (cost.blocks_per_step) fits at least once in `budget`."""
-    return [k for k in candidates if blocks_per_step(model_config, k) <= budget]
-
-
 #################################################################################
 #                                  Evaluation                                   #
 #################################################################################
@@ -317,7 +231,7 @@ class Evaluator:
     """FID on a built-in dataset's classifier features (vs all its real images) and classifier accuracy, with the
     cached classifier of classifier.py: digits-FID for digits (8x8), mnist5k-FID for MNIST-5k (28x28)."""
 
-    def __init__(self, classifier_path: str | Path = CLASSIFIER_PATH, dataset: str = "digits"):
+    def __init__(self, classifier_path: str | Path, dataset: str):
         self.dataset = dataset
         self.classifier, self.classifier_test_accuracy = classifier.load_or_train_classifier(
             dataset, str(classifier_path), seed=CLASSIFIER_SEED, flag="--classifier")
@@ -350,15 +264,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def evaluate_setting(loaded: Loaded, evaluator: Evaluator, config: SampleConfig, num_samples: int,
-                     seeds: Sequence[int], keep_trajectories: bool = False) -> dict[str, Any]:
+                     seeds: Sequence[int]) -> dict[str, Any]:
     """FID and accuracy over sampling seeds (mean ± std), with the plan and the block passes actually spent."""
-    per_seed, trajectories, drawn, start_time = [], [], None, time.time()
+    per_seed, drawn, start_time = [], None, time.time()
     for seed in seeds:
         drawn = generate(loaded.model, loaded.config, replace(config, seed=seed * SEED_STRIDE,
                                                               num_samples=num_samples))
         per_seed.append({"seed": seed, **evaluator(drawn.images, drawn.labels)})
-        if keep_trajectories:
-            trajectories.extend(drawn.trajectories)
     fid_mean, fid_std = mean_std([r["fid"] for r in per_seed])
     acc_mean, acc_std = mean_std([r["accuracy"] for r in per_seed])
     more = {f"{name}_{stat}": value for name in ("precision", "recall", "kid", "inception_score") for stat, value in
@@ -370,61 +282,20 @@ def evaluate_setting(loaded: Loaded, evaluator: Evaluator, config: SampleConfig,
               "within_budget": drawn.stats["within_budget"],
               "planned_gmacs_per_image": planned_macs(loaded.config, drawn.plan) / 1e9, "sampler": "ddim" if config.ddim else "ddpm",
               "seconds": time.time() - start_time, **more}
-    if keep_trajectories:
-        result["_trajectories"] = trajectories
     return result
-
-
-def search_and_evaluate(loaded: Loaded, evaluator: Evaluator, config: SampleConfig, candidates: Sequence[int],
-                        search_samples: int, num_samples: int, seeds: Sequence[int]) -> dict[str, Any]:
-    """The FPDM's best allocation at config.budget: each k in `candidates` that fits (with and without solution
-    reuse) is scored on SEARCH_SEED with `search_samples` images; the winner is evaluated on `seeds`."""
-    search = []
-    for k in fpdm_iteration_grid(loaded.config, config.budget, candidates):
-        for reuse in (False, True):
-            setting = replace(config, fixed_point_iters=k, fixed_point_reuse_solution=reuse)
-            result = evaluate_setting(loaded, evaluator, setting, search_samples, [SEARCH_SEED])
-            search.append({"iters": k, "reuse": reuse, "search_fid": result["fid_mean"],
-                           "num_steps": result["num_steps"]})
-    best = min(search, key=lambda r: r["search_fid"])
-    setting = replace(config, fixed_point_iters=best["iters"], fixed_point_reuse_solution=best["reuse"])
-    result = evaluate_setting(loaded, evaluator, setting, num_samples, seeds)
-    return {**result, "best_iters": best["iters"], "best_reuse": best["reuse"], "search": search}
-
-
-def num_params(model: torch.nn.Module) -> int:
-    """Number of parameters of a model."""
-    return sum(p.numel() for p in model.parameters())
 
 
 #################################################################################
 #                                 Writing results                               #
 #################################################################################
 
-def finish(run: Run, payload: dict[str, Any], draw: Callable[[Any], Any]) -> dict[str, Any]:
-    """Write <out_dir>/<name>.json and the figure `draw(pyplot)` returns as <name>.png; returns the payload."""
-    write_result(run, payload)
-    plt = pyplot()
-    if plt is not None:
-        save_figure(plt, draw(plt), run.out_dir / f"{run.name}.png")
-    return payload
-
-
 def write_result(run: Run, payload: dict[str, Any]) -> Path:
-    """Write <out_dir>/<name>.json (atomic, indented) with the command line that produced it."""
+    """Write <out_dir>/<name>.json (atomic, indented, paths relative) with the command line that produced it."""
     payload = {"experiment": run.name, "command": run.command, "machine": machine_description(),
                "wall_clock_s": time.time() - run.started, **payload}
     path = run.out_dir / f"{run.name}.json"
-    write_json(path, _strip_private(payload))
+    write_record(path, payload)
     return path
-
-
-def _strip_private(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_private(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [_strip_private(v) for v in value]
-    return value
 
 
 def machine_description() -> dict[str, Any]:
@@ -451,24 +322,3 @@ def save_figure(plt: Any, figure: Any, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
-
-def log2_axis(axis: Any, ticks: Sequence[int], label: str) -> None:
-    """A base-2 log x axis labelled with the plain values `ticks`."""
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(list(ticks))
-    axis.set_xticklabels([str(t) for t in ticks])
-    axis.set_xlabel(label)
-
-
-def finish_axis(axis: Any, ylabel: str, title: str, **legend: Any) -> None:
-    """Y label, title and legend of one panel."""
-    axis.set_ylabel(ylabel)
-    axis.set_title(title)
-    axis.legend(**legend)
-
-
-def fid_errorbar(axis: Any, xs: Sequence[float], records: Sequence[dict[str, Any]], fmt: str, **kwargs: Any) -> None:
-    """digits-FID means of `records` against `xs`, with the std over sampling seeds as error bars."""
-    axis.errorbar(list(xs), [r["fid_mean"] for r in records], yerr=[r["fid_std"] for r in records], fmt=fmt,
-                  capsize=3, **kwargs)

@@ -23,7 +23,7 @@ from PIL import Image
 import cli
 import sample
 from config import UserError, flag
-from experiments import common, sweep, sweep_eval
+from experiments import common, sweep
 
 NAME = "export_models"
 CHECK_SAMPLES, CHECK_SAMPLES_QUICK = 500, 8
@@ -38,7 +38,7 @@ class ExportConfig(common.ExperimentConfig):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    config, run = common.start(NAME, ExportConfig, __doc__, argv, {}, {})
+    config, run = common.start(NAME, ExportConfig, __doc__, argv)
     if config.dataset not in sweep.RECIPES:
         raise UserError(f"--dataset: expected one of {', '.join(sweep.RECIPES)} (got {config.dataset!r})")
     export_dir = Path(config.export_dir or (run.out_dir / "pretrained" if config.quick else common.PRETRAINED_DIR))
@@ -52,21 +52,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             f"finished run; run python -m experiments.sweep --experiments table1 --datasets "
                             f"{config.dataset} first")
         path = common.export_ema(run_dir, export_dir / f"{job.name}-{config.dataset}.safetensors")
-        records[job.name] = {"run_dir": str(shown(run_dir)), "exported_to": str(shown(path)),
+        records[job.name] = {"run_dir": str(run_dir), "exported_to": str(path),
                              "size_bytes": path.stat().st_size, **check(path, job, config, run.out_dir)}
         print(f"{job.name}: {path} ({path.stat().st_size / 1e6:.1f} MB); unguided accuracy "
               f"{records[job.name]['unguided']['accuracy_mean']:.3f}, FID {records[job.name]['unguided']['fid_mean']:.2f};"
               f" sample.py accuracy {records[job.name]['sample_py']['accuracy']:.3f}")
     payload = {"dataset": config.dataset, "quick": config.quick, "models": records,
-               "evaluator": sweep_eval.evaluator(config.dataset).describe()}
+               "evaluator": sweep.evaluator(config.dataset).describe()}
     common.write_result(replace(run, name=f"export_{config.dataset}"), payload)
     return payload
 
 
 def check(path: Path, job: sweep.Job, config: ExportConfig, out_dir: Path) -> dict[str, Any]:
     """The exported file's unguided Table-1 numbers and what `sample.py --ckpt <file>` draws."""
-    loaded, score = common.load(path), sweep_eval.evaluator(job.dataset)
-    blocks, _ = sweep_eval.dit_budgets(job, 20)
+    loaded, score = common.load(path), sweep.evaluator(job.dataset)
+    blocks, _ = sweep.dit_budgets(job, 20)
     setting = replace(common.EVALUATION_SAMPLING, budget=blocks)
     if loaded.config.fixed_point:  # the iterations its Table-1 search chose most often at this budget, with reuse
         setting = replace(setting, fixed_point_iters=table1_iters(job, out_dir), fixed_point_reuse_solution=True)
@@ -83,15 +83,9 @@ def check(path: Path, job: sweep.Job, config: ExportConfig, out_dir: Path) -> di
     grid = out_dir / f"{job.name}-{job.dataset}-grid.png"
     shutil.copyfile(folder / "grid.png", grid)
     return {"unguided": {k: v for k, v in unguided.items() if k != "per_seed"},
-            "sample_py": {"command": f"python sample.py --ckpt {shown(path)}", "num_samples": num,
+            "sample_py": {"command": f"python sample.py --ckpt {path}", "num_samples": num,
                           "accuracy": score(images, labels)["accuracy"],
-                          "grid": str(shown(grid))}}
-
-
-def shown(path: Path) -> Path:
-    """A path as recorded: relative to the repository when inside it."""
-    path = Path(path).resolve()
-    return path.relative_to(common.REPO_ROOT) if path.is_relative_to(common.REPO_ROOT) else path
+                          "grid": str(grid)}}
 
 
 def table1_iters(job: sweep.Job, out_dir: Path) -> int:

@@ -18,8 +18,8 @@ Experiments (in the order the jobs run; `--experiments` picks):
              search seed, with solution reuse (Sec. 3.3) as in the paper's Table 1.
   smoothing  sampling only, on table1's FPDMs: iterations per step at one block budget, with and without reuse
              (Fig. 4 and 6a).
-  table5     the three training methods at N = 6 and 12, sampled at one budget (as exp5).
-  prepost    FPDMs with 0, 1, 2, 4 pre/post layers at the three budgets (as exp7).
+  table5     the three training methods at N = 6 and 12, sampled at one budget.
+  prepost    FPDMs with 0, 1, 2, 4 pre/post layers at the three budgets.
   depth      Table 1 at the paper's depth ratio: the FPDM (M = N = 12) against the 28-block DiT it replaces (the
              depth of DiT-XL/2) at 140 / 280 / 560 blocks (5 / 10 / 20 of its steps), and DiTs of depth 4, 8, 12
              at the same training compute (beyond the paper). The FPDM's iterations per step are searched over
@@ -32,18 +32,20 @@ Experiments (in the order the jobs run; `--experiments` picks):
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import cli
-from config import ModelConfig, TrainConfig, UserError, build_config, flag, load_preset
-from cost import model_architecture, training_units_per_step
+from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, load_preset
+from cost import (blocks_per_step, default_sampling_iters, macs_per_step, model_architecture,
+                  training_units_per_step)
 from experiments import common
-from records import read_json, write_json
+from records import resolve_path, write_record
 
 NAME = "sweep"
 EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing")
@@ -72,7 +74,7 @@ RECIPES = {
     # thread on MNIST-5k, ~12 min on digits) = 2,133 FPDM steps (configs/*_dit28.yaml).
     "mnist5k": DatasetRecipe("configs/mnist5k.yaml", {"table1": 2000, "table5": 1000, "prepost": 1000, "depth": 2800},
                              search_samples=100, num_samples=500, sampling_seeds=(0,)),
-    # digits: 1,000 DiT steps as exp1 for Table 1; 300 as exp5 for the ablations (~100 s per model at 1 thread).
+    # digits: 1,000 DiT steps for Table 1 (the shipped models' compute); 300 for the ablations (~100 s per model).
     "digits": DatasetRecipe("configs/digits.yaml", {"table1": 1000, "table5": 300, "prepost": 300, "depth": 2800},
                             search_samples=250, num_samples=500, sampling_seeds=(0, 1)),
 }
@@ -81,7 +83,7 @@ QUICK_COMPUTE, QUICK_SAMPLES = 2, 8
 
 @dataclass
 class SweepConfig(common.ExperimentConfig):
-    """Flags of the sweep (--seeds and --num_samples of ExperimentConfig are not used: see RECIPES)."""
+    """Flags of the sweep (sample sizes come from RECIPES)."""
     experiments: str = flag(",".join(EXPERIMENTS), "Comma list of experiments to run (table1, smoothing, table5, "
                                                    "prepost).")
     datasets: str = flag(",".join(DATASETS), "Comma list of datasets (mnist5k, digits).")
@@ -200,6 +202,142 @@ def names(text: str, allowed: Sequence[str], flag_name: str) -> list[str]:
 
 
 #################################################################################
+#                                 Evaluations                                   #
+#################################################################################
+# One function per experiment (EVALUATIONS). Every number is an FID on the dataset's classifier features against all
+# its real images, with classifier accuracy (common.Evaluator), over the recipe's sampling seeds; no guidance, as the
+# paper's FIDs. Budgets are written as steps of the dataset's DiT (5, 10, 20: the paper's 140 : 280 : 560 blocks of
+# DiT-XL/2) and turned into block passes per image (x the DiT's depth) or, FLOP-matched, into GMACs per image (x the
+# DiT step's MACs, cost.macs_per_step). Where an FPDM's iterations per step are chosen, they are chosen on
+# common.SEARCH_SEED, never on the reported seeds.
+
+DIT_STEPS = (5, 10, 20)          # budgets, in steps of the dataset's DiT
+SMOOTHING_DIT_STEPS = 10         # the smoothing / reuse sweep's budget (the paper's Fig. 4 uses its middle one)
+SMOOTHING_ITERS = (1, 2, 3, 4, 6)
+TABLE5_DIT_STEPS, TABLE5_ITERS = 10, 3  # Table 5's sampling: one budget, fixed iterations
+CANDIDATE_ITERS = (1, 2, 4, 6)
+DEPTH_ITERS = (1, 2, 4, 8, 12, 26)   # depth experiments: candidates and smoothing curve (26 = 28 - 1 - 1)
+DEPTH_SMOOTHING_DIT_STEPS = 20       # 560 blocks of the 28-block DiT
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much is sampled for one job."""
+    dit_steps: tuple[int, ...]
+    candidates: tuple[int, ...]
+    search_samples: int
+    num_samples: int
+    seeds: tuple[int, ...]
+
+
+def sizes(job: Job, quick: bool) -> Sizes:
+    """The recipe's sample sizes, or tiny ones under --quick."""
+    if quick:
+        return Sizes((2,), (1, 2), 4, QUICK_SAMPLES, (0,))
+    recipe = RECIPES[job.dataset]
+    candidates = DEPTH_ITERS if job.experiment.startswith("depth") else CANDIDATE_ITERS
+    return Sizes(DIT_STEPS, candidates, recipe.search_samples, recipe.num_samples, recipe.sampling_seeds)
+
+
+@functools.lru_cache(maxsize=None)
+def evaluator(dataset: str) -> common.Evaluator:
+    """The dataset's evaluator (its classifier and reference statistics are loaded once per process)."""
+    return common.Evaluator(common.classifier_path(dataset), dataset)
+
+
+def load_trained(record: dict[str, Any]) -> common.Loaded:
+    """The EMA weights of a finished run (its run_dir relative to the repository root, or absolute)."""
+    return common.load(resolve_path(record["run_dir"], common.REPO_ROOT) / "checkpoints" / "latest.pt")
+
+
+def dit_budgets(job: Job, dit_steps: int) -> tuple[int, float]:
+    """(block passes, GMACs) per image of `dit_steps` steps of the experiment's reference DiT."""
+    dit = reference_dit(job.experiment, job.dataset)
+    return dit_steps * blocks_per_step(dit, 0), dit_steps * macs_per_step(dit, 0) / 1e9
+
+
+def search_and_evaluate(loaded: common.Loaded, job: Job, setting: SampleConfig, size: Sizes) -> dict[str, Any]:
+    """The FPDM's best iterations per step (with solution reuse) within setting's block or GMAC budget: each
+    candidate that fits is scored on SEARCH_SEED, the winner evaluated on the reported seeds."""
+    score = evaluator(job.dataset)
+    search = []
+    for k in size.candidates:
+        fits = (macs_per_step(loaded.config, k) <= setting.budget_gmacs * 1e9 if setting.budget is None
+                else blocks_per_step(loaded.config, k) <= setting.budget)
+        if fits:
+            candidate = replace(setting, fixed_point_iters=k, fixed_point_reuse_solution=True)
+            result = common.evaluate_setting(loaded, score, candidate, size.search_samples, [common.SEARCH_SEED])
+            search.append({"iters": k, "search_fid": result["fid_mean"], "num_steps": result["num_steps"]})
+    best = min(search, key=lambda r: r["search_fid"])
+    chosen = replace(setting, fixed_point_iters=best["iters"], fixed_point_reuse_solution=True)
+    return {**common.evaluate_setting(loaded, score, chosen, size.num_samples, list(size.seeds)),
+            "best_iters": best["iters"], "reuse": True, "search": search}
+
+
+def table1(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """DDPM and DDIM at each budget: the DiT as is; the FPDM block-matched and FLOP-matched."""
+    size, loaded, rows = sizes(job, config.quick), load_trained(record), []
+    for dit_steps in size.dit_steps:
+        blocks, gmacs = dit_budgets(job, dit_steps)
+        for sampler in ("ddpm", "ddim"):
+            row = {"dit_steps": dit_steps, "sampler": sampler, "budget_blocks": blocks, "budget_gmacs": gmacs}
+            block_matched = replace(common.EVALUATION_SAMPLING, budget=blocks, ddim=sampler == "ddim")
+            if not job.model.fixed_point:
+                row["block_matched"] = common.evaluate_setting(loaded, evaluator(job.dataset), block_matched,
+                                                               size.num_samples, list(size.seeds))
+            else:
+                row["block_matched"] = search_and_evaluate(loaded, job, block_matched, size)
+                flop_matched = replace(block_matched, budget=None, budget_gmacs=gmacs)
+                row["flop_matched"] = search_and_evaluate(loaded, job, flop_matched, size)
+            rows.append(row)
+    return {"evaluator": evaluator(job.dataset).describe(), "sizes": size.__dict__, "rows": rows}
+
+
+def smoothing(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """Iterations per step at one block budget, with and without reuse (DDPM): Fig. 4's smoothing curve, including
+    the DiT-equivalent allocation (depth - pre - post iterations), and Fig. 6a's reuse gain."""
+    size, loaded, deep = sizes(job, config.quick), load_trained(record), job.experiment.startswith("depth")
+    full_steps, full_iters = (DEPTH_SMOOTHING_DIT_STEPS, DEPTH_ITERS) if deep else (SMOOTHING_DIT_STEPS, SMOOTHING_ITERS)
+    blocks, gmacs = dit_budgets(job, size.dit_steps[0] if config.quick else full_steps)
+    iters = sorted({*(size.candidates if config.quick else full_iters), default_sampling_iters(job.model)})
+    rows = []
+    for k in (k for k in iters if blocks_per_step(job.model, k) <= blocks):
+        for reuse in (False, True):
+            setting = replace(common.EVALUATION_SAMPLING, budget=blocks, fixed_point_iters=k,
+                              fixed_point_reuse_solution=reuse)
+            rows.append({"iters": k, "reuse": reuse, **common.evaluate_setting(
+                loaded, evaluator(job.dataset), setting, size.num_samples, list(size.seeds))})
+    return {"evaluator": evaluator(job.dataset).describe(), "sizes": size.__dict__, "budget_blocks": blocks,
+            "budget_gmacs": gmacs, "dit_equivalent_iters": default_sampling_iters(job.model), "rows": rows}
+
+
+def table5(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """One budget, fixed iterations per step, DDPM (Table 5 compares training methods, not samplers)."""
+    size, loaded = sizes(job, config.quick), load_trained(record)
+    blocks, _ = dit_budgets(job, size.dit_steps[0] if config.quick else TABLE5_DIT_STEPS)
+    setting = replace(common.EVALUATION_SAMPLING, budget=blocks, fixed_point_iters=TABLE5_ITERS)
+    return {"evaluator": evaluator(job.dataset).describe(), "sizes": size.__dict__, "budget_blocks": blocks,
+            "iters_per_step": TABLE5_ITERS, "sampler": "ddpm",
+            **common.evaluate_setting(loaded, evaluator(job.dataset), setting, size.num_samples, list(size.seeds))}
+
+
+def prepost(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """DDPM at each block budget with the best iterations per step (Fig. 7)."""
+    size, loaded, rows = sizes(job, config.quick), load_trained(record), []
+    for dit_steps in size.dit_steps:
+        blocks, gmacs = dit_budgets(job, dit_steps)
+        setting = replace(common.EVALUATION_SAMPLING, budget=blocks)
+        rows.append({"dit_steps": dit_steps, "budget_blocks": blocks, "budget_gmacs": gmacs,
+                     **search_and_evaluate(loaded, job, setting, size)})
+    return {"evaluator": evaluator(job.dataset).describe(), "sizes": size.__dict__, "rows": rows}
+
+
+EVALUATIONS: dict[str, Callable[[Job, dict[str, Any], SweepConfig], dict[str, Any]]] = {
+    "table1": table1, "smoothing": smoothing, "table5": table5, "prepost": prepost, "depth": table1,
+    "depth_smoothing": smoothing}
+
+
+#################################################################################
 #                              Claiming a job                                   #
 #################################################################################
 
@@ -252,12 +390,11 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path) -> Optional[dict[str, 
     record = common.train_digits_model(job.model, job.train)
     if config.train_only:
         return None
-    from experiments import sweep_eval
-    evaluation = sweep_eval.EVALUATIONS[job.experiment](job, record, config)
+    evaluation = EVALUATIONS[job.experiment](job, record, config)
     result = {"experiment": job.experiment, "dataset": job.dataset, "configuration": job.name,
               "training_seed": job.seed, "quick": config.quick, "settings": settings(job, config.quick),
               "train": record, "evaluation": evaluation, "machine": common.machine_description()}
-    write_json(job.result_path(out_dir), common._strip_private(result))
+    write_record(job.result_path(out_dir), result)
     return result
 
 
@@ -281,7 +418,7 @@ def describe(job: Job) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every selected job whose result is missing and that no live worker holds."""
-    config, run = common.start(NAME, SweepConfig, __doc__, argv, {}, {})
+    config, run = common.start(NAME, SweepConfig, __doc__, argv)
     done, ran, skipped = [], [], []
     for job in jobs(config, run.out_dir):
         path = job.result_path(run.out_dir)

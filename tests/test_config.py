@@ -253,19 +253,23 @@ def test_scripts_report_user_errors_in_one_line(tmp_path):
 
 def test_digits_preset_is_the_recipe_of_the_shipped_fpdm():
     """The README's main job (configs/digits.yaml) trains exactly the recipe whose EMA weights ship as
-    pretrained/fpdm-digits.safetensors (recorded by experiments/exp1_equal_compute); benchmarks/default_run.py
+    pretrained/fpdm-digits.safetensors (its train.py command is in RESULTS.md); benchmarks/default_run.py
     measures what it reaches."""
-    import json
     from checkpoint import BUNDLED_CHECKPOINT, load_safetensors
     repo = Path(__file__).resolve().parents[1]
     preset = load_preset(str(repo / "configs" / "digits.yaml"), ModelConfig, TrainConfig)
     _, shipped = load_safetensors(BUNDLED_CHECKPOINT)
     assert build_config(ModelConfig, preset) == shipped
-    recorded = json.loads((repo / "experiments" / "results" / "exp1_equal_compute.json").read_text())
+    import shlex
+    import train
+    command = next(line for line in (repo / "RESULTS.md").read_text().splitlines()
+                   if line.startswith("python train.py") and "--fixed_point True" in line)
+    recorded_model, recorded_train, _, _ = train.parse_configs(shlex.split(command)[2:])
     train_config = build_config(TrainConfig, preset)
+    assert recorded_model == shipped
     assert (train_config.lr, train_config.global_batch_size, train_config.max_steps) == \
-        (recorded["lr"], recorded["batch_size"], recorded["models"]["fpdm"]["steps"])
-    assert train_config.dataset == "digits" and train_config.global_seed == recorded["seed"]
+        (recorded_train.lr, recorded_train.global_batch_size, recorded_train.max_steps)
+    assert train_config.dataset == "digits" and train_config.global_seed == recorded_train.global_seed
 
 
 def test_unwritable_output_folders_are_refused_before_any_work(tmp_path):

@@ -1,14 +1,17 @@
 """records.py: the one JSON writer, JSON-lines records, statistics of the blocks spent, diagnostics."""
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from allocation import plan_iterations
-from records import (append_eval_record, describe_plan, read_json, summarize_stats, to_jsonable, write_diagnostics,
-                     write_json)
-from sampling import TrajectoryStats
+from records import (ABSOLUTE_PATH, TrajectoryStats, append_eval_record, describe_plan, read_json, record_root,
+                     resolve_path, summarize_stats, to_jsonable, write_diagnostics, write_json, write_record)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_write_json_is_atomic_and_reads_back(tmp_path):
@@ -47,3 +50,47 @@ def test_statistics_and_diagnostics_of_trajectories(tmp_path):
     diagnostics = json.loads((tmp_path / "diag.json").read_text())
     assert plot is None and diagnostics["steps"][0]["delta_t"] == [0.25, 0.75]
     assert diagnostics["per_batch_blocks_per_image"] == [8, 8] and diagnostics["setup"] == {"ckpt": "x"}
+
+
+def test_no_committed_record_holds_an_absolute_path():
+    listed = subprocess.run(["git", "ls-files", "-z", "--", "*.json", "*.jsonl"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout
+    records = [REPO / name for name in listed.split("\0") if name]
+    assert any(p.match("experiments/results/sweep/*/*/*/seed*.json") for p in records)  # the listing really works
+    offending = {}
+    for path in records:
+        text = path.read_text()
+        found = ABSOLUTE_PATH.findall(text) + [p for p in ("/work/", "/tmp/", "/home/", "/root/") if p in text]
+        if found:
+            offending[str(path.relative_to(REPO))] = found[:2]
+    assert offending == {}, "run python -m experiments.portable_records"
+
+
+def test_records_store_paths_relative_to_the_repository_or_their_own_folder(tmp_path):
+    repo = tmp_path / "clone"
+    (repo / ".git").mkdir(parents=True)
+    run_dir = repo / "experiments" / "runs" / "a"
+    inside = write_record(repo / "experiments" / "results" / "r.json",
+                          {"run_dir": run_dir, "command": f"python train.py --output_dir {run_dir} --lr 1e-3",
+                           "model": "DiT-XL/2", "rate": "GMACs /s"})
+    stored = read_json(inside, "--record")
+    assert stored == {"run_dir": "experiments/runs/a", "command": "python train.py --output_dir experiments/runs/a "
+                      "--lr 1e-3", "model": "DiT-XL/2", "rate": "GMACs /s"}
+    assert record_root(inside) == repo and resolve_path(stored["run_dir"], repo) == run_dir
+    outside = write_record(tmp_path / "scratch" / "r.json", {"weights": tmp_path / "scratch" / "w" / "ema.pt"})
+    assert read_json(outside, "--record") == {"weights": "w/ema.pt"}
+
+
+def test_portable_records_rewrites_another_checkouts_paths_once(tmp_path):
+    from experiments.portable_records import rewrite
+    repo = tmp_path / "clone"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "experiments").mkdir()
+    path = repo / "experiments" / "seed0.json"
+    text = json.dumps({"run_dir": "/home/a/fpdm/experiments/runs/x", "weights": "/scratch/b/ema.pt",
+                       "command": "python train.py --output_dir /home/a/fpdm/experiments/runs --lr 1e-3"}, indent=2)
+    path.write_text(text)
+    assert rewrite(path, repo) and not rewrite(path, repo)  # idempotent
+    assert json.loads(path.read_text()) == {"run_dir": "experiments/runs/x", "weights": "../../../scratch/b/ema.pt",
+                                            "command": "python train.py --output_dir experiments/runs --lr 1e-3"}
+    assert path.read_text().count("\n") == text.count("\n")  # formatting kept: only the paths changed

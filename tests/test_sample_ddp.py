@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sample_ddp
+import sample_folders
 import sampling
 from config import SampleConfig, UserError
 from images import read_shard, save_shard
@@ -46,7 +47,7 @@ def _torchrun(args, tmp_path, check=True):
 
 def _shard_indices(sample_dir: Path) -> list[int]:
     """Every index held by the shards, with repeats (so duplicates show)."""
-    return sorted(i for path in sample_ddp.shard_files(sample_dir) for i in read_shard(path, "x")["indices"].tolist())
+    return sorted(i for path in sample_folders.shard_files(sample_dir) for i in read_shard(path, "x")["indices"].tolist())
 
 
 #################################################################################
@@ -168,35 +169,35 @@ def test_missing_indices_are_shared_across_ranks(tmp_path):
     # A 2-rank run wrote some shards and died; the rerun deals what is missing to all of its ranks.
     sample_dir = tmp_path / "fid"
     pixels = np.zeros((2, 4, 4, 1), np.uint8)
-    save_shard(sample_ddp.shard_path(sample_dir, 0, 0), [0, 2], pixels)
-    save_shard(sample_ddp.shard_path(sample_dir, 1, 0), [1, 3], pixels)
-    save_shard(sample_ddp.shard_path(sample_dir, 0, 1), [4, 6], pixels)
-    save_shard(sample_ddp.shard_path(sample_dir, 1, 3), [25, 27], pixels)  # beyond this run's 12 images: unused
+    save_shard(sample_folders.shard_path(sample_dir, 0, 0), [0, 2], pixels)
+    save_shard(sample_folders.shard_path(sample_dir, 1, 0), [1, 3], pixels)
+    save_shard(sample_folders.shard_path(sample_dir, 0, 1), [4, 6], pixels)
+    save_shard(sample_folders.shard_path(sample_dir, 1, 3), [25, 27], pixels)  # beyond this run's 12 images: unused
     (sample_dir / "shards" / ".rank1_00001.npz.abc.tmp").write_bytes(b"cut short")
-    (sample_dir / sample_ddp.STOP_FILE).touch()
-    scan = sample_ddp.scan_shards(sample_dir, 12)
+    (sample_dir / sample_folders.STOP_FILE).touch()
+    scan = sample_folders.scan_shards(sample_dir, 12)
     assert len(scan.files) == 4 and scan.next_number == 4  # new shards of every rank start at 4
     missing = np.flatnonzero(~scan.covered).tolist()
     assert missing == [5, 7, 8, 9, 10, 11]
     for world_size in (1, 2, 3, 4):
-        shares = [sample_ddp.share_missing(missing, rank, world_size) for rank in range(world_size)]
+        shares = [sample_folders.share_missing(missing, rank, world_size) for rank in range(world_size)]
         assert sorted(i for share in shares for i in share) == missing  # nothing lost, nothing twice
         assert max(map(len, shares)) - min(map(len, shares)) <= 1     # every rank busy
-    assert sample_ddp.share_missing(missing, 1, 3) == [7, 10]
-    assert sample_ddp.share_missing(range(7), 1, 2) == [1, 3, 5]  # a fresh run: rank r draws r, r + W, ...
-    assert sample_ddp.remove_unfinished(sample_dir) == 1
-    assert not list((sample_dir / "shards").glob(".*")) and not (sample_dir / sample_ddp.STOP_FILE).exists()
+    assert sample_folders.share_missing(missing, 1, 3) == [7, 10]
+    assert sample_folders.share_missing(range(7), 1, 2) == [1, 3, 5]  # a fresh run: rank r draws r, r + W, ...
+    assert sample_folders.remove_unfinished(sample_dir) == 1
+    assert not list((sample_dir / "shards").glob(".*")) and not (sample_dir / sample_folders.STOP_FILE).exists()
 
-    save_shard(sample_ddp.shard_path(sample_dir, 2, 0), [9, 3], pixels)  # image 3 twice
+    save_shard(sample_folders.shard_path(sample_dir, 2, 0), [9, 3], pixels)  # image 3 twice
     with pytest.raises(UserError, match=r"image 3 is in both shards/rank1_00000.npz and shards/rank2_00000.npz"):
-        sample_ddp.scan_shards(sample_dir, 12)
+        sample_folders.scan_shards(sample_dir, 12)
     (sample_dir / "shards" / "rank2_00000.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="rank2_00000.npz.*delete that shard"):
-        sample_ddp.scan_shards(sample_dir, 12)
+        sample_folders.scan_shards(sample_dir, 12)
 
 
 def test_shard_writer_writes_fixed_size_shards_and_stops_on_request(tmp_path):
-    writer = sample_ddp.ShardWriter(tmp_path, rank=1, first_number=7, shard_size=3)
+    writer = sample_folders.ShardWriter(tmp_path, rank=1, first_number=7, shard_size=3)
     for start in (0, 2, 4):  # batches of 2 -> shards of 3, 3 and (flushed) 0
         batch = sampling.SampleBatch([10 + start, 11 + start], torch.tensor([start, start + 1]), torch.zeros(0), None)
         writer.add(batch, np.full((2, 4, 4, 1), start, np.uint8))
@@ -206,8 +207,8 @@ def test_shard_writer_writes_fixed_size_shards_and_stops_on_request(tmp_path):
     second = read_shard(writer.written[1], "x")
     assert second["indices"].tolist() == [13, 14, 15] and second["labels"].tolist() == [3, 4, 5]
     assert second["images"][:, 0, 0, 0].tolist() == [2, 4, 4]
-    (tmp_path / sample_ddp.STOP_FILE).touch()  # another rank failed
-    with pytest.raises(sample_ddp.StopRequested):
+    (tmp_path / sample_folders.STOP_FILE).touch()  # another rank failed
+    with pytest.raises(sample_folders.StopRequested):
         writer.add(sampling.SampleBatch([20], None, torch.zeros(0), None), np.zeros((1, 4, 4, 1), np.uint8))
     writer.flush()  # the batch finished before the stop is kept
     assert read_shard(writer.written[-1], "x")["indices"].tolist() == [20] and "labels" not in read_shard(

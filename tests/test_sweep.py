@@ -3,7 +3,6 @@
 and claims.py turns the files into claims.json and RESULTS.md's summary block."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -32,12 +31,16 @@ def test_one_json_per_job_with_the_papers_settings(swept):
     out, first = swept
     assert len(first["written"]) == 2 * 2 + 2  # (DiT, FPDM) x 2 seeds, then smoothing on both FPDMs
     fpdm = json.loads((out / "sweep/table1/digits/fpdm/seed1.json").read_text())
+    run_dir = Path(fpdm["train"]["run_dir"])  # outside a repository: relative to the record's folder
+    assert not run_dir.is_absolute() and (out / "sweep/table1/digits/fpdm" / run_dir / "ema.safetensors").is_file()
     assert fpdm["training_seed"] == 1 and fpdm["train"]["config"]["train"]["global_seed"] == 1
     assert (fpdm["settings"]["N"], fpdm["settings"]["M"]) == (12, 12)  # paper Sec. 4.1
     row = fpdm["evaluation"]["rows"][0]
     # FLOP-matched: the FPDM's plan never costs more GMACs than the DiT's budget, block-matched never more blocks
     assert row["flop_matched"]["planned_gmacs_per_image"] <= row["budget_gmacs"] + 1e-9
     assert row["block_matched"]["planned_blocks_per_image"] <= row["budget_blocks"]
+    for matching in ("block_matched", "flop_matched"):  # metrics.py's fidelity and coverage beside FID
+        assert all(0.0 <= row[matching][f"{name}_mean"] <= 1.0 for name in ("precision", "recall"))
     names = sorted(p.name for p in (out / "sweep/table5/digits").iterdir())
     assert names == sorted(["N6-jfb", "N6-multistep", "N6-sjfb", "N12-jfb", "N12-multistep", "N12-sjfb"])
     bounds = {n: json.loads((out / f"sweep/table5/digits/{n}/seed0.json").read_text())["settings"] for n in names}
@@ -71,14 +74,30 @@ def test_a_live_workers_lock_is_respected_and_a_dead_ones_taken_over(tmp_path):
     assert sweep.claim(lock) and lock.read_text().endswith(str(os.getpid()))
 
 
-def test_unknown_experiment_is_a_user_error(tmp_path):
+def test_unknown_experiment_or_bad_seed_list_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="--experiments"):
         sweep.main(["--quick", "--out_dir", str(tmp_path), "--experiments", "table9"])
+    with pytest.raises(UserError, match="--training_seeds"):
+        sweep.main(["--quick", "--out_dir", str(tmp_path), "--training_seeds", "1,x"])
+
+
+def test_a_finished_training_run_is_reused_and_a_different_one_refused(tmp_path):
+    model = sweep.base_model("digits")
+    train = sweep.training_config("table1", "digits", "fpdm", 0, model, tmp_path, quick=True)
+    run_dir = Path(train.output_dir) / train.output_subdir
+    first = common.train_digits_model(model, train)
+    weights = (run_dir / "ema.safetensors").read_bytes()
+    again = common.train_digits_model(model, train)  # an interrupted sweep, run again
+    assert again["reused_run"] and not first["reused_run"] and again["wall_clock_s"] == first["wall_clock_s"]
+    assert (run_dir / "ema.safetensors").read_bytes() == weights and again["loss_curve"] == first["loss_curve"]
+    with pytest.raises(UserError, match="already holds a run"):  # same folder, other recipe: never overwritten
+        common.train_digits_model(model, replace(train, lr=5e-4))
 
 
 def test_interrupted_training_resumes_bit_exactly(tmp_path):
     model = sweep.base_model("digits")
-    train = replace(common.digits_training("run", 4, 1e-3, tmp_path / "a", sample_grid=False), ckpt_every=2)
+    train = replace(sweep.training_config("table1", "digits", "run", 0, model, tmp_path / "a", quick=True),
+                    output_dir=str(tmp_path / "a"), max_steps=4, ckpt_every=2)
     full = common.run_training(model, train)
     interrupted = common.run_training(model, replace(train, output_dir=str(tmp_path / "b")))
     # make run b look as if it was killed after its step-2 checkpoint
@@ -97,8 +116,6 @@ def test_interrupted_training_resumes_bit_exactly(tmp_path):
 
 def test_claims_json_and_results_block(swept, tmp_path):
     out, _ = swept
-    for name in ("exp2_table1", "exp5_sjfb", "exp7_prepost"):
-        shutil.copyfile(common.DEFAULT_OUT_DIR / f"{name}.json", out / f"{name}.json")
     markdown = tmp_path / "RESULTS.md"
     markdown.write_text(f"# Results\n\nbefore\n\n{claims.BEGIN}\nstale\n{claims.END}\n\nafter\n")
     produced = claims.main(["--results_dir", str(out), "--results_md", str(markdown), "--include_quick", "True"])
@@ -113,10 +130,9 @@ def test_claims_json_and_results_block(swept, tmp_path):
     cell = by_id["table1_block_matched"]["ours"]["digits"][0]
     assert cell["fpdm_fid"]["n"] == 2 and cell["welch_p"] is not None  # two training seeds: a Welch test
     assert by_id["table1_block_matched"]["settings"]["digits"]["fpdm"]["training_seeds"] == [0, 1]
-    assert claims.EARLIER in by_id["table1_block_matched"]["ours"]  # the earlier single-seed run, kept apart
     text = markdown.read_text()
     assert "stale" not in text and text.startswith("# Results\n\nbefore") and text.rstrip().endswith("after")
-    assert text.count("| FPDM beats DiT") >= 3
+    assert text.count("| FPDM beats DiT") == 2  # block- and FLOP-matched, on digits
     for figure in ("sweep_table1_digits.png", "sweep_loss_table5_digits.png", "sweep_loss_prepost_digits.png"):
         assert (out / figure).is_file(), figure
 
@@ -135,7 +151,8 @@ def test_export_ships_seed_0_and_checks_it(swept):
         with safe_open(model["exported_to"], framework="pt") as handle:
             assert all(handle.get_tensor(k).dtype == torch.float16 for k in handle.keys()
                        if handle.get_tensor(k).is_floating_point())
-    assert (out / "export_digits.json").is_file()
+    written = json.loads((out / "export_digits.json").read_text())["models"]["fpdm"]
+    assert written["exported_to"] == "pretrained/fpdm-digits.safetensors"  # relative to the record's folder
 
 
 def test_export_refuses_an_untrained_dataset(tmp_path):
