@@ -29,6 +29,8 @@ RESULTS = ROOT / "experiments" / "results"
 ALPHA = 0.05
 BEGIN, END = "<!-- claims.py: begin -->", "<!-- claims.py: end -->"
 DIT_STEPS_TO_PAPER_BLOCKS = {5: 140, 10: 280, 20: 560}
+DEPTH_CONFIGS = ("dit4", "dit8", "dit12", "dit28", "fpdm")  # experiments.sweep's depth experiment
+DEPTH_BASELINE = "dit28"  # the DiT the paper's FPDM replaces (DiT-XL/2's 28 blocks)
 PAPER_TABLE1 = {  # paper blocks -> sampler -> (DiT FID, FPDM FID)
     140: {"ddpm": (148.0, 85.8), "ddim": (110.0, 33.9)},
     280: {"ddpm": (80.9, 43.3), "ddim": (35.2, 22.4)},
@@ -133,6 +135,7 @@ class Sweep:
                 s = records[0]["settings"]
                 out[name] = {**{k: s[k] for k in ("model", "image_size", "pre_depth", "post_depth", "N", "M",
                                                    "dit_equivalent_steps", "steps", "training_units_per_image")},
+                             "dit_depth": s.get("dit_depth", 8),  # runs before --depth existed are 8-block DiT-Ti
                              "fixed_point": s["fixed_point"], "training_seeds": [r["training_seed"] for r in records],
                              "paper_settings": not s["fixed_point"] or s["N"] in (6, 12)}
         return out
@@ -149,12 +152,14 @@ def fid_of(record: dict[str, Any]) -> float:
 #                                   The claims                                  #
 #################################################################################
 
-def table1_claim(sweep: Sweep, matching: str) -> dict[str, Any]:
-    """Table 1: FPDM vs DiT at 140/280/560 blocks (our 5/10/20 DiT steps), DDPM and DDIM; block- or FLOP-matched."""
+def table1_claim(sweep: Sweep, matching: str, experiment: str = "table1") -> dict[str, Any]:
+    """Table 1: FPDM vs DiT at 140/280/560 blocks (5/10/20 steps of the experiment's DiT), DDPM and DDIM; block- or
+    FLOP-matched. experiment "depth": against the 28-block DiT, the paper's depth ratio."""
     paper_winner = {(b, s): "FPDM" if fp < dit else "DiT" for b, row in PAPER_TABLE1.items() for s, (dit, fp) in row.items()}
+    dit_name = DEPTH_BASELINE if experiment == "depth" else "dit"
     ours, verdicts, settings, files = {}, {}, {}, []
-    for dataset in sweep.datasets("table1"):
-        dits, fpdms = sweep.get("table1", dataset, "dit"), sweep.get("table1", dataset, "fpdm")
+    for dataset in sweep.datasets(experiment):
+        dits, fpdms = sweep.get(experiment, dataset, dit_name), sweep.get(experiment, dataset, "fpdm")
         if not dits or not fpdms:
             continue
         cells = []
@@ -171,30 +176,43 @@ def table1_claim(sweep: Sweep, matching: str) -> dict[str, Any]:
                           "fpdm_accuracy": spread([r["evaluation"]["rows"][i][matching]["accuracy_mean"]
                                                    for r in fpdms]),
                           "dit_accuracy": spread([r["evaluation"]["rows"][i]["block_matched"]["accuracy_mean"]
-                                                  for r in dits])})
+                                                  for r in dits]),
+                          **coverage(fpdms, i, matching, "fpdm"), **coverage(dits, i, "block_matched", "dit")})
         ours[dataset], verdicts[dataset] = cells, table1_verdict(cells)
-        settings[dataset] = sweep.settings("table1", dataset, ("dit", "fpdm"))
-        files += sweep.files("table1", dataset, ("dit", "fpdm"))
+        settings[dataset] = sweep.settings(experiment, dataset, (dit_name, "fpdm"))
+        files += sweep.files(experiment, dataset, (dit_name, "fpdm"))
     what = "equal GMACs per image (cost.macs_per_step)" if matching == "flop_matched" else "equal block passes"
-    return {"id": f"table1_{matching}", "claim": f"FPDM beats DiT at 140 and 280 blocks (DDPM and DDIM) and at 560 "
-            f"with DDPM; DiT wins at 560 with DDIM (Table 1), compared at {what}",
+    against = ", against the 28-block DiT it replaces (the paper's depth ratio)" if experiment == "depth" else ""
+    suffix = "_dit28" if experiment == "depth" else ""
+    return {"id": f"table1_{matching}{suffix}", "claim": f"FPDM beats DiT at 140 and 280 blocks (DDPM and DDIM) and "
+            f"at 560 with DDPM; DiT wins at 560 with DDIM (Table 1), compared at {what}{against}",
             "paper": {f"{b} blocks": {s: {"DiT": d, "FPDM": f} for s, (d, f) in row.items()}
                       for b, row in PAPER_TABLE1.items()},
             "ours": ours, "settings": settings, "verdict": verdicts, "files": files}
 
 
-def smoothing_claims(sweep: Sweep) -> list[dict[str, Any]]:
+def coverage(records: Sequence[dict[str, Any]], row: int, matching: str, name: str) -> dict[str, Any]:
+    """Precision (fidelity) and recall (coverage) spreads of one Table-1 cell, where the records hold them."""
+    cells = [r["evaluation"]["rows"][row][matching] for r in records]
+    return {f"{name}_{metric}": spread([c[f"{metric}_mean"] for c in cells]) for metric in ("precision", "recall")
+            if all(f"{metric}_mean" in c for c in cells)}
+
+
+def smoothing_claims(sweep: Sweep, experiment: str = "smoothing") -> list[dict[str, Any]]:
     """Fig. 4 (a few iterations over many steps is best; the DiT-equivalent allocation is worse than the DiT) and
-    Fig. 6a (reuse helps at few iterations, barely at many)."""
-    fig4 = {"id": "fig4_smoothing", "claim": "At a fixed budget, a few iterations per step over many steps is best; "
+    Fig. 6a (reuse helps at few iterations, barely at many). experiment "depth_smoothing": on the depth
+    experiment's FPDMs, whose DiT-equivalent is 26 iterations of a 28-block DiT."""
+    trained, dit_name = ("depth", DEPTH_BASELINE) if experiment == "depth_smoothing" else ("table1", "dit")
+    suffix = "_dit28" if experiment == "depth_smoothing" else ""
+    fig4 = {"id": f"fig4_smoothing{suffix}", "claim": "At a fixed budget, a few iterations per step over many steps is best; "
             "the DiT-equivalent allocation (depth - pre - post iterations) is worse than the DiT (Fig. 4)",
             "paper": "best at 4-8 iterations per step at 560 blocks", "ours": {}, "settings": {}, "verdict": {},
             "files": []}
-    fig6 = {"id": "fig6a_reuse", "claim": "Reusing the previous timestep's solution helps most at few iterations "
+    fig6 = {"id": f"fig6a_reuse{suffix}", "claim": "Reusing the previous timestep's solution helps most at few iterations "
             "per step and barely at many (Fig. 6a)", "paper": "large gain at few iterations, little at many",
             "ours": {}, "settings": {}, "verdict": {}, "files": []}
-    for dataset in sweep.datasets("smoothing"):
-        records, dits = sweep.get("smoothing", dataset, "fpdm"), sweep.get("table1", dataset, "dit")
+    for dataset in sweep.datasets(experiment):
+        records, dits = sweep.get(experiment, dataset, "fpdm"), sweep.get(trained, dataset, dit_name)
         rows0 = records[0]["evaluation"]["rows"]
         fids = {(row["iters"], row["reuse"]): [fid_of(r["evaluation"]["rows"][i]) for r in records]
                 for i, row in enumerate(rows0)}
@@ -219,8 +237,8 @@ def smoothing_claims(sweep: Sweep) -> list[dict[str, Any]]:
         fig6["verdict"][dataset] = verdict([winner(c, "reuse", "no reuse") == "reuse",
                                             np.mean(gains[fewest]) > abs(np.mean(gains[most]))])
         for claim in (fig4, fig6):
-            claim["settings"][dataset] = sweep.settings("table1", dataset, ("fpdm",))
-            claim["files"] += sweep.files("smoothing", dataset, ("fpdm",))
+            claim["settings"][dataset] = sweep.settings(trained, dataset, ("fpdm",))
+            claim["files"] += sweep.files(experiment, dataset, ("fpdm",))
     return [fig4, fig6]
 
 
@@ -313,6 +331,35 @@ def static_claims(sweep: Sweep) -> list[dict[str, Any]]:
     return claims
 
 
+def depth_claim(sweep: Sweep) -> dict[str, Any]:
+    """(beyond the paper) Which model is best at each budget when DiTs of every depth get the FPDM's training
+    compute: FID per (budget, sampler) for DiT-4/8/12/28 and the FPDM (block-matched, best iterations)."""
+    ours, verdicts, settings, files = {}, {}, {}, []
+    for dataset in sweep.datasets("depth"):
+        runs = {name: sweep.get("depth", dataset, name) for name in DEPTH_CONFIGS}
+        runs = {name: records for name, records in runs.items() if records}
+        if "fpdm" not in runs or len(runs) < 2:
+            continue
+        cells = []
+        for i, row in enumerate(runs["fpdm"][0]["evaluation"]["rows"]):
+            fids = {name: [fid_of(r["evaluation"]["rows"][i]["block_matched"]) for r in records]
+                    for name, records in runs.items()}
+            best_dit = min((n for n in fids if n != "fpdm"), key=lambda n: np.mean(fids[n]))
+            c = compare(fids["fpdm"], fids[best_dit])
+            cells.append({"sampler": row["sampler"], "budget_blocks": row["budget_blocks"],
+                          "fid": {n: spread(v) for n, v in fids.items()},
+                          "best": min(fids, key=lambda n: np.mean(fids[n])), "best_dit": best_dit,
+                          "fpdm_vs_best_dit": c, "winner": winner(c, "FPDM", best_dit)})
+        ours[dataset] = cells
+        wins = sum(c["winner"] == "FPDM" for c in cells)
+        verdicts[dataset] = f"FPDM best in {wins} of {len(cells)} cells"
+        settings[dataset] = sweep.settings("depth", dataset, tuple(runs))
+        files += sweep.files("depth", dataset, tuple(runs))
+    return {"id": "depth_every_dit", "claim": "(beyond the paper) the FPDM against DiTs of depth 4, 8, 12 and 28 "
+            "trained with the same block-pass units per image, at equal sampling blocks", "paper": None,
+            "ours": ours, "settings": settings, "verdict": verdicts, "files": files}
+
+
 def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str, Any]]:
     """Every claim from the files under results_dir."""
     sweep = Sweep.read(results_dir, include_quick)
@@ -320,6 +367,8 @@ def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str,
     claims += [table1_claim(sweep, "block_matched"), table1_claim(sweep, "flop_matched")]
     claims += smoothing_claims(sweep) + table5_claims(sweep)
     claims.append(prepost_claim(sweep))
+    claims += [table1_claim(sweep, "block_matched", "depth"), table1_claim(sweep, "flop_matched", "depth")]
+    claims += [depth_claim(sweep)] + smoothing_claims(sweep, "depth_smoothing")
     return claims
 
 
@@ -343,11 +392,15 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
         return "; ".join(f"{b['budget_blocks']} blocks: " + ", ".join(f"{p}: {s['mean']:.1f}" for p, s in
                                                                       b["fid"].items()) + f" (best {b['best_depth']})"
                          for b in data)
-    if cid == "fig4_smoothing":
+    if cid.startswith("fig4_smoothing"):
         parts = ", ".join(f"k={k}: {s['mean']:.1f}" for k, s in data["fid_by_iters"].items())
         dit = f"; DiT {data['dit_fid']['mean']:.1f}" if data["dit_fid"] else ""
         return f"{data['budget_blocks']} blocks: {parts}{dit}"
-    if cid == "fig6a_reuse":
+    if cid == "depth_every_dit":
+        return "; ".join(f"{c['sampler'].upper()} {c['budget_blocks']}: " + ", ".join(
+            f"{n.replace('dit', 'DiT-').replace('fpdm', 'FPDM')} {v['mean']:.1f}" for n, v in c["fid"].items()) +
+            f" (best {c['best']})" for c in data)
+    if cid.startswith("fig6a_reuse"):
         return "FID gain from reuse: " + ", ".join(f"k={k}: {s['mean']:+.1f}" for k, s in
                                                   data["reuse_gain_by_iters"].items())
     return compact(data)
@@ -386,7 +439,7 @@ def markdown(claims: list[dict[str, Any]]) -> str:
                     f"settings)"
             lines.append(f"| {claim['claim']} | {paper} | {where} | {ours_cell(claim, dataset)} | "
                          f"{claim['verdict'].get(dataset, 'not measured')} |")
-    return "\n".join(lines + details(claims) + ["", END])
+    return "\n".join(lines + details(claims) + depth_details(claims) + ["", END])
 
 
 def details(claims: list[dict[str, Any]]) -> list[str]:
@@ -418,14 +471,40 @@ def details(claims: list[dict[str, Any]]) -> list[str]:
         for b in budgets:
             lines.append(f"| {b['budget_blocks']} | " + " | ".join(fmt(b["fid"][p]) for p in (0, 1, 2, 4)) +
                          f" | {b['best_depth']} | {p_text(b['best_nonzero_vs_zero']['welch_p'])[2:] or '-'} |")
-    for dataset, data in by_id["fig4_smoothing"]["ours"].items():
-        gains = by_id["fig6a_reuse"]["ours"][dataset]["reuse_gain_by_iters"]
-        lines += ["", f"**Smoothing and reuse on {dataset}** ({data['budget_blocks']} blocks, DDPM; DiT: "
+    smoothing = [(x, d, v) for x in ("", "_dit28") for d, v in by_id[f"fig4_smoothing{x}"]["ours"].items()]
+    for suffix, dataset, data in smoothing:
+        gains = by_id[f"fig6a_reuse{suffix}"]["ours"][dataset]["reuse_gain_by_iters"]
+        which = "the depth experiment's FPDM, 28-block DiT" if suffix else "DiT"
+        lines += ["", f"**Smoothing and reuse on {dataset}** ({data['budget_blocks']} blocks, DDPM; {which}: "
                   f"{fmt(data['dit_fid']) if data['dit_fid'] else '-'}):", "",
                   "| iterations per step | FID without reuse | FID gain from reuse |", "|---|---|---|"]
         for k, s in data["fid_by_iters"].items():
             lines.append(f"| {k}{' (DiT-equivalent)' if int(k) == data['dit_equivalent_iters'] else ''} | {fmt(s)} | "
                          f"{fmt(gains[k])} |")
+    return lines
+
+
+def depth_details(claims: list[dict[str, Any]]) -> list[str]:
+    """Per-dataset table of the depth experiment: every DiT depth and the FPDM at equal training compute, with the
+    FPDM/DiT-28 FID ratio and precision / recall (fidelity / coverage) of the FPDM and the 28-block DiT."""
+    by_id, lines = {c["id"]: c for c in claims}, []
+    block, flop = by_id["table1_block_matched_dit28"]["ours"], by_id["table1_flop_matched_dit28"]["ours"]
+    for dataset, cells in by_id["depth_every_dit"]["ours"].items():
+        s = by_id["depth_every_dit"]["settings"][dataset]
+        steps = ", ".join(f"{n} {v['steps']}" for n, v in s.items())
+        lines += ["", f"**Depth at equal training compute on {dataset}** ({s['fpdm']['training_units_per_image']:,.0f} "
+                  f"block-pass units per image; optimizer steps: {steps}). FID; P / R: precision / recall:", "",
+                  "| sampler | blocks | " + " | ".join(n.replace("dit", "DiT-") for n in DEPTH_CONFIGS[:-1]) +
+                  " | FPDM (blocks) | FPDM (GMACs) | best | FPDM / DiT-28 | p | P / R FPDM | P / R DiT-28 |",
+                  "|---" * 13 + "|"]
+        for c, b, f in zip(cells, block.get(dataset, []), flop.get(dataset, [])):
+            pr = {who: (f"{b[f'{who}_precision']['mean']:.2f} / {b[f'{who}_recall']['mean']:.2f}"
+                        if f"{who}_precision" in b else "-") for who in ("fpdm", "dit")}
+            lines.append(f"| {c['sampler'].upper()} | {c['budget_blocks']} | " + " | ".join(
+                fmt(c["fid"][n], 1) if n in c["fid"] else "-" for n in DEPTH_CONFIGS[:-1]) +
+                f" | {fmt(b['fpdm_fid'], 1)} | {fmt(f['fpdm_fid'], 1)} | {c['best']} | "
+                f"{b['fpdm_fid']['mean'] / b['dit_fid']['mean']:.2f} | {p_text(b['welch_p'])[2:] or '-'} | "
+                f"{pr['fpdm']} | {pr['dit']} |")
     return lines
 
 
@@ -467,6 +546,34 @@ def plot_table1(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     return written
 
 
+def plot_depth(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
+    """sweep_depth_<dataset>.png: FID against sampling blocks, one line per DiT depth and one for the FPDM, per
+    sampler; error bars the std over training seeds."""
+    from experiments.common import pyplot, save_figure
+    plt, written = pyplot(), []
+    depth = next((c for c in claims if c["id"] == "depth_every_dit"), None)
+    if plt is None or depth is None:
+        return written
+    for dataset, cells in depth["ours"].items():
+        samplers = list(dict.fromkeys(c["sampler"] for c in cells))
+        figure, axes = plt.subplots(1, len(samplers), figsize=(5 * len(samplers), 4), squeeze=False)
+        for axis, sampler in zip(axes[0], samplers):
+            rows = [c for c in cells if c["sampler"] == sampler]
+            for name in rows[0]["fid"]:
+                axis.errorbar([c["budget_blocks"] for c in rows], [c["fid"][name]["mean"] for c in rows],
+                              yerr=[c["fid"][name]["std"] for c in rows], marker="o", capsize=3,
+                              label=name.replace("dit", "DiT-").replace("fpdm", "FPDM"),
+                              linewidth=2.5 if name == "fpdm" else 1.2)
+            axis.set_xscale("log", base=2)
+            axis.set_xticks([c["budget_blocks"] for c in rows], [str(c["budget_blocks"]) for c in rows])
+            axis.set_xlabel("transformer blocks per image")
+            axis.set_ylabel("FID (classifier features)")
+            axis.set_title(f"{dataset}, {sampler}: equal training compute")
+            axis.legend(fontsize=8)
+        written.append(save_figure(plt, figure, results_dir / f"sweep_depth_{dataset}.png"))
+    return written
+
+
 def plot_losses(sweep: Sweep, results_dir: Path) -> list[Path]:
     """sweep_loss_<experiment>_<dataset>.png: training loss against training compute (block-pass units per image),
     one colour per configuration, one line per training seed: how each setting trained at equal compute."""
@@ -474,7 +581,8 @@ def plot_losses(sweep: Sweep, results_dir: Path) -> list[Path]:
     plt, written = pyplot(), []
     if plt is None:
         return written
-    for experiment, dataset in sorted({(e, d) for (e, d, _) in sweep.results if e != "smoothing"}):
+    trained = {(e, d) for (e, d, _) in sweep.results if e not in ("smoothing", "depth_smoothing")}  # sampling only
+    for experiment, dataset in sorted(trained):
         figure, axis = plt.subplots(figsize=(7, 4))
         names = sorted({c for (e, d, c) in sweep.results if (e, d) == (experiment, dataset)})
         for colour, name in enumerate(names):
@@ -499,6 +607,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     write_json(results_dir / "claims.json", {"generated_by": "python -m experiments.claims", "alpha": ALPHA,
                                              "claims": claims})
     plot_table1(claims, results_dir)
+    plot_depth(claims, results_dir)
     plot_losses(Sweep.read(results_dir, config.include_quick), results_dir)
     if config.results_md:
         rewrite_block(Path(config.results_md), markdown(claims))

@@ -214,3 +214,30 @@ def test_depth_experiment_trains_every_model_for_the_same_units(tmp_path):
     smoothing = [job for job in selected if job.experiment == "depth_smoothing"]
     assert len(smoothing) == 1 and not smoothing[0].trains and smoothing[0].train == depth_jobs[0].train
     assert blocks_per_step(sweep.reference_dit("depth", "digits"), 0) * 5 == 140
+
+
+def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
+    """A --quick depth sweep (2 training seeds) through claims: each cell holds every DiT depth and the FPDM, its
+    best is the lowest mean FID, the settings carry the depth and the compute per image, and the figure and
+    RESULTS.md's depth table are written."""
+    sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments", "depth,depth_smoothing",
+                "--training_seeds", "0,1"])
+    results_md = tmp_path / "RESULTS.md"
+    written = claims.main(["--results_dir", str(tmp_path), "--include_quick", "True", "--results_md", str(results_md)])
+    by_id = {c["id"]: c for c in written}
+    cells = by_id["depth_every_dit"]["ours"]["digits"]
+    assert [c["sampler"] for c in cells] == ["ddpm", "ddim"]
+    for cell in cells:
+        assert sorted(cell["fid"]) == sorted(claims.DEPTH_CONFIGS) and all(v["n"] == 2 for v in cell["fid"].values())
+        assert cell["best"] == min(cell["fid"], key=lambda n: cell["fid"][n]["mean"])
+    settings = by_id["depth_every_dit"]["settings"]["digits"]
+    assert {n: s["dit_depth"] for n, s in settings.items()} == {"dit4": 4, "dit8": 8, "dit12": 12, "dit28": 28,
+                                                               "fpdm": 28}
+    target = settings["dit8"]["training_units_per_image"]  # equal training compute, to within one step of each model
+    assert all(abs(s["training_units_per_image"] - target) <= s["training_units_per_image"] / s["steps"] / 2 + 1e-9
+               for s in settings.values())
+    block = by_id["table1_block_matched_dit28"]["ours"]["digits"]
+    assert all(0 <= c["fpdm_precision"]["mean"] <= 1 and 0 <= c["dit_recall"]["mean"] <= 1 for c in block)
+    assert by_id["fig4_smoothing_dit28"]["ours"]["digits"]["dit_equivalent_iters"] == 26
+    assert (tmp_path / "sweep_depth_digits.png").is_file()
+    assert "**Depth at equal training compute on digits**" in results_md.read_text()
