@@ -22,6 +22,7 @@ import numpy as np
 
 import cli
 from config import build_config, flag, parse_flags
+from experiments.sweep import COMPUTE_LEVELS, COMPUTE_MODELS, DIT_DEPTHS, PAPER_DIT_DEPTH
 from records import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +30,8 @@ RESULTS = ROOT / "experiments" / "results"
 ALPHA = 0.05
 BEGIN, END = "<!-- claims.py: begin -->", "<!-- claims.py: end -->"
 DIT_STEPS_TO_PAPER_BLOCKS = {5: 140, 10: 280, 20: 560}
-DEPTH_CONFIGS = ("dit4", "dit8", "dit12", "dit28", "fpdm")  # experiments.sweep's depth experiment
-DEPTH_BASELINE = "dit28"  # the DiT the paper's FPDM replaces (DiT-XL/2's 28 blocks)
+DEPTH_CONFIGS = (*(f"dit{d}" for d in DIT_DEPTHS), "fpdm")  # the depth experiment's configurations
+DEPTH_BASELINE = f"dit{PAPER_DIT_DEPTH}"  # the DiT the paper's FPDM replaces (DiT-XL/2's 28 blocks)
 PAPER_TABLE1 = {  # paper blocks -> sampler -> (DiT FID, FPDM FID)
     140: {"ddpm": (148.0, 85.8), "ddim": (110.0, 33.9)},
     280: {"ddpm": (80.9, 43.3), "ddim": (35.2, 22.4)},
@@ -360,6 +361,37 @@ def depth_claim(sweep: Sweep) -> dict[str, Any]:
             "ours": ours, "settings": settings, "verdict": verdicts, "files": files}
 
 
+def compute_claim(sweep: Sweep) -> dict[str, Any]:
+    """(beyond the paper) Does the answer move with training compute? The FPDM against the 28-block and the
+    8-block DiT at each level: depth_compute's 24k and 134k units per image, depth's 67.2k."""
+    ours, verdicts, settings, files = {}, {}, {}, []
+    for dataset in sweep.datasets("depth_compute"):
+        levels = {"67k": ("depth", "")} | {level: ("depth_compute", f"-{level}") for level in COMPUTE_LEVELS}
+        per_level, summary = {}, []
+        for level, (experiment, suffix) in levels.items():
+            runs = {name: sweep.get(experiment, dataset, name + suffix) for name in COMPUTE_MODELS}
+            if not all(runs.values()):
+                continue
+            cells = []
+            for i, row in enumerate(runs["fpdm"][0]["evaluation"]["rows"]):
+                fids = {n: [fid_of(r["evaluation"]["rows"][i]["block_matched"]) for r in rs] for n, rs in runs.items()}
+                cells.append({"sampler": row["sampler"], "budget_blocks": row["budget_blocks"],
+                              "fid": {n: spread(v) for n, v in fids.items()},
+                              "fpdm_vs_dit28": winner(compare(fids["fpdm"], fids["dit28"]), "FPDM", "dit28"),
+                              "fpdm_vs_dit8": winner(compare(fids["fpdm"], fids["dit8"]), "FPDM", "dit8")})
+            s0 = runs["fpdm"][0]["settings"]
+            per_level[level] = {"training_units_per_image": s0["training_units_per_image"], "cells": cells}
+            summary.append(f"{level}: FPDM beats DiT-28 in {sum(c['fpdm_vs_dit28'] == 'FPDM' for c in cells)}/"
+                           f"{len(cells)}, DiT-8 in {sum(c['fpdm_vs_dit8'] == 'FPDM' for c in cells)}/{len(cells)}")
+            settings.setdefault(dataset, {}).update(sweep.settings(experiment, dataset, [n + suffix for n in COMPUTE_MODELS]))
+            files += sweep.files(experiment, dataset, [n + suffix for n in COMPUTE_MODELS])
+        if per_level:
+            ours[dataset], verdicts[dataset] = per_level, "; ".join(summary)
+    return {"id": "depth_compute", "claim": "(beyond the paper) the FPDM against the 28-block and the 8-block DiT at "
+            "several training compute levels (block-pass units per image)", "paper": None, "ours": ours,
+            "settings": settings, "verdict": verdicts, "files": files}
+
+
 def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str, Any]]:
     """Every claim from the files under results_dir."""
     sweep = Sweep.read(results_dir, include_quick)
@@ -368,7 +400,7 @@ def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str,
     claims += smoothing_claims(sweep) + table5_claims(sweep)
     claims.append(prepost_claim(sweep))
     claims += [table1_claim(sweep, "block_matched", "depth"), table1_claim(sweep, "flop_matched", "depth")]
-    claims += [depth_claim(sweep)] + smoothing_claims(sweep, "depth_smoothing")
+    claims += [depth_claim(sweep)] + smoothing_claims(sweep, "depth_smoothing") + [compute_claim(sweep)]
     return claims
 
 
@@ -396,6 +428,11 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
         parts = ", ".join(f"k={k}: {s['mean']:.1f}" for k, s in data["fid_by_iters"].items())
         dit = f"; DiT {data['dit_fid']['mean']:.1f}" if data["dit_fid"] else ""
         return f"{data['budget_blocks']} blocks: {parts}{dit}"
+    if cid == "depth_compute":
+        return "; ".join(f"{level} units: " + ", ".join(
+            f"{c['sampler'].upper()} {c['budget_blocks']}: FPDM {c['fid']['fpdm']['mean']:.1f} / DiT-28 "
+            f"{c['fid']['dit28']['mean']:.1f} / DiT-8 {c['fid']['dit8']['mean']:.1f}" for c in v["cells"])
+            for level, v in data.items())
     if cid == "depth_every_dit":
         return "; ".join(f"{c['sampler'].upper()} {c['budget_blocks']}: " + ", ".join(
             f"{n.replace('dit', 'DiT-').replace('fpdm', 'FPDM')} {v['mean']:.1f}" for n, v in c["fid"].items()) +

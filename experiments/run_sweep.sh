@@ -4,7 +4,8 @@
 # last checkpoint (every 200 steps), and jobs a live worker holds are left to it. Then python -m experiments.claims.
 # OUT_DIR (default experiments/results) receives the results: run the workers from a snapshot of the code (a git
 # worktree) with OUT_DIR pointing at the checkout being edited, so edits never reach a running sweep.
-#   (0) the depth experiment (Table 1 at the paper's depth ratio) on digits, then on MNIST-5k, and its smoothing
+#   (0) the depth experiment (Table 1 at the paper's depth ratio) on digits, then on MNIST-5k, and its smoothing;
+#       then depth_compute on digits (24k and 134k units per image)
 #   (a) Table 1 on MNIST-5k (block- and FLOP-matched) and (c) its smoothing / reuse sweep
 #   (b) Table 5 at N = 6, 12 and Fig. 7 at 0/1/2/4 pre/post layers on digits, then Table 1 on digits at M = N = 12
 #   (d) Table 5 and Fig. 7 on MNIST-5k (only with SWEEP_MNIST5K_ABLATIONS=1: hours of CPU)
@@ -23,6 +24,7 @@ sweep() { "$PYTHON" -m experiments.sweep --out_dir "$OUT_DIR" "$@"; }
 worker() {
     sweep --experiments depth,depth_smoothing --datasets digits
     sweep --experiments depth,depth_smoothing --datasets mnist5k
+    sweep --experiments depth_compute --datasets digits
     sweep --experiments table1,smoothing --datasets mnist5k
     sweep --experiments table5,prepost --datasets digits
     sweep --experiments table1,smoothing --datasets digits

@@ -25,6 +25,8 @@ Experiments (in the order the jobs run; `--experiments` picks):
              at the same training compute (beyond the paper). The FPDM's iterations per step are searched over
              1, 2, 4, 8, 12, 26 (26: the 28-block DiT's equivalent).
   depth_smoothing  sampling only, on depth's FPDMs: Fig. 4 and 6a at 560 blocks over the same iterations.
+  depth_compute    digits only: does the answer move with training compute? The FPDM, the 28-block DiT and the
+             8-block DiT at 24,000 and 134,400 units per image (depth has 67,200), evaluated as depth.
 
     python -m experiments.sweep                                      # every job, in priority order
     python -m experiments.sweep --experiments table1 --datasets mnist5k --training_seeds 0,1,2
@@ -48,7 +50,7 @@ from experiments import common
 from records import resolve_path, write_record
 
 NAME = "sweep"
-EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing")
+EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing", "depth_compute")
 TRAINED_BY = {"smoothing": "table1", "depth_smoothing": "depth"}  # sampling-only experiments: whose models they use
 DATASETS = ("mnist5k", "digits")
 PAPER_SJFB = (0, 12, 1, 12)  # (n_min, N, m_min, M): S-JFB with M = N = 12 (paper Sec. 4.1)
@@ -56,6 +58,10 @@ TABLE5_NS = (6, 12)
 PREPOST_DEPTHS = (0, 1, 2, 4)
 PAPER_DIT_DEPTH = 28  # DiT-XL/2's blocks: the baseline the paper's FPDM replaces (its budgets are 5/10/20 steps)
 DIT_DEPTHS = (4, 8, 12, PAPER_DIT_DEPTH)
+# depth_compute: training compute levels in steps of the 8-block DiT (x 24 units), beside depth's 2,800 (67,200 units);
+# the 8-block DiT is the compared shallow one (the best depth of the issue's first try at 67,200 units).
+COMPUTE_LEVELS = {"24k": 1000, "134k": 5600}
+COMPUTE_MODELS = ("fpdm", "dit28", "dit8")
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,11 @@ def configurations(experiment: str, dataset: str) -> dict[str, ModelConfig]:
     fpdm = base_model(dataset)
     if experiment in ("table1", "smoothing"):
         return {"dit": dit_model(dataset), "fpdm": fpdm} if experiment == "table1" else {"fpdm": fpdm}
+    if experiment == "depth_compute":
+        if dataset != "digits":
+            return {}
+        deep = configurations("depth", dataset)
+        return {f"{name}-{level}": deep[name] for level in COMPUTE_LEVELS for name in COMPUTE_MODELS}
     if experiment in ("depth", "depth_smoothing"):
         # The FPDM's weights do not depend on depth; it sets the DiT-equivalent iterations (depth - pre - post).
         deep_fpdm = {"fpdm": replace(fpdm, depth=PAPER_DIT_DEPTH).validate()}
@@ -162,11 +173,18 @@ def configurations(experiment: str, dataset: str) -> dict[str, ModelConfig]:
             for p in PREPOST_DEPTHS}
 
 
+def compute_in_dit_steps(experiment: str, dataset: str, name: str) -> int:
+    """A configuration's training compute, in steps of the dataset's 8-block DiT."""
+    if experiment == "depth_compute":
+        return COMPUTE_LEVELS[name.rsplit("-", 1)[1]]
+    return RECIPES[dataset].compute[experiment]
+
+
 def training_config(experiment: str, dataset: str, name: str, seed: int, model: ModelConfig, runs_dir: Path,
                     quick: bool) -> TrainConfig:
     """The run of one model: the preset's training fields, seed `seed`, and the experiment's compute in steps."""
     preset = load_preset(common.REPO_ROOT / RECIPES[dataset].preset, ModelConfig, TrainConfig)
-    dit_steps = QUICK_COMPUTE if quick else RECIPES[dataset].compute[experiment]
+    dit_steps = QUICK_COMPUTE if quick else compute_in_dit_steps(experiment, dataset, name)
     steps = common.steps_for_units(dit_steps * training_units_per_step(dit_model(dataset)), model)
     return replace(build_config(TrainConfig, preset), global_seed=seed, max_steps=steps,
                    log_every=max(1, min(100, steps)), ckpt_every=max(1, min(200, steps)), sample_grid=False,
@@ -334,7 +352,7 @@ def prepost(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, 
 
 EVALUATIONS: dict[str, Callable[[Job, dict[str, Any], SweepConfig], dict[str, Any]]] = {
     "table1": table1, "smoothing": smoothing, "table5": table5, "prepost": prepost, "depth": table1,
-    "depth_smoothing": smoothing}
+    "depth_smoothing": smoothing, "depth_compute": table1}
 
 
 #################################################################################
@@ -405,8 +423,8 @@ def settings(job: Job, quick: bool) -> dict[str, Any]:
             "post_depth": model.fixed_point_post_depth, "n_min": model.fixed_point_no_grad_min_iters,
             "N": model.fixed_point_no_grad_max_iters, "m_min": model.fixed_point_with_grad_min_iters,
             "M": model.fixed_point_with_grad_max_iters, "model": model.model, "image_size": model.image_size,
-            "dit_equivalent_steps": QUICK_COMPUTE if quick else RECIPES[job.dataset].compute[
-                trained_by(job.experiment)],
+            "dit_equivalent_steps": QUICK_COMPUTE if quick else compute_in_dit_steps(
+                trained_by(job.experiment), job.dataset, job.name),
             "steps": job.train.max_steps, "units_per_step": training_units_per_step(model),
             "training_units_per_image": training_units_per_step(model) * job.train.max_steps,
             "lr": job.train.lr, "batch_size": job.train.global_batch_size}

@@ -220,8 +220,8 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
     """A --quick depth sweep (2 training seeds) through claims: each cell holds every DiT depth and the FPDM, its
     best is the lowest mean FID, the settings carry the depth and the compute per image, and the figure and
     RESULTS.md's depth table are written."""
-    sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments", "depth,depth_smoothing",
-                "--training_seeds", "0,1"])
+    sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments",
+                "depth,depth_smoothing,depth_compute", "--training_seeds", "0,1"])
     results_md = tmp_path / "RESULTS.md"
     written = claims.main(["--results_dir", str(tmp_path), "--include_quick", "True", "--results_md", str(results_md)])
     by_id = {c["id"]: c for c in written}
@@ -240,4 +240,8 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
     assert all(0 <= c["fpdm_precision"]["mean"] <= 1 and 0 <= c["dit_recall"]["mean"] <= 1 for c in block)
     assert by_id["fig4_smoothing_dit28"]["ours"]["digits"]["dit_equivalent_iters"] == 26
     assert (tmp_path / "sweep_depth_digits.png").is_file()
+    levels = by_id["depth_compute"]["ours"]["digits"]  # depth's level and depth_compute's two, same three models
+    assert sorted(levels) == ["134k", "24k", "67k"]
+    assert all(sorted(c["fid"]) == ["dit28", "dit8", "fpdm"] for v in levels.values() for c in v["cells"])
+    assert "fpdm-134k" in by_id["depth_compute"]["settings"]["digits"]
     assert "**Depth at equal training compute on digits**" in results_md.read_text()
