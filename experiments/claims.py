@@ -603,12 +603,17 @@ def plot_depth(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
                               linewidth=2.5 if name == "fpdm" else 1.2)
             axis.set_xscale("log", base=2)
             axis.set_xticks([c["budget_blocks"] for c in rows], [str(c["budget_blocks"]) for c in rows])
-            axis.set_xlabel("transformer blocks per image")
-            axis.set_ylabel("FID (classifier features)")
-            axis.set_title(f"{dataset}, {sampler}: equal training compute")
-            axis.legend(fontsize=8)
+            label_axis(axis, "transformer blocks per image", "FID (classifier features)",
+                       f"{dataset}, {sampler}: equal training compute")
         written.append(save_figure(plt, figure, results_dir / f"sweep_depth_{dataset}.png"))
     return written
+
+
+def label_axis(axis: Any, xlabel: str, ylabel: str, title: str) -> None:
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(fontsize=8)
 
 
 def plot_losses(sweep: Sweep, results_dir: Path) -> list[Path]:
@@ -628,11 +633,9 @@ def plot_losses(sweep: Sweep, results_dir: Path) -> list[Path]:
                 steps, losses = zip(*record["train"]["loss_curve"])
                 axis.plot([s * units for s in steps], losses, color=f"C{colour}", alpha=0.8, linewidth=1,
                           label=name if i == 0 else None)
-        axis.set_xlabel("training compute (block-pass units per image)")
-        axis.set_ylabel("training loss (window mean)")
         axis.set_yscale("log")
-        axis.set_title(f"{experiment} on {dataset}: one line per training seed")
-        axis.legend(fontsize=8)
+        label_axis(axis, "training compute (block-pass units per image)", "training loss (window mean)",
+                   f"{experiment} on {dataset}: one line per training seed")
         written.append(save_figure(plt, figure, results_dir / f"sweep_loss_{experiment}_{dataset}.png"))
     return written
 
