@@ -538,6 +538,8 @@ def prepare_sampling(model_config: ModelConfig, config: SampleConfig, model: Any
         notes.append(f"--budget_gmacs {config.budget_gmacs}: the largest block budget that fits is {budget} blocks "
                      "per image")
     plan = plan_for_model(model_config, config)
+    # Build the step once now, so settings a diffusers scheduler refuses stop the run before anything is written.
+    make_stepper(model_config, config, make_sampling_diffusion(model_config, plan.num_steps, config.timestep_spacing))
     if config.budget_gmacs is not None:
         assert planned_macs(model_config, plan, config.cfg_scale != 1.0) <= config.budget_gmacs * 1e9
     return config, plan, notes
