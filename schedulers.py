@@ -71,8 +71,7 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 SAMPLERS = ("dpm++2m", "unipc", "euler")   # the --sampler names served here
 # Set from the checkpoint and --timestep_spacing; --sampler_options may not override them.
 RESERVED = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-            "rescale_betas_zero_snr", "timestep_spacing", "thresholding", "sample_max_value", "clip_sample",
-            "clip_sample_range")
+            "rescale_betas_zero_snr", "timestep_spacing")
 
 
 def prediction_type(model_config: ModelConfig) -> str:

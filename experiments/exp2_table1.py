@@ -2,7 +2,7 @@
 three sampling budgets in the paper's ratio 140 : 280 : 560, relative to the DiT's depth.
 
 The paper's budgets are 5, 10 and 20 steps of the 28-block DiT-XL/2; ours are 5, 10 and 20 steps of the 8-block
-DiT-Ti/2: 40, 80 and 160 transformer-block passes per image. DDPM and DDIM, no guidance (as the paper's numbers).
+DiT-Ti/2: 40, 80 and 160 transformer-block passes per image. DDPM and DDIM, no guidance (as the paper's numbers); --samplers adds diffusers' solvers.
 The FPDM uses its best allocation per budget and sampler: a small grid of iterations per step (timestep smoothing,
 Sec. 3.3) with and without solution reuse is searched on a SEPARATE sampling seed (common.SEARCH_SEED) with fewer
 samples; the winner is then evaluated on the reported seeds, so the selection is not made on the reported samples.
@@ -37,6 +37,8 @@ class Exp2Config(common.CheckpointConfig):
     candidate_iters: Optional[str] = flag(None, "FPDM iterations per step searched, comma list (None: 1,2,4,6; "
                                                   "--quick 1,2).")
     search_samples: Optional[int] = flag(None, "Samples per search evaluation (None: 250, --quick 4).")
+    samplers: str = flag("ddpm,ddim", "Comma-separated --sampler names evaluated at every budget (the paper: "
+                                      "ddpm,ddim; also dpm++2m, unipc, euler).")
 
 
 FULL = {"dit_steps": "5,10,20", "candidate_iters": "1,2,4,6", "search_samples": 250, "seeds": 3, "num_samples": 1000}
@@ -46,6 +48,7 @@ QUICK = {"dit_steps": "2", "candidate_iters": "1,2", "search_samples": 4, "seeds
 def main(argv: list[str] | None = None) -> dict:
     """Evaluate both models at the three budgets and both samplers; write JSON and plot."""
     config, run = common.start(NAME, Exp2Config, __doc__, argv, FULL, QUICK)
+    samplers = common.sampler_list(config.samplers, "samplers")
     fpdm, dit = common.load_models(config, run.out_dir)
     dit_steps = common.int_list(config.dit_steps, "dit_steps")
     candidates = common.int_list(config.candidate_iters, "candidate_iters")
@@ -56,8 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for steps in dit_steps:
         budget = steps * depth
-        for sampler in ("ddpm", "ddim"):
-            setting = replace(common.EVALUATION_SAMPLING, budget=budget, ddim=sampler == "ddim")
+        for sampler in samplers:
+            setting = replace(common.EVALUATION_SAMPLING, budget=budget, sampler=sampler)
             dit_result = common.evaluate_setting(dit, evaluator, setting, config.num_samples, seeds)
             fpdm_result = common.search_and_evaluate(fpdm, evaluator, setting, candidates, config.search_samples,
                                                      config.num_samples, seeds)
@@ -81,8 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def plot(plt: Any, rows: list[dict]) -> Any:
     """digits-FID against budget for both models and samplers (error bars: std over sampling seeds)."""
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for axis, sampler in zip(axes, ("ddpm", "ddim")):
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    figure, axes = plt.subplots(1, len(samplers), figsize=(5 * len(samplers), 4), sharey=True, squeeze=False)
+    for axis, sampler in zip(axes[0], samplers):
         chosen = [r for r in rows if r["sampler"] == sampler]
         budgets = [r["budget"] for r in chosen]
         for model, marker in (("DiT", "o--"), ("FPDM", "s-")):
@@ -94,7 +98,7 @@ def plot(plt: Any, rows: list[dict]) -> Any:
         common.log2_axis(axis, budgets, "transformer-block passes per image")
         axis.set_title(f"{sampler.upper()}")
         axis.legend()
-    axes[0].set_ylabel("digits-FID (lower is better)")
+    axes[0][0].set_ylabel("digits-FID (lower is better)")
     figure.suptitle("Exp. 2: Table 1 in miniature (budgets 40:80:160 = 140:280:560)")
     return figure
 

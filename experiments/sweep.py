@@ -87,6 +87,9 @@ class SweepConfig(common.ExperimentConfig):
     datasets: str = flag(",".join(DATASETS), "Comma list of datasets (mnist5k, digits).")
     training_seeds: str = flag("0,1,2", "Comma list of training seeds (TrainConfig.global_seed).")
     train_only: bool = flag(False, "Only train (or resume) the models of the jobs; evaluate in a later run.")
+    samplers: str = flag("ddpm,ddim", "Comma list of --sampler names of the table1 and depth evaluations (the "
+                                      "paper: ddpm,ddim; also dpm++2m, unipc, euler). Results already written "
+                                      "are kept: pass a new --out_dir to evaluate other samplers.")
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,7 @@ def describe(job: Job) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run every selected job whose result is missing and that no live worker holds."""
     config, run = common.start(NAME, SweepConfig, __doc__, argv, {}, {})
+    common.sampler_list(config.samplers, "samplers")  # a bad name fails now, not after training
     done, ran, skipped = [], [], []
     for job in jobs(config, run.out_dir):
         path = job.result_path(run.out_dir)

@@ -82,13 +82,13 @@ def search_and_evaluate(loaded: common.Loaded, job: Job, setting: SampleConfig, 
 
 
 def table1(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
-    """DDPM and DDIM at each budget: the DiT as is; the FPDM block-matched and FLOP-matched."""
+    """Each of --samplers (DDPM and DDIM) at each budget: the DiT as is; the FPDM block-matched and FLOP-matched."""
     size, loaded, rows = sizes(job, config.quick), load_trained(record), []
     for dit_steps in size.dit_steps:
         blocks, gmacs = dit_budgets(job, dit_steps)
-        for sampler in ("ddpm", "ddim"):
+        for sampler in common.sampler_list(config.samplers, "samplers"):
             row = {"dit_steps": dit_steps, "sampler": sampler, "budget_blocks": blocks, "budget_gmacs": gmacs}
-            block_matched = replace(common.EVALUATION_SAMPLING, budget=blocks, ddim=sampler == "ddim")
+            block_matched = replace(common.EVALUATION_SAMPLING, budget=blocks, sampler=sampler)
             if not job.model.fixed_point:
                 row["block_matched"] = common.evaluate_setting(loaded, evaluator(job.dataset), block_matched,
                                                                size.num_samples, list(size.seeds))

@@ -99,6 +99,24 @@ def test_exp2_table1(quick_dir):
         assert row["FPDM"]["best_iters"] in [s["iters"] for s in row["fpdm_search"]]
 
 
+def test_exp2_table1_with_a_modern_solver(tmp_path):
+    result = run_quick("exp2_table1", tmp_path, "--samplers", "dpm++2m")
+    assert [r["sampler"] for r in result["rows"]] == ["dpm++2m"]
+    assert result["rows"][0]["FPDM"]["planned_blocks_per_image"] == result["rows"][0]["budget"]
+    with pytest.raises(UserError, match="--samplers"):
+        run_quick("exp2_table1", tmp_path, "--samplers", "ddpm,heun")
+
+
+def test_exp8_samplers(quick_dir):
+    from experiments.exp8_samplers import SETTINGS
+    result = run_quick("exp8_samplers", quick_dir)
+    assert [r["label"] for r in result["rows"]] == [s[0] for s in SETTINGS] + ["ddpm-4"]
+    assert {r["sampler"] for r in result["rows"]} == {"ddpm", "ddim", "dpm++2m", "unipc", "euler"}
+    for row in result["rows"]:
+        assert_fid_record(row)
+        assert row["num_steps"] == (4 if row["label"] == "ddpm-4" else 3)
+
+
 def test_exp3_smoothing(quick_dir):
     result = run_quick("exp3_smoothing", quick_dir)
     steps = [p["num_steps"] for p in result["fpdm"]]
