@@ -2,8 +2,9 @@
 
 ``generate`` is the one generation loop: it splits image indices into batches, runs one denoising trajectory per
 batch (``sample_batch``), decodes each batch to uint8 pixels and hands it to an optional ``on_batch`` callback (so
-sample_ddp.py writes files as it goes). ``sample_batch`` runs diffusion's single-step ``p_sample`` / ``ddim_sample``
-over the timesteps of an ``allocation.IterationPlan`` and, per step, tells the model how many fixed-point iterations
+sample_ddp.py writes files as it goes). ``sample_batch`` runs one ``Stepper`` per step (diffusion's ``p_sample`` /
+``ddim_sample``, or a diffusers scheduler from schedulers.py: one model call per step either way) over the
+timesteps of an ``allocation.IterationPlan`` and, per step, tells the model how many fixed-point iterations
 to run (the plan, or the adaptive cap plus ``--fixed_point_tol``), which solver to use, and where to start: with
 solution reuse (Sec. 3.3) the previous step's fixed-point solution, carried per sample as a local variable (never
 stored on the model). Under classifier-free guidance ``denoise`` duplicates the N rows into the conditional and
@@ -23,7 +24,7 @@ import functools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -324,6 +325,16 @@ def make_sampling_diffusion(model_config: ModelConfig, num_steps: int, timestep_
     return model_config.create_diffusion(respacing)
 
 
+class Stepper(Protocol):
+    """One denoising step as sample_batch calls it: exactly one model evaluation, then the sampler's update."""
+    timesteps: list[int]       # original diffusion timesteps, in sampling order (one per step)
+    init_noise_sigma: float    # x_T = standard normal noise times this
+
+    def __call__(self, model_fn: Callable[..., Any], x: Tensor, step: int, *, model_kwargs: dict[str, Any],
+                 noise: Tensor) -> tuple[Tensor, Any]:
+        """x at step `step` -> (x after it, the model's extra: FPDM statistics)."""
+
+
 class DiffusionStepper:
     """One DDPM (p_sample) or DDIM step of the project's respaced ADM diffusion, as sample_batch calls a step."""
 
@@ -346,7 +357,7 @@ class DiffusionStepper:
         return out["sample"], out["model_extra"]
 
 
-def make_stepper(model_config: ModelConfig, config: SampleConfig, diffusion: Any) -> Any:
+def make_stepper(model_config: ModelConfig, config: SampleConfig, diffusion: Any) -> Stepper:
     """The step of config's sampler: the project's DDPM/DDIM on `diffusion`, or a fresh diffusers scheduler."""
     clip_denoised = not model_config.latent  # pixels live in [-1, 1]; latents are unbounded
     sampler = config.resolved_sampler
@@ -384,12 +395,14 @@ def denoise(model: Any, x: Tensor, t: Tensor, y: Optional[Tensor] = None, *, cfg
 @torch.no_grad()
 def sample_batch(model: Any, model_config: ModelConfig, plan: IterationPlan, config: SampleConfig,
                  indices: Sequence[int], labels: Optional[Tensor] = None, *, seed: int,
-                 device: torch.device | str = "cpu", diffusion: Any = None, stepper: Any = None) -> SampleBatch:
+                 device: torch.device | str = "cpu", diffusion: Any = None,
+                 stepper: Optional[Stepper] = None) -> SampleBatch:
     """Denoise one batch of images (image i from seed + i) following `plan`; nothing is stored on the model.
 
-    config supplies the sampler (sampler, ddim_eta, timestep_spacing, sampler_options; or `stepper`), guidance (cfg_scale, cfg_channels), precision
-    and the fixed-point options (fixed_point_reuse_solution, fixed_point_solver, anderson_memory); steps and
-    iterations come from the plan. labels None on a class-conditional model: each image's random label.
+    config supplies the sampler (sampler, ddim_eta, timestep_spacing, sampler_options; `stepper` overrides it),
+    guidance (cfg_scale, cfg_channels), precision and the fixed-point options (fixed_point_reuse_solution,
+    fixed_point_solver, anderson_memory); steps and iterations come from the plan. labels None on a
+    class-conditional model: each image's random label.
     """
     device = torch.device(device)
     indices = [int(i) for i in indices]

@@ -2,7 +2,8 @@
 three sampling budgets in the paper's ratio 140 : 280 : 560, relative to the DiT's depth.
 
 The paper's budgets are 5, 10 and 20 steps of the 28-block DiT-XL/2; ours are 5, 10 and 20 steps of the 8-block
-DiT-Ti/2: 40, 80 and 160 transformer-block passes per image. DDPM and DDIM, no guidance (as the paper's numbers); --samplers adds diffusers' solvers.
+DiT-Ti/2: 40, 80 and 160 transformer-block passes per image. DDPM and DDIM, no guidance (as the paper's numbers);
+--samplers adds diffusers' solvers (dpm++2m, unipc, euler).
 The FPDM uses its best allocation per budget and sampler: a small grid of iterations per step (timestep smoothing,
 Sec. 3.3) with and without solution reuse is searched on a SEPARATE sampling seed (common.SEARCH_SEED) with fewer
 samples; the winner is then evaluated on the reported seeds, so the selection is not made on the reported samples.
