@@ -202,3 +202,30 @@ def test_dpm_solver_beats_ddpm_at_ten_steps_on_the_shipped_digits_dit(trained_cl
         fid[sampler] = evaluate_digits_samples(classifier_model, drawn.images, labels.numpy(), reference)["digits_fid"]
     print(f"digits-FID of 400 samples at 10 steps: {fid}")
     assert fid["dpm++2m"] < 0.8 * fid["ddpm"]
+
+
+class InputSpy:
+    """Records the x and t each model call receives."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def forward_with_stats(self, x, t, y=None, **kwargs):
+        self.calls.append((x.clone(), t.clone()))
+        return self.model.forward_with_stats(x, t, y, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", schedulers.SAMPLERS)
+@pytest.mark.parametrize("spacing", ["default", "trailing"])
+def test_the_model_gets_x_t_and_its_integer_timestep(sampler, spacing):
+    """Euler keeps x in sigma space (x_T ~ 4096 N(0, 1) under zero terminal SNR): the model must still get x_t."""
+    model_config = replace(TINY_DIT, predict_v=True, use_zero_terminal_snr=True)
+    spy = InputSpy(build(model_config))
+    plan = plan_iterations(fixed_point=False, depth=8, num_sampling_steps=6)
+    config = SampleConfig(sampler=sampler, timestep_spacing=spacing, cfg_scale=1.0)
+    batch = sampling.sample_batch(spy, model_config, plan, config, list(range(8)), None, seed=0)
+    first_x, first_t = spy.calls[0]
+    assert 0.8 < float(first_x.std()) < 1.2 and int(first_t[0]) == 999
+    assert [int(t[0]) for _, t in spy.calls] == batch.stats.timesteps
+    assert all(t.dtype == torch.long and 0 <= int(t[0]) < 1000 for _, t in spy.calls)
+    assert batch.samples.abs().max() < 10
