@@ -19,6 +19,7 @@ TRACKERS = ("none", "wandb", "tensorboard")
 DEFAULT_SAMPLING_STEPS = 250     # DiT's default number of denoising steps
 DEFAULT_CFG_SCALE = 4.0          # guidance of the paper's qualitative figures (class-conditional models)
 DEFAULT_FIXED_POINT_TOL = 1e-3   # relative residual at which --iteration_schedule adaptive stops a timestep
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "unipc", "euler")  # --sampler: the project's two, diffusers' three
 LATENT_IMAGE_MULTIPLE = 16       # extract_features.py: 8x VAE downsampling x patch size 2 (even latents, >= 2x2)
 
 
@@ -176,7 +177,14 @@ class SampleConfig:
     cfg_channels: str = flag("3", "Guide the first k mean channels as DiT/FPDM do (3), or 'all' for the standard form.")
     num_sampling_steps: Optional[int] = flag(None, f"Denoising steps (timesteps visited). None: {DEFAULT_SAMPLING_STEPS}"
                                                     ", or derived from --budget when one is given.")
-    ddim: bool = flag(False, "Sample with DDIM instead of DDPM.")
+    sampler: Optional[str] = flag(None, "ddpm and ddim: the project's ADM diffusion; dpm++2m (DPM-Solver++ 2M), unipc "
+                                         "and euler: diffusers' schedulers on the same betas, prediction type and "
+                                         "spacing, one model call per step (README 'Samplers'). None: ddim with "
+                                         "--ddim True, else ddpm.", choices=SAMPLERS)
+    sampler_options: str = flag("", "Settings of the diffusers scheduler of --sampler dpm++2m/unipc/euler as "
+                                     "key=value,... (e.g. lower_order_final=False,final_sigmas_type=sigma_min); "
+                                     "recorded in setup.json.")
+    ddim: bool = flag(False, "Sample with DDIM instead of DDPM (the same as --sampler ddim).")
     ddim_eta: float = flag(0.0, "DDIM eta (0: deterministic).")
     timestep_spacing: str = flag("default", "default (DiT's even spacing) or trailing (always visits t = T-1).")
     seed: int = flag(0, "Global seed: image i uses seed + i, whatever the batch size or number of processes.")
@@ -208,6 +216,11 @@ class SampleConfig:
                                    "tf32 on CUDA, fp32 on the CPU. The resolved value is recorded in setup.json.",
                            choices=["auto", "fp32", "tf32", "bf16"])
 
+    @property
+    def resolved_sampler(self) -> str:
+        """The sampler these flags ask for: --sampler, else ddim (--ddim True) or ddpm."""
+        return self.sampler or ("ddim" if self.ddim else "ddpm")
+
     def validate(self) -> "SampleConfig":
         """Refuse bad values of single flags (checks against the checkpoint live in sampling.py); returns self."""
         _check_choices(self)
@@ -220,6 +233,13 @@ class SampleConfig:
         _check(self.cfg_channels == "all" or (self.cfg_channels.isdigit() and int(self.cfg_channels) >= 1),
                "cfg_channels", "must be a positive integer or 'all'", self.cfg_channels)
         _check(self.ddim_eta >= 0, "ddim_eta", "must be >= 0", self.ddim_eta)
+        _check(not self.ddim or self.sampler in (None, "ddim"), "ddim",
+               f"True is --sampler ddim and contradicts --sampler {self.sampler}", self.ddim)
+        _check(self.ddim_eta == 0 or self.resolved_sampler in ("ddpm", "ddim"), "ddim_eta",
+               f"applies to --sampler ddim only (this is --sampler {self.resolved_sampler})", self.ddim_eta)
+        _check(not self.sampler_options.strip() or self.resolved_sampler not in ("ddpm", "ddim"), "sampler_options",
+               f"configures the diffusers samplers only (dpm++2m, unipc, euler), not --sampler "
+               f"{self.resolved_sampler}", self.sampler_options)
         _check(self.fixed_point_tol is None or self.fixed_point_tol > 0, "fixed_point_tol", "must be > 0",
                self.fixed_point_tol)
         _check(self.budget_gmacs is None or (math.isfinite(self.budget_gmacs) and self.budget_gmacs > 0),

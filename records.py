@@ -19,6 +19,7 @@ from config import UserError, config_diff
 if TYPE_CHECKING:
     from allocation import IterationPlan
 
+NEW_SAMPLER_FLAGS = {"sampler": None, "sampler_options": ""}  # SampleConfig fields added after setup.json existed
 SETUP_FILE = "setup.json"  # written by sample.py / sample_ddp.py next to the samples; read by evaluate.py
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -202,13 +203,16 @@ def sampling_setup(*, ckpt: str | Path, model_config: Any, config: Any, plan: It
     """The full setup to record beside samples: checkpoint, architecture, every sampling flag (but `exclude`), the
     plan, and `extra` entries."""
     import torch
-    excluded = set(exclude)
+    from schedulers import sampler_record
+    # --sampler and --sampler_options left at their defaults are not listed, so the setup.json of a run made before
+    # they existed still describes the same setup (the sampler is recorded by name below either way).
+    excluded = set(exclude) | {name for name, default in NEW_SAMPLER_FLAGS.items() if getattr(config, name) == default}
     return {
         "checkpoint": str(Path(ckpt).resolve()),
         "model_config": asdict(model_config),
         "sample_config": {k: v for k, v in asdict(config).items() if k not in excluded},
         "plan": plan.to_dict(),
-        "sampler": "ddim" if config.ddim else "ddpm",
+        **sampler_record(model_config, config),
         "notes": list(notes) + list(plan.notes),
         "torch": torch.__version__,
         **extra,

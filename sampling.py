@@ -2,8 +2,9 @@
 
 ``generate`` is the one generation loop: it splits image indices into batches, runs one denoising trajectory per
 batch (``sample_batch``), decodes each batch to uint8 pixels and hands it to an optional ``on_batch`` callback (so
-sample_ddp.py writes files as it goes). ``sample_batch`` runs diffusion's single-step ``p_sample`` / ``ddim_sample``
-over the timesteps of an ``allocation.IterationPlan`` and, per step, tells the model how many fixed-point iterations
+sample_ddp.py writes files as it goes). ``sample_batch`` runs one ``Stepper`` per step (diffusion's ``p_sample`` /
+``ddim_sample``, or a diffusers scheduler from schedulers.py: one model call per step either way) over the
+timesteps of an ``allocation.IterationPlan`` and, per step, tells the model how many fixed-point iterations
 to run (the plan, or the adaptive cap plus ``--fixed_point_tol``), which solver to use, and where to start: with
 solution reuse (Sec. 3.3) the previous step's fixed-point solution, carried per sample as a local variable (never
 stored on the model). Under classifier-free guidance ``denoise`` duplicates the N rows into the conditional and
@@ -23,7 +24,7 @@ import functools
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from allocation import IterationPlan, budget_for_macs, plan_for_model, planned_m
 from checkpoint import BUNDLED_CHECKPOINT, load_model_for_sampling
 from config import DEFAULT_CFG_SCALE, ModelConfig, SampleConfig, UserError, config_diff
 import cost
+import schedulers
 from images import decode_to_uint8, make_grid, save_png
 from models import FixedPointStats, classifier_free_guidance
 from records import TrajectoryStats, summarize_stats
@@ -146,6 +148,7 @@ def validate_sample_config(model_config: ModelConfig, config: SampleConfig,
     parse_cfg_channels(config.cfg_channels)
     parse_class_labels(config.class_labels, model_config.num_classes)
     get_solver(config.fixed_point_solver)  # an unknown name fails there, listing the valid ones
+    schedulers.parse_options(config.sampler_options, config.resolved_sampler)  # a bad key fails naming the flag
     if config.timestep_spacing not in TIMESTEP_SPACINGS:
         raise UserError(f"--timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)} "
                          f"(got {config.timestep_spacing!r})")
@@ -286,6 +289,49 @@ def make_sampling_diffusion(model_config: ModelConfig, num_steps: int, timestep_
     return model_config.create_diffusion(respacing)
 
 
+class Stepper(Protocol):
+    """One denoising step as sample_batch calls it: exactly one model evaluation, then the sampler's update."""
+    timesteps: list[int]       # original diffusion timesteps, in sampling order (one per step)
+    init_noise_sigma: float    # x_T = standard normal noise times this
+
+    def __call__(self, model_fn: Callable[..., Any], x: Tensor, step: int, *, model_kwargs: dict[str, Any],
+                 noise: Tensor) -> tuple[Tensor, Any]:
+        """x at step `step` -> (x after it, the model's extra: FPDM statistics)."""
+
+
+class DiffusionStepper:
+    """One DDPM (p_sample) or DDIM step of the project's respaced ADM diffusion, as sample_batch calls a step."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, diffusion: Any, ddim: bool, eta: float, clip_denoised: bool):
+        self.diffusion, self.ddim, self.eta, self.clip_denoised = diffusion, ddim, eta, clip_denoised
+        self.timesteps = [int(t) for t in reversed(diffusion.timestep_map)]   # original timesteps, sampling order
+
+    def __call__(self, model_fn: Callable[..., Any], x: Tensor, step: int, *, model_kwargs: dict[str, Any],
+                 noise: Tensor) -> tuple[Tensor, Any]:
+        """x at step `step` (0 = first, t = T-1) -> (x at the next step, the model's extra: FPDM statistics)."""
+        t = torch.full((x.shape[0],), self.diffusion.num_timesteps - 1 - step, device=x.device, dtype=torch.long)
+        if self.ddim:
+            out = self.diffusion.ddim_sample(model_fn, x, t, clip_denoised=self.clip_denoised,
+                                             model_kwargs=model_kwargs, eta=self.eta, noise=noise)
+        else:
+            out = self.diffusion.p_sample(model_fn, x, t, clip_denoised=self.clip_denoised,
+                                          model_kwargs=model_kwargs, noise=noise)
+        return out["sample"], out["model_extra"]
+
+
+def make_stepper(model_config: ModelConfig, config: SampleConfig, diffusion: Any) -> Stepper:
+    """The step of config's sampler: the project's DDPM/DDIM on `diffusion`, or a fresh diffusers scheduler."""
+    clip_denoised = not model_config.latent  # pixels live in [-1, 1]; latents are unbounded
+    sampler = config.resolved_sampler
+    if sampler in ("ddpm", "ddim"):
+        return DiffusionStepper(diffusion, sampler == "ddim", config.ddim_eta, clip_denoised)
+    return schedulers.make_stepper(sampler, model_config, diffusion.num_timesteps, config.timestep_spacing,
+                                   clip_denoised, schedulers.parse_options(config.sampler_options, sampler),
+                                   project_timesteps=list(diffusion.timestep_map))
+
+
 def denoise(model: Any, x: Tensor, t: Tensor, y: Optional[Tensor] = None, *, cfg_scale: float,
             cfg_channels: Optional[int], null_class: int, in_channels: int, bf16: bool = False,
             **fixed_point_kwargs: Any) -> tuple[Tensor, FixedPointStats]:
@@ -313,12 +359,14 @@ def denoise(model: Any, x: Tensor, t: Tensor, y: Optional[Tensor] = None, *, cfg
 @torch.no_grad()
 def sample_batch(model: Any, model_config: ModelConfig, plan: IterationPlan, config: SampleConfig,
                  indices: Sequence[int], labels: Optional[Tensor] = None, *, seed: int,
-                 device: torch.device | str = "cpu", diffusion: Any = None) -> SampleBatch:
+                 device: torch.device | str = "cpu", diffusion: Any = None,
+                 stepper: Optional[Stepper] = None) -> SampleBatch:
     """Denoise one batch of images (image i from seed + i) following `plan`; nothing is stored on the model.
 
-    config supplies the sampler (ddim, ddim_eta, timestep_spacing), guidance (cfg_scale, cfg_channels), precision
-    and the fixed-point options (fixed_point_reuse_solution, fixed_point_solver, anderson_memory); steps and
-    iterations come from the plan. labels None on a class-conditional model: each image's random label.
+    config supplies the sampler (sampler, ddim_eta, timestep_spacing, sampler_options; `stepper` overrides it),
+    guidance (cfg_scale, cfg_channels), precision and the fixed-point options (fixed_point_reuse_solution,
+    fixed_point_solver, anderson_memory); steps and iterations come from the plan. labels None on a
+    class-conditional model: each image's random label.
     """
     device = torch.device(device)
     indices = [int(i) for i in indices]
@@ -337,20 +385,22 @@ def sample_batch(model: Any, model_config: ModelConfig, plan: IterationPlan, con
                                  null_class=model_config.num_classes, in_channels=model_config.in_channels,
                                  bf16=precision == "bf16")
     y = labels.to(device) if labels is not None else None
-    clip_denoised = not model_config.latent  # pixels live in [-1, 1]; latents are unbounded
     solver_kwargs: dict[str, Any] = {}
     if model_config.fixed_point:
         solver_kwargs["solver"] = config.fixed_point_solver
         if config.fixed_point_solver == "anderson":
             solver_kwargs["solver_options"] = {"memory": config.anderson_memory}
 
+    if stepper is None:
+        stepper = make_stepper(model_config, config, diffusion)
+    if len(stepper.timesteps) != plan.num_steps:
+        raise ValueError(f"the sampler visits {len(stepper.timesteps)} timesteps but the plan has {plan.num_steps}")
     shape = (model_config.in_channels, model_config.input_size, model_config.input_size)
-    x = rng.normal(shape, device)                        # (N, C, H, W): x_T
+    x = rng.normal(shape, device) * stepper.init_noise_sigma   # (N, C, H, W): x_T (Euler: in sigma space)
     stats = TrajectoryStats()
     previous_solution: Optional[Tensor] = None           # (N or 2N, T, D): reset for every batch
     with matmul_precision(precision, device):
-        for step, index in enumerate(range(plan.num_steps - 1, -1, -1)):
-            t = torch.full((len(indices),), index, device=device, dtype=torch.long)
+        for step in range(plan.num_steps):
             num_iters = plan.iteration_cap(step, stats.blocks_per_image)   # the plan's (or adaptive) iterations
             model_kwargs: dict[str, Any] = {"y": y}
             reuse = model_config.fixed_point and config.fixed_point_reuse_solution and previous_solution is not None
@@ -358,14 +408,8 @@ def sample_batch(model: Any, model_config: ModelConfig, plan: IterationPlan, con
                 model_kwargs.update(solver_kwargs, num_iters=num_iters, init=previous_solution if reuse else None,
                                     tol=plan.fixed_point_tol if plan.adaptive else None)
             noise = rng.normal(shape, device)            # (N, C, H, W): this step's noise, per image
-            if config.ddim:
-                out = diffusion.ddim_sample(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                            eta=config.ddim_eta, noise=noise)
-            else:
-                out = diffusion.p_sample(model_fn, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                         noise=noise)
-            state = out["model_extra"]                   # FixedPointStats: what the step actually ran
-            stats.timesteps.append(int(diffusion.timestep_map[index]))
+            x, state = stepper(model_fn, x, step, model_kwargs=model_kwargs, noise=noise)  # state: FixedPointStats
+            stats.timesteps.append(stepper.timesteps[step])
             stats.iteration_caps.append(num_iters)
             stats.iters_per_step.append(state.num_iters)
             stats.blocks_per_step.append(state.blocks)
@@ -374,7 +418,6 @@ def sample_batch(model: Any, model_config: ModelConfig, plan: IterationPlan, con
             stats.reused_solution.append(bool(reuse))
             if model_config.fixed_point and config.fixed_point_reuse_solution:
                 previous_solution = state.solution
-            x = out["sample"]
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError("the samples are not finite (NaN or inf) after the last step")
     return SampleBatch(indices, labels, x.float().cpu(), stats)
@@ -472,6 +515,8 @@ def prepare_sampling(model_config: ModelConfig, config: SampleConfig, model: Any
         notes.append(f"--budget_gmacs {config.budget_gmacs}: the largest block budget that fits is {budget} blocks "
                      "per image")
     plan = plan_for_model(model_config, config)
+    # Build the step once now, so settings a diffusers scheduler refuses stop the run before anything is written.
+    make_stepper(model_config, config, make_sampling_diffusion(model_config, plan.num_steps, config.timestep_spacing))
     if config.budget_gmacs is not None:
         assert planned_macs(model_config, plan, config.cfg_scale != 1.0) <= config.budget_gmacs * 1e9
     return config, plan, notes
@@ -525,15 +570,15 @@ def draw(loaded: Loaded, request: Request, indices: Sequence[int], labels: Optio
 
 def sample_grid_png(model: Any, model_config: ModelConfig, path: str | Path, *,
                     device: torch.device | str = "cpu", num_images: int = 16, num_sampling_steps: int = 50,
-                    ddim: bool = True, cfg_scale: float = 1.0, seed: int = 0, vae: Any = None) -> Path:
-    """Draw a small grid (train.py's end-of-training preview): DDIM, no guidance, class i % num_classes.
+                    sampler: str = "ddim", cfg_scale: float = 1.0, seed: int = 0, vae: Any = None) -> Path:
+    """Draw a small grid (train.py's end-of-training preview): `sampler`, no guidance, class i % num_classes.
 
     A latent model without `vae` (a loaded AutoencoderKL) gets a latent-channel preview.
     """
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    config = SampleConfig(num_sampling_steps=num_sampling_steps, ddim=ddim, cfg_scale=cfg_scale, seed=seed,
+    config = SampleConfig(num_sampling_steps=num_sampling_steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
                           num_samples=num_images)
     config, plan, _ = prepare_sampling(model_config, config, device=device)
     indices = list(range(num_images))

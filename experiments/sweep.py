@@ -95,6 +95,9 @@ class SweepConfig(common.ExperimentConfig):
     datasets: str = flag(",".join(DATASETS), "Comma list of datasets (mnist5k, digits).")
     training_seeds: str = flag("0,1,2", "Comma list of training seeds (TrainConfig.global_seed).")
     train_only: bool = flag(False, "Only train (or resume) the models of the jobs; evaluate in a later run.")
+    samplers: str = flag("ddpm,ddim", "Comma list of --sampler names of the table1 and depth evaluations (the "
+                                      "paper: ddpm,ddim; also dpm++2m, unipc, euler). Results already written "
+                                      "are kept: pass a new --out_dir to evaluate other samplers.")
 
 
 @dataclass(frozen=True)
@@ -293,13 +296,13 @@ def search_and_evaluate(loaded: common.Loaded, job: Job, setting: SampleConfig, 
 
 
 def table1(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
-    """DDPM and DDIM at each budget: the DiT as is; the FPDM block-matched and FLOP-matched."""
+    """Each of --samplers (DDPM and DDIM) at each budget: the DiT as is; the FPDM block-matched and FLOP-matched."""
     size, loaded, rows = sizes(job, config.quick), load_trained(record), []
     for dit_steps in size.dit_steps:
         blocks, gmacs = dit_budgets(job, dit_steps)
-        for sampler in ("ddpm", "ddim"):
+        for sampler in common.sampler_list(config.samplers, "samplers"):
             row = {"dit_steps": dit_steps, "sampler": sampler, "budget_blocks": blocks, "budget_gmacs": gmacs}
-            block_matched = replace(common.EVALUATION_SAMPLING, budget=blocks, ddim=sampler == "ddim")
+            block_matched = replace(common.EVALUATION_SAMPLING, budget=blocks, sampler=sampler)
             if not job.model.fixed_point:
                 row["block_matched"] = common.evaluate_setting(loaded, evaluator(job.dataset), block_matched,
                                                                size.num_samples, list(size.seeds))
@@ -437,6 +440,7 @@ def describe(job: Job) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run every selected job whose result is missing and that no live worker holds."""
     config, run = common.start(NAME, SweepConfig, __doc__, argv)
+    common.sampler_list(config.samplers, "samplers")  # a bad name fails now, not after training
     done, ran, skipped = [], [], []
     for job in jobs(config, run.out_dir):
         path = job.result_path(run.out_dir)

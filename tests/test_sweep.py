@@ -79,6 +79,20 @@ def test_unknown_experiment_or_bad_seed_list_is_a_user_error(tmp_path):
         sweep.main(["--quick", "--out_dir", str(tmp_path), "--experiments", "table9"])
     with pytest.raises(UserError, match="--training_seeds"):
         sweep.main(["--quick", "--out_dir", str(tmp_path), "--training_seeds", "1,x"])
+    with pytest.raises(UserError, match="--samplers"):
+        sweep.main(["--quick", "--out_dir", str(tmp_path), "--samplers", "ddpm,heun"])
+
+
+def test_table1_under_a_modern_solver_spends_the_budget(tmp_path):
+    sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments", "table1",
+                "--training_seeds", "0", "--samplers", "dpm++2m"])
+    for path in (tmp_path / "sweep" / "table1" / "digits").glob("*/seed0.json"):
+        rows = json.loads(path.read_text())["evaluation"]["rows"]
+        assert rows and {row["sampler"] for row in rows} == {"dpm++2m"}
+        for row in rows:
+            assert row["block_matched"]["sampler"] == "dpm++2m"
+            assert row["block_matched"]["planned_blocks_per_image"] <= row["budget_blocks"]
+            assert row["block_matched"]["blocks_per_image_max"] == row["block_matched"]["planned_blocks_per_image"]
 
 
 def test_a_finished_training_run_is_reused_and_a_different_one_refused(tmp_path):
