@@ -22,7 +22,7 @@ import numpy as np
 
 import cli
 from config import build_config, flag, parse_flags
-from experiments.sweep import COMPUTE_LEVELS, COMPUTE_MODELS, DIT_DEPTHS, PAPER_DIT_DEPTH
+from experiments.sweep import COMPUTE_LEVELS, COMPUTE_MODELS, DIT_DEPTHS, PAPER_DIT_DEPTH, TRAINED_BY
 from records import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -332,12 +332,13 @@ def static_claims(sweep: Sweep) -> list[dict[str, Any]]:
     return claims
 
 
-def depth_claim(sweep: Sweep) -> dict[str, Any]:
+def depth_claim(sweep: Sweep, experiment: str = "depth") -> dict[str, Any]:
     """(beyond the paper) Which model is best at each budget when DiTs of every depth get the FPDM's training
-    compute: FID per (budget, sampler) for DiT-4/8/12/28 and the FPDM (block-matched, best iterations)."""
+    compute: FID per (budget, sampler) for DiT-4/8/12/28 and the FPDM (block-matched, best iterations), under
+    DDPM and DDIM (depth) or DPM-Solver++ and UniPC (depth_solvers), with the FPDM / DiT-28 FID ratio."""
     ours, verdicts, settings, files = {}, {}, {}, []
-    for dataset in sweep.datasets("depth"):
-        runs = {name: sweep.get("depth", dataset, name) for name in DEPTH_CONFIGS}
+    for dataset in sweep.datasets(experiment):
+        runs = {name: sweep.get(experiment, dataset, name) for name in DEPTH_CONFIGS}
         runs = {name: records for name, records in runs.items() if records}
         if "fpdm" not in runs or len(runs) < 2:
             continue
@@ -349,16 +350,37 @@ def depth_claim(sweep: Sweep) -> dict[str, Any]:
             c = compare(fids["fpdm"], fids[best_dit])
             cells.append({"sampler": row["sampler"], "budget_blocks": row["budget_blocks"],
                           "fid": {n: spread(v) for n, v in fids.items()},
+                          "fpdm_over_dit28": (float(np.mean(fids["fpdm"]) / np.mean(fids[DEPTH_BASELINE]))
+                                              if DEPTH_BASELINE in fids else None),
                           "best": min(fids, key=lambda n: np.mean(fids[n])), "best_dit": best_dit,
                           "fpdm_vs_best_dit": c, "winner": winner(c, "FPDM", best_dit)})
         ours[dataset] = cells
         wins = sum(c["winner"] == "FPDM" for c in cells)
         verdicts[dataset] = f"FPDM best in {wins} of {len(cells)} cells"
-        settings[dataset] = sweep.settings("depth", dataset, tuple(runs))
-        files += sweep.files("depth", dataset, tuple(runs))
-    return {"id": "depth_every_dit", "claim": "(beyond the paper) the FPDM against DiTs of depth 4, 8, 12 and 28 "
-            "trained with the same block-pass units per image, at equal sampling blocks", "paper": None,
+        settings[dataset] = sweep.settings(TRAINED_BY.get(experiment, experiment), dataset, tuple(runs))
+        files += sweep.files(experiment, dataset, tuple(runs))
+    solvers = experiment == "depth_solvers"
+    return {"id": "depth_every_dit" + ("_solvers" if solvers else ""), "claim": "(beyond the paper) the FPDM against "
+            "DiTs of depth 4, 8, 12 and 28 trained with the same block-pass units per image, at equal sampling "
+            "blocks" + (", under modern solvers (diffusers' DPM-Solver++(2M) and UniPC)" if solvers else ""),
+            "paper": None,
             "ours": ours, "settings": settings, "verdict": verdicts, "files": files}
+
+
+def solvers_claim(sweep: Sweep) -> dict[str, Any]:
+    """Which settings of diffusers' solvers bring 10 steps of the DiT closest to DDPM at 250 steps (solvers)."""
+    ours, verdicts, settings, files = {}, {}, {}, []
+    for dataset in sweep.datasets("solvers"):
+        records = sweep.get("solvers", dataset, "dit")
+        labels = [row["label"] for row in records[0]["evaluation"]["rows"]]
+        fids = {label: spread([fid_of(r["evaluation"]["rows"][i]) for r in records]) for i, label in enumerate(labels)}
+        best = min(labels[:-1], key=lambda label: fids[label]["mean"])
+        ours[dataset] = {"fid": fids, "best": best, "reference": labels[-1]}
+        verdicts[dataset] = f"best: {best} ({fids[best]['mean']:.1f} vs {labels[-1]} {fids[labels[-1]]['mean']:.1f})"
+        settings[dataset], files = sweep.settings("table1", dataset, ("dit",)), files + sweep.files("solvers", dataset, ("dit",))
+    return {"id": "solver_settings", "claim": "(beyond the paper) the DiT at 10 steps under DDPM, DDIM and diffusers' "
+            "solver settings, against DDPM at 250 steps", "paper": None, "ours": ours, "settings": settings,
+            "verdict": verdicts, "files": files}
 
 
 def compute_claim(sweep: Sweep) -> dict[str, Any]:
@@ -400,7 +422,8 @@ def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str,
     claims += smoothing_claims(sweep) + table5_claims(sweep)
     claims.append(prepost_claim(sweep))
     claims += [table1_claim(sweep, "block_matched", "depth"), table1_claim(sweep, "flop_matched", "depth")]
-    claims += [depth_claim(sweep)] + smoothing_claims(sweep, "depth_smoothing") + [compute_claim(sweep)]
+    claims += [depth_claim(sweep), depth_claim(sweep, "depth_solvers"), solvers_claim(sweep)]
+    claims += smoothing_claims(sweep, "depth_smoothing") + [compute_claim(sweep)]
     return claims
 
 
@@ -433,7 +456,9 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
             f"{c['sampler'].upper()} {c['budget_blocks']}: FPDM {c['fid']['fpdm']['mean']:.1f} / DiT-28 "
             f"{c['fid']['dit28']['mean']:.1f} / DiT-8 {c['fid']['dit8']['mean']:.1f}" for c in v["cells"])
             for level, v in data.items())
-    if cid == "depth_every_dit":
+    if cid == "solver_settings":
+        return ", ".join(f"{label} {v['mean']:.1f}" for label, v in data["fid"].items())
+    if cid.startswith("depth_every_dit"):
         return "; ".join(f"{c['sampler'].upper()} {c['budget_blocks']}: " + ", ".join(
             f"{n.replace('dit', 'DiT-').replace('fpdm', 'FPDM')} {v['mean']:.1f}" for n, v in c["fid"].items()) +
             f" (best {c['best']})" for c in data)
@@ -542,6 +567,15 @@ def depth_details(claims: list[dict[str, Any]]) -> list[str]:
                 f" | {fmt(b['fpdm_fid'], 1)} | {fmt(f['fpdm_fid'], 1)} | {c['best']} | "
                 f"{b['fpdm_fid']['mean'] / b['dit_fid']['mean']:.2f} | {p_text(b['welch_p'])[2:] or '-'} | "
                 f"{pr['fpdm']} | {pr['dit']} |")
+    for dataset, cells in by_id["depth_every_dit_solvers"]["ours"].items():
+        lines += ["", f"**Depth under modern solvers on {dataset}** (the depth experiment's models; FID, FPDM "
+                  "block-matched with its best iterations):", "", "| sampler | blocks | " +
+                  " | ".join(n.replace("dit", "DiT-").replace("fpdm", "FPDM") for n in DEPTH_CONFIGS) +
+                  " | best | FPDM / DiT-28 |", "|---" * (len(DEPTH_CONFIGS) + 4) + "|"]
+        for c in cells:
+            ratio = f"{c['fpdm_over_dit28']:.2f}" if c["fpdm_over_dit28"] is not None else "-"
+            lines.append(f"| {c['sampler']} | {c['budget_blocks']} | " + " | ".join(
+                fmt(c["fid"][n], 1) if n in c["fid"] else "-" for n in DEPTH_CONFIGS) + f" | {c['best']} | {ratio} |")
     return lines
 
 
@@ -588,10 +622,10 @@ def plot_depth(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     sampler; error bars the std over training seeds."""
     from experiments.common import pyplot, save_figure
     plt, written = pyplot(), []
-    depth = next((c for c in claims if c["id"] == "depth_every_dit"), None)
-    if plt is None or depth is None:
+    figures = [(c, d, cells) for c in claims if c["id"].startswith("depth_every_dit") for d, cells in c["ours"].items()]
+    if plt is None:
         return written
-    for dataset, cells in depth["ours"].items():
+    for claim, dataset, cells in figures:
         samplers = list(dict.fromkeys(c["sampler"] for c in cells))
         figure, axes = plt.subplots(1, len(samplers), figsize=(5 * len(samplers), 4), squeeze=False)
         for axis, sampler in zip(axes[0], samplers):
@@ -605,7 +639,8 @@ def plot_depth(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
             axis.set_xticks([c["budget_blocks"] for c in rows], [str(c["budget_blocks"]) for c in rows])
             label_axis(axis, "transformer blocks per image", "FID (classifier features)",
                        f"{dataset}, {sampler}: equal training compute")
-        written.append(save_figure(plt, figure, results_dir / f"sweep_depth_{dataset}.png"))
+        name = "sweep_depth_solvers" if claim["id"].endswith("_solvers") else "sweep_depth"
+        written.append(save_figure(plt, figure, results_dir / f"{name}_{dataset}.png"))
     return written
 
 
@@ -623,7 +658,7 @@ def plot_losses(sweep: Sweep, results_dir: Path) -> list[Path]:
     plt, written = pyplot(), []
     if plt is None:
         return written
-    trained = {(e, d) for (e, d, _) in sweep.results if e not in ("smoothing", "depth_smoothing")}  # sampling only
+    trained = {(e, d) for (e, d, _) in sweep.results if e not in TRAINED_BY}  # not the sampling-only experiments
     for experiment, dataset in sorted(trained):
         figure, axis = plt.subplots(figsize=(7, 4))
         names = sorted({c for (e, d, c) in sweep.results if (e, d) == (experiment, dataset)})

@@ -28,7 +28,7 @@ import classifier
 import sampling
 from allocation import IterationPlan, planned_macs
 from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
-from config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, parse_flags
+from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, parse_flags
 from cost import training_units_per_step
 from metrics import feature_metrics, inception_score_record
 from records import read_json, to_jsonable, write_json, write_record
@@ -90,15 +90,6 @@ def int_list(text: str, flag: str) -> list[int]:
     if not values:
         raise UserError(f"--{flag}: expected at least one integer (got {text!r})")
     return values
-
-
-def sampler_list(text: str, flag: str) -> list[str]:
-    """A comma-separated list of --sampler names ("ddpm,ddim,dpm++2m") from flag --`flag`."""
-    names = [piece.strip() for piece in text.split(",") if piece.strip()]
-    unknown = [name for name in names if name not in SAMPLERS]
-    if unknown or not names:
-        raise UserError(f"--{flag}: expected comma-separated samplers from {', '.join(SAMPLERS)} (got {text!r})")
-    return names
 
 
 #################################################################################

@@ -24,10 +24,11 @@ sweep() { "$PYTHON" -m experiments.sweep --out_dir "$OUT_DIR" "$@"; }
 worker() {
     sweep --experiments depth,depth_smoothing --datasets digits
     sweep --experiments depth,depth_smoothing --datasets mnist5k
+    sweep --experiments depth_solvers --datasets digits,mnist5k  # sampling only, on depth's finished models
     sweep --experiments depth_compute --datasets digits
     sweep --experiments table1,smoothing --datasets mnist5k
     sweep --experiments table5,prepost --datasets digits
-    sweep --experiments table1,smoothing --datasets digits
+    sweep --experiments table1,smoothing,solvers --datasets digits
     sweep --experiments smoothing --datasets mnist5k  # models the other worker finished
     if [ "${SWEEP_MNIST5K_ABLATIONS:-0}" = 1 ]; then
         sweep --experiments table5,prepost --datasets mnist5k

@@ -25,6 +25,10 @@ Experiments (in the order the jobs run; `--experiments` picks):
              at the same training compute (beyond the paper). The FPDM's iterations per step are searched over
              1, 2, 4, 8, 12, 26 (26: the 28-block DiT's equivalent).
   depth_smoothing  sampling only, on depth's FPDMs: Fig. 4 and 6a at 560 blocks over the same iterations.
+  depth_solvers    sampling only, on depth's models: depth's evaluation under DPM-Solver++(2M) and UniPC (beyond
+             the paper: does the advantage survive modern solvers?).
+  solvers    sampling only, digits, on table1's DiTs: which settings of diffusers' solvers bring 10 steps closest
+             to DDPM at 250 steps (spacing, final step, lower-order final steps, solver order, x0 clipping).
   depth_compute    digits only: does the answer move with training compute? The FPDM, the 28-block DiT and the
              8-block DiT at 24,000 and 134,400 units per image (depth has 67,200), evaluated as depth.
 
@@ -50,8 +54,13 @@ from experiments import common
 from records import resolve_path, write_record
 
 NAME = "sweep"
-EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing", "depth_compute")
-TRAINED_BY = {"smoothing": "table1", "depth_smoothing": "depth"}  # sampling-only experiments: whose models they use
+EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing", "depth_compute", "depth_solvers",
+               "solvers")
+# sampling-only experiments: whose models they use
+TRAINED_BY = {"smoothing": "table1", "depth_smoothing": "depth", "depth_solvers": "depth", "solvers": "table1"}
+PAPER_SAMPLERS = ("ddpm", "ddim")
+MODERN_SAMPLERS = ("dpm++2m", "unipc")  # diffusers' multistep solvers (schedulers.py), depth_solvers
+
 DATASETS = ("mnist5k", "digits")
 PAPER_SJFB = (0, 12, 1, 12)  # (n_min, N, m_min, M): S-JFB with M = N = 12 (paper Sec. 4.1)
 TABLE5_NS = (6, 12)
@@ -95,9 +104,6 @@ class SweepConfig(common.ExperimentConfig):
     datasets: str = flag(",".join(DATASETS), "Comma list of datasets (mnist5k, digits).")
     training_seeds: str = flag("0,1,2", "Comma list of training seeds (TrainConfig.global_seed).")
     train_only: bool = flag(False, "Only train (or resume) the models of the jobs; evaluate in a later run.")
-    samplers: str = flag("ddpm,ddim", "Comma list of --sampler names of the table1 and depth evaluations (the "
-                                      "paper: ddpm,ddim; also dpm++2m, unipc, euler). Results already written "
-                                      "are kept: pass a new --out_dir to evaluate other samplers.")
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,10 @@ def configurations(experiment: str, dataset: str) -> dict[str, ModelConfig]:
             return {}
         deep = configurations("depth", dataset)
         return {f"{name}-{level}": deep[name] for level in COMPUTE_LEVELS for name in COMPUTE_MODELS}
+    if experiment == "solvers":
+        return {"dit": dit_model(dataset)} if dataset == "digits" else {}
+    if experiment == "depth_solvers":
+        return configurations("depth", dataset)
     if experiment in ("depth", "depth_smoothing"):
         # The FPDM's weights do not depend on depth; it sets the DiT-equivalent iterations (depth - pre - post).
         deep_fpdm = {"fpdm": replace(fpdm, depth=PAPER_DIT_DEPTH).validate()}
@@ -296,11 +306,13 @@ def search_and_evaluate(loaded: common.Loaded, job: Job, setting: SampleConfig, 
 
 
 def table1(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
-    """Each of --samplers (DDPM and DDIM) at each budget: the DiT as is; the FPDM block-matched and FLOP-matched."""
+    """DDPM and DDIM (depth_solvers: DPM-Solver++ and UniPC) at each budget: the DiT as is; the FPDM block-matched
+    and FLOP-matched."""
     size, loaded, rows = sizes(job, config.quick), load_trained(record), []
+    samplers = MODERN_SAMPLERS if job.experiment == "depth_solvers" else PAPER_SAMPLERS
     for dit_steps in size.dit_steps:
         blocks, gmacs = dit_budgets(job, dit_steps)
-        for sampler in common.sampler_list(config.samplers, "samplers"):
+        for sampler in samplers:
             row = {"dit_steps": dit_steps, "sampler": sampler, "budget_blocks": blocks, "budget_gmacs": gmacs}
             block_matched = replace(common.EVALUATION_SAMPLING, budget=blocks, sampler=sampler)
             if not job.model.fixed_point:
@@ -353,9 +365,41 @@ def prepost(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, 
     return {"evaluator": evaluator(job.dataset).describe(), "sizes": size.__dict__, "rows": rows}
 
 
+# (label, --sampler, --timestep_spacing, --sampler_options) of the solvers experiment, at SOLVER_STEPS steps.
+SOLVER_SETTINGS = [
+    ("ddpm", "ddpm", "default", ""),
+    ("ddim, trailing", "ddim", "trailing", ""),
+    ("dpm++2m, trailing, no x0 clipping", "dpm++2m", "trailing", "thresholding=False"),
+    ("dpm++2m, trailing", "dpm++2m", "trailing", ""),
+    ("dpm++2m, trailing, final sigma_min", "dpm++2m", "trailing", "final_sigmas_type=sigma_min"),
+    ("dpm++2m, default spacing", "dpm++2m", "default", ""),
+    ("dpm++3m, trailing", "dpm++2m", "trailing", "solver_order=3"),
+    ("dpm++3m, trailing, no lower-order final", "dpm++2m", "trailing", "solver_order=3,lower_order_final=False"),
+    ("unipc, trailing", "unipc", "trailing", ""),
+    ("euler, trailing", "euler", "trailing", ""),
+]
+SOLVER_STEPS, REFERENCE_STEPS = 10, 250
+
+
+def solvers(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """The DiT under each of SOLVER_SETTINGS at 10 steps and DDPM at 250 (quick: 3 and 4 steps)."""
+    size, loaded = sizes(job, config.quick), load_trained(record)
+    steps, reference = (3, 4) if config.quick else (SOLVER_STEPS, REFERENCE_STEPS)
+    rows = []
+    for label, sampler, spacing, options in [*SOLVER_SETTINGS, (f"ddpm-{reference}", "ddpm", "default", "")]:
+        setting = replace(common.EVALUATION_SAMPLING, sampler=sampler, timestep_spacing=spacing,
+                          sampler_options=options, num_sampling_steps=reference if label.startswith("ddpm-") else steps)
+        rows.append({"label": label, "timestep_spacing": spacing, "sampler_options": options,
+                     **common.evaluate_setting(loaded, evaluator(job.dataset), setting, size.num_samples,
+                                               list(size.seeds))})
+    best = min(rows[:-1], key=lambda r: r["fid_mean"])
+    return {"evaluator": evaluator(job.dataset).describe(), "sizes": size.__dict__, "steps": steps,
+            "reference_steps": reference, "rows": rows, "best": best["label"]}
+
+
 EVALUATIONS: dict[str, Callable[[Job, dict[str, Any], SweepConfig], dict[str, Any]]] = {
     "table1": table1, "smoothing": smoothing, "table5": table5, "prepost": prepost, "depth": table1,
-    "depth_smoothing": smoothing, "depth_compute": table1}
+    "depth_smoothing": smoothing, "depth_compute": table1, "depth_solvers": table1, "solvers": solvers}
 
 
 #################################################################################
@@ -440,7 +484,6 @@ def describe(job: Job) -> str:
 def main(argv: list[str] | None = None) -> dict:
     """Run every selected job whose result is missing and that no live worker holds."""
     config, run = common.start(NAME, SweepConfig, __doc__, argv)
-    common.sampler_list(config.samplers, "samplers")  # a bad name fails now, not after training
     done, ran, skipped = [], [], []
     for job in jobs(config, run.out_dir):
         path = job.result_path(run.out_dir)

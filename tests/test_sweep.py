@@ -79,20 +79,18 @@ def test_unknown_experiment_or_bad_seed_list_is_a_user_error(tmp_path):
         sweep.main(["--quick", "--out_dir", str(tmp_path), "--experiments", "table9"])
     with pytest.raises(UserError, match="--training_seeds"):
         sweep.main(["--quick", "--out_dir", str(tmp_path), "--training_seeds", "1,x"])
-    with pytest.raises(UserError, match="--samplers"):
-        sweep.main(["--quick", "--out_dir", str(tmp_path), "--samplers", "ddpm,heun"])
 
 
-def test_table1_under_a_modern_solver_spends_the_budget(tmp_path):
-    sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments", "table1",
-                "--training_seeds", "0", "--samplers", "dpm++2m"])
-    for path in (tmp_path / "sweep" / "table1" / "digits").glob("*/seed0.json"):
-        rows = json.loads(path.read_text())["evaluation"]["rows"]
-        assert rows and {row["sampler"] for row in rows} == {"dpm++2m"}
-        for row in rows:
-            assert row["block_matched"]["sampler"] == "dpm++2m"
-            assert row["block_matched"]["planned_blocks_per_image"] <= row["budget_blocks"]
-            assert row["block_matched"]["blocks_per_image_max"] == row["block_matched"]["planned_blocks_per_image"]
+def test_solvers_compares_every_setting_with_the_ddpm_reference(swept):
+    """The solvers experiment samples table1's trained DiT under every setting at 3 steps and DDPM at 4 (quick)."""
+    out, _ = swept
+    sweep.main(["--quick", "--out_dir", str(out), "--datasets", "digits", "--experiments", "solvers",
+                "--training_seeds", "0"])
+    result = json.loads((out / "sweep/solvers/digits/dit/seed0.json").read_text())["evaluation"]
+    assert [r["label"] for r in result["rows"]] == [s[0] for s in sweep.SOLVER_SETTINGS] + ["ddpm-4"]
+    assert {r["sampler"] for r in result["rows"]} == {"ddpm", "ddim", "dpm++2m", "unipc", "euler"}
+    assert all(r["num_steps"] == (4 if r["label"] == "ddpm-4" else 3) and r["within_budget"] for r in result["rows"])
+    assert result["best"] == min(result["rows"][:-1], key=lambda r: r["fid_mean"])["label"]
 
 
 def test_a_finished_training_run_is_reused_and_a_different_one_refused(tmp_path):
@@ -235,7 +233,7 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
     best is the lowest mean FID, the settings carry the depth and the compute per image, and the figure and
     RESULTS.md's depth table are written."""
     sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments",
-                "depth,depth_smoothing,depth_compute", "--training_seeds", "0,1"])
+                "depth,depth_smoothing,depth_compute,depth_solvers", "--training_seeds", "0,1"])
     results_md = tmp_path / "RESULTS.md"
     written = claims.main(["--results_dir", str(tmp_path), "--include_quick", "True", "--results_md", str(results_md)])
     by_id = {c["id"]: c for c in written}
@@ -254,6 +252,15 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
     assert all(0 <= c["fpdm_precision"]["mean"] <= 1 and 0 <= c["dit_recall"]["mean"] <= 1 for c in block)
     assert by_id["fig4_smoothing_dit28"]["ours"]["digits"]["dit_equivalent_iters"] == 26
     assert (tmp_path / "sweep_depth_digits.png").is_file()
+    for path in (tmp_path / "sweep" / "depth_solvers" / "digits").glob("*/seed0.json"):  # modern solvers, exact budgets
+        rows = json.loads(path.read_text())["evaluation"]["rows"]
+        assert [row["sampler"] for row in rows] == list(sweep.MODERN_SAMPLERS)
+        for row in rows:
+            assert row["block_matched"]["sampler"] == row["sampler"]
+            assert row["block_matched"]["blocks_per_image_max"] == row["block_matched"]["planned_blocks_per_image"] \
+                <= row["budget_blocks"]
+    solvers = by_id["depth_every_dit_solvers"]["ours"]["digits"]
+    assert [c["sampler"] for c in solvers] == list(sweep.MODERN_SAMPLERS) and (tmp_path / "sweep_depth_solvers_digits.png").is_file()
     levels = by_id["depth_compute"]["ours"]["digits"]  # depth's level and depth_compute's two, same three models
     assert sorted(levels) == ["134k", "24k", "67k"]
     assert all(sorted(c["fid"]) == ["dit28", "dit8", "fpdm"] for v in levels.values() for c in v["cells"])
