@@ -32,6 +32,7 @@ BEGIN, END = "<!-- claims.py: begin -->", "<!-- claims.py: end -->"
 DIT_STEPS_TO_PAPER_BLOCKS = {5: 140, 10: 280, 20: 560}
 DEPTH_CONFIGS = (*(f"dit{d}" for d in DIT_DEPTHS), "fpdm")  # the depth experiment's configurations
 DEPTH_BASELINE = f"dit{PAPER_DIT_DEPTH}"  # the DiT the paper's FPDM replaces (DiT-XL/2's 28 blocks)
+DEPTH_ID_SUFFIX = f"_{DEPTH_BASELINE}"  # claim ids measured against it: table1_block_matched_dit28, ...
 PAPER_TABLE1 = {  # paper blocks -> sampler -> (DiT FID, FPDM FID)
     140: {"ddpm": (148.0, 85.8), "ddim": (110.0, 33.9)},
     280: {"ddpm": (80.9, 43.3), "ddim": (35.2, 22.4)},
@@ -184,7 +185,7 @@ def table1_claim(sweep: Sweep, matching: str, experiment: str = "table1") -> dic
         files += sweep.files(experiment, dataset, (dit_name, "fpdm"))
     what = "equal GMACs per image (cost.macs_per_step)" if matching == "flop_matched" else "equal block passes"
     against = ", against the 28-block DiT it replaces (the paper's depth ratio)" if experiment == "depth" else ""
-    suffix = "_dit28" if experiment == "depth" else ""
+    suffix = DEPTH_ID_SUFFIX if experiment == "depth" else ""
     return {"id": f"table1_{matching}{suffix}", "claim": f"FPDM beats DiT at 140 and 280 blocks (DDPM and DDIM) and "
             f"at 560 with DDPM; DiT wins at 560 with DDIM (Table 1), compared at {what}{against}",
             "paper": {f"{b} blocks": {s: {"DiT": d, "FPDM": f} for s, (d, f) in row.items()}
@@ -204,7 +205,7 @@ def smoothing_claims(sweep: Sweep, experiment: str = "smoothing") -> list[dict[s
     Fig. 6a (reuse helps at few iterations, barely at many). experiment "depth_smoothing": on the depth
     experiment's FPDMs, whose DiT-equivalent is 26 iterations of a 28-block DiT."""
     trained, dit_name = ("depth", DEPTH_BASELINE) if experiment == "depth_smoothing" else ("table1", "dit")
-    suffix = "_dit28" if experiment == "depth_smoothing" else ""
+    suffix = DEPTH_ID_SUFFIX if experiment == "depth_smoothing" else ""
     fig4 = {"id": f"fig4_smoothing{suffix}", "claim": "At a fixed budget, a few iterations per step over many steps is best; "
             "the DiT-equivalent allocation (depth - pre - post iterations) is worse than the DiT (Fig. 4)",
             "paper": "best at 4-8 iterations per step at 560 blocks", "ours": {}, "settings": {}, "verdict": {},
@@ -533,7 +534,7 @@ def details(claims: list[dict[str, Any]]) -> list[str]:
         for b in budgets:
             lines.append(f"| {b['budget_blocks']} | " + " | ".join(fmt(b["fid"][p]) for p in (0, 1, 2, 4)) +
                          f" | {b['best_depth']} | {p_text(b['best_nonzero_vs_zero']['welch_p'])[2:] or '-'} |")
-    smoothing = [(x, d, v) for x in ("", "_dit28") for d, v in by_id[f"fig4_smoothing{x}"]["ours"].items()]
+    smoothing = [(x, d, v) for x in ("", DEPTH_ID_SUFFIX) for d, v in by_id[f"fig4_smoothing{x}"]["ours"].items()]
     for suffix, dataset, data in smoothing:
         gains = by_id[f"fig6a_reuse{suffix}"]["ours"][dataset]["reuse_gain_by_iters"]
         which = "the depth experiment's FPDM, 28-block DiT" if suffix else "DiT"
