@@ -141,6 +141,8 @@ class TrainConfig:
     num_workers: int = flag(0, "DataLoader worker processes reading the next batches ahead of the step (0: the main "
                                 "process reads them); the batches and their order do not depend on it.")
     sample_grid: bool = flag(True, "Write a grid of EMA samples to the run folder at the end of training.")
+    sample_grid_sampler: str = flag("ddim", "Sampler of that grid (50 steps, no guidance; sample.py's --sampler).",
+                                    choices=SAMPLERS)
     keep_last_ckpts: int = flag(3, "Keep only the newest K numbered checkpoints (0: keep all); latest.pt always stays.")
     ckpt_milestones_every: int = flag(0, "Also keep every checkpoint whose step is a multiple of N for good "
                                           "(0: no milestones).")

@@ -534,7 +534,7 @@ def finish(state: TrainState, data: TrainingData, model_config: ModelConfig, con
                    {"step": state.step, "num_params": state.num_params, "rank_weight_checksums": checksums})
         if config.sample_grid:
             write_sample_grid(state.ema, model_config, run_dir / "samples.png", accelerator.device, vae,
-                              data.dataset, logger)
+                              data.dataset, logger, config.sample_grid_sampler)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -545,8 +545,8 @@ def weights_checksum(model: torch.nn.Module) -> float:
 
 
 def write_sample_grid(ema: torch.nn.Module, model_config: ModelConfig, path: Path, device: torch.device,
-                      vae: Any, dataset: Any, logger: "RunLogger") -> None:
-    """Draw a small grid from the EMA model at the end of training (DDIM, 50 steps, no guidance).
+                      vae: Any, dataset: Any, logger: "RunLogger", sampler: str) -> None:
+    """Draw a small grid from the EMA model at the end of training (`sampler`, 50 steps, no guidance).
 
     Latent models are decoded with the training VAE, or the one named in the latents' manifest; when that cannot
     be loaded (a hub name without network) the grid previews the latents and the log says so.
@@ -557,7 +557,7 @@ def write_sample_grid(ema: torch.nn.Module, model_config: ModelConfig, path: Pat
             vae = load_vae(dataset.manifest["vae"], device)
         except (OSError, ValueError) as error:
             logger.info(f"samples.png shows raw latents: the VAE could not be loaded ({error})")
-    sample_grid_png(ema.eval(), model_config, path, device=device, vae=vae)
+    sample_grid_png(ema.eval(), model_config, path, device=device, vae=vae, sampler=sampler)
 
 
 #################################################################################

@@ -116,8 +116,12 @@ def holds_run_of(run_dir: Path, model_config: ModelConfig, train_config: TrainCo
         return False
     recorded = read_json(run_dir / "config.json", flag="--output_dir")
     wanted = to_jsonable({"model": asdict(model_config), "train": asdict(train_config)})
-    if isinstance(recorded, dict) and isinstance(recorded.get("train"), dict):
-        recorded["train"]["resume"] = wanted["train"]["resume"]
+    defaults = to_jsonable({"model": asdict(ModelConfig()), "train": asdict(TrainConfig())})
+    if not isinstance(recorded, dict) or not all(isinstance(recorded.get(part), dict) for part in wanted):
+        return False
+    # A config.json written before a field existed was trained with that field's default.
+    recorded = {part: {**defaults[part], **recorded[part]} for part in wanted}
+    recorded["train"]["resume"] = wanted["train"]["resume"]
     return recorded == wanted
 
 

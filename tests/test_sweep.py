@@ -104,6 +104,11 @@ def test_a_finished_training_run_is_reused_and_a_different_one_refused(tmp_path)
     assert (run_dir / "ema.safetensors").read_bytes() == weights and again["loss_curve"] == first["loss_curve"]
     with pytest.raises(UserError, match="already holds a run"):  # same folder, other recipe: never overwritten
         common.train_digits_model(model, replace(train, lr=5e-4))
+    recorded = json.loads((run_dir / "config.json").read_text())
+    del recorded["train"]["sample_grid_sampler"]  # a run recorded before the field existed ran with its default
+    (run_dir / "config.json").write_text(json.dumps(recorded))
+    assert common.finished_run(model, train) == run_dir
+    assert common.finished_run(model, replace(train, sample_grid_sampler="unipc")) is None
 
 
 def test_interrupted_training_resumes_bit_exactly(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import checkpoint
-from config import ModelConfig
+from config import ModelConfig, UserError
 from models import create_model, draw_sjfb_iters
 import train
 import training
@@ -235,6 +235,17 @@ def test_train_on_extracted_latents_decodes_its_grid_with_the_manifest_vae(featu
     assert saved["latent"] and saved["in_channels"] == 4 and saved["image_size"] == 32 and saved["num_classes"] == 2
     assert len(grid_vaes) == 1 and grid_vaes[0] is not None  # decoded with the VAE named in the manifest
     assert (run / "samples.png").is_file() and "raw latents" not in (run / "log.txt").read_text()
+
+
+def test_the_end_of_training_grid_uses_the_chosen_sampler(tmp_path, monkeypatch):
+    import sampling
+    samplers, real_grid = [], sampling.sample_grid_png
+    monkeypatch.setattr(sampling, "sample_grid_png",
+                        lambda *args, **kwargs: samplers.append(kwargs["sampler"]) or real_grid(*args, **kwargs))
+    run = train.main([*TINY_DATA_TRAIN, "--sample_grid_sampler", "dpm++2m", "--output_dir", str(tmp_path)])
+    assert samplers == ["dpm++2m"] and (run / "samples.png").is_file()
+    with pytest.raises(UserError, match="--sample_grid_sampler: must be one of"):
+        train.main([*TINY_DATA_TRAIN, "--sample_grid_sampler", "heun", "--output_dir", str(tmp_path)])
 
 
 def test_train_on_image_folder_through_the_vae(image_folder, vae_dir, tmp_path):
