@@ -353,6 +353,8 @@ def depth_claim(sweep: Sweep, experiment: str = "depth") -> dict[str, Any]:
                           "fid": {n: spread(v) for n, v in fids.items()},
                           "fpdm_over_dit28": (float(np.mean(fids["fpdm"]) / np.mean(fids[DEPTH_BASELINE]))
                                               if DEPTH_BASELINE in fids else None),
+                          "fpdm_vs_dit28": (compare(fids["fpdm"], fids[DEPTH_BASELINE])
+                                            if DEPTH_BASELINE in fids else None),
                           "best": min(fids, key=lambda n: np.mean(fids[n])), "best_dit": best_dit,
                           "fpdm_vs_best_dit": c, "winner": winner(c, "FPDM", best_dit)})
         ours[dataset] = cells
@@ -558,8 +560,8 @@ def depth_details(claims: list[dict[str, Any]]) -> list[str]:
         lines += ["", f"**Depth at equal training compute on {dataset}** ({s['fpdm']['training_units_per_image']:,.0f} "
                   f"block-pass units per image; optimizer steps: {steps}). FID; P / R: precision / recall:", "",
                   "| sampler | blocks | " + " | ".join(n.replace("dit", "DiT-") for n in DEPTH_CONFIGS[:-1]) +
-                  " | FPDM (blocks) | FPDM (GMACs) | best | FPDM / DiT-28 | p | P / R FPDM | P / R DiT-28 |",
-                  "|---" * 13 + "|"]
+                  " | FPDM (blocks) | FPDM (GMACs) | best | FPDM / DiT-28 | p | FPDM / best DiT | p | P / R FPDM | "
+                  "P / R DiT-28 |", "|---" * 15 + "|"]
         for c, b, f in zip(cells, block.get(dataset, []), flop.get(dataset, [])):
             pr = {who: (f"{b[f'{who}_precision']['mean']:.2f} / {b[f'{who}_recall']['mean']:.2f}"
                         if f"{who}_precision" in b else "-") for who in ("fpdm", "dit")}
@@ -567,17 +569,24 @@ def depth_details(claims: list[dict[str, Any]]) -> list[str]:
                 fmt(c["fid"][n], 1) if n in c["fid"] else "-" for n in DEPTH_CONFIGS[:-1]) +
                 f" | {fmt(b['fpdm_fid'], 1)} | {fmt(f['fpdm_fid'], 1)} | {c['best']} | "
                 f"{b['fpdm_fid']['mean'] / b['dit_fid']['mean']:.2f} | {p_text(b['welch_p'])[2:] or '-'} | "
-                f"{pr['fpdm']} | {pr['dit']} |")
+                f"{ratio_and_p(c['fpdm_vs_best_dit'])} | {pr['fpdm']} | {pr['dit']} |")
     for dataset, cells in by_id["depth_every_dit_solvers"]["ours"].items():
         lines += ["", f"**Depth under modern solvers on {dataset}** (the depth experiment's models; FID, FPDM "
                   "block-matched with its best iterations):", "", "| sampler | blocks | " +
                   " | ".join(n.replace("dit", "DiT-").replace("fpdm", "FPDM") for n in DEPTH_CONFIGS) +
-                  " | best | FPDM / DiT-28 |", "|---" * (len(DEPTH_CONFIGS) + 4) + "|"]
+                  " | best | FPDM / DiT-28 | p | FPDM / best DiT | p |", "|---" * (len(DEPTH_CONFIGS) + 7) + "|"]
         for c in cells:
-            ratio = f"{c['fpdm_over_dit28']:.2f}" if c["fpdm_over_dit28"] is not None else "-"
             lines.append(f"| {c['sampler']} | {c['budget_blocks']} | " + " | ".join(
-                fmt(c["fid"][n], 1) if n in c["fid"] else "-" for n in DEPTH_CONFIGS) + f" | {c['best']} | {ratio} |")
+                fmt(c["fid"][n], 1) if n in c["fid"] else "-" for n in DEPTH_CONFIGS) + f" | {c['best']} | "
+                f"{ratio_and_p(c['fpdm_vs_dit28'])} | {ratio_and_p(c['fpdm_vs_best_dit'])} |")
     return lines
+
+
+def ratio_and_p(comparison: Optional[dict[str, Any]]) -> str:
+    """'FPDM mean / DiT mean | Welch p' of a compare(fpdm, dit) ('-' where unmeasured or one seed)."""
+    if comparison is None:
+        return "- | -"
+    return f"{comparison['a']['mean'] / comparison['b']['mean']:.2f} | {p_text(comparison['welch_p'])[2:] or '-'}"
 
 
 def rewrite_block(path: Path, block: str) -> None:
