@@ -1,7 +1,8 @@
 """The resumable sweep at the paper's settings: several training seeds per configuration, on digits and MNIST-5k.
 
 One job is one (experiment, dataset, configuration, training seed). It trains its model (or reuses the finished run
-folder of exactly the same configs, or resumes an interrupted one from its latest checkpoint), evaluates it and writes
+folder of exactly the same configs, or resumes an interrupted one from its latest checkpoint; a sampling-only job
+uses the run of its trainer experiment's job, training it when the folder is missing), evaluates it and writes
 `<out_dir>/sweep/<experiment>/<dataset>/<configuration>/seed<k>.json`. A job whose JSON exists is skipped, so the
 sweep can be run in several sittings; several workers may run the same command at once (a job is claimed by a
 `.lock` file holding the worker's pid; the job of a worker that died is taken over). `python -m experiments.claims`
@@ -449,10 +450,19 @@ def holder_alive(path: Path) -> bool:
 def run_job(job: Job, config: SweepConfig, out_dir: Path) -> Optional[dict[str, Any]]:
     """Train (unless sampling only) and, unless --train_only, evaluate; returns the result written, or None when
     there is nothing to write yet (training only, or a sampling-only job whose model is not trained)."""
-    if not job.trains and common.finished_run(job.model, job.train) is None:
-        print(f"skip {describe(job)}: its model ({trained_by(job.experiment)}) is not trained yet")
-        return None
-    record = common.train_digits_model(job.model, job.train)
+    if job.trains or common.finished_run(job.model, job.train) is not None:
+        record = common.train_digits_model(job.model, job.train)
+    else:
+        # Sampling only, on a model nobody trained here yet (e.g. a fresh clone, whose trainer's result is committed
+        # and so never runs again): train it under the trainer job's lock, so no two workers train one run folder.
+        trainer_lock = replace(job, experiment=trained_by(job.experiment)).result_path(out_dir).with_suffix(".lock")
+        if not claim(trainer_lock):
+            print(f"skip {describe(job)}: its model ({trained_by(job.experiment)}) is being trained by another worker")
+            return None
+        try:
+            record = common.train_digits_model(job.model, job.train)
+        finally:
+            trainer_lock.unlink(missing_ok=True)
     if config.train_only:
         return None
     evaluation = EVALUATIONS[job.experiment](job, record, config)

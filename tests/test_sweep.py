@@ -93,6 +93,20 @@ def test_solvers_compares_every_setting_with_the_ddpm_reference(swept):
     assert result["best"] == min(result["rows"][:-1], key=lambda r: r["fid_mean"])["label"]
 
 
+def test_a_sampling_only_job_trains_its_model_when_no_trainer_will(tmp_path):
+    """A fresh clone holds table1's committed result but no run folder: solvers trains the DiT itself (unless a
+    live worker holds the trainer's lock) instead of waiting forever for a job that never runs again."""
+    args = ["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--training_seeds", "0"]
+    trainer_lock = tmp_path / "sweep/table1/digits/dit/seed0.lock"
+    trainer_lock.parent.mkdir(parents=True)
+    trainer_lock.write_text(f"{sweep.socket.gethostname()} {os.getpid()}")  # a live worker trains it
+    assert sweep.main([*args, "--experiments", "solvers"])["written"] == []
+    trainer_lock.unlink()
+    assert sweep.main([*args, "--experiments", "solvers"])["written"] == ["solvers/digits/dit/seed0"]
+    assert not trainer_lock.exists()
+    assert not (tmp_path / "sweep/table1/digits/dit/seed0.json").exists()  # trained, not evaluated as table1
+
+
 def test_a_finished_training_run_is_reused_and_a_different_one_refused(tmp_path):
     model = sweep.base_model("digits")
     train = sweep.training_config("table1", "digits", "fpdm", 0, model, tmp_path, quick=True)
