@@ -351,8 +351,6 @@ def depth_claim(sweep: Sweep, experiment: str = "depth") -> dict[str, Any]:
             c = compare(fids["fpdm"], fids[best_dit])
             cells.append({"sampler": row["sampler"], "budget_blocks": row["budget_blocks"],
                           "fid": {n: spread(v) for n, v in fids.items()},
-                          "fpdm_over_dit28": (float(np.mean(fids["fpdm"]) / np.mean(fids[DEPTH_BASELINE]))
-                                              if DEPTH_BASELINE in fids else None),
                           "fpdm_vs_dit28": (compare(fids["fpdm"], fids[DEPTH_BASELINE])
                                             if DEPTH_BASELINE in fids else None),
                           "best": min(fids, key=lambda n: np.mean(fids[n])), "best_dit": best_dit,
