@@ -104,6 +104,7 @@ class SweepConfig(common.ExperimentConfig):
                                                    "prepost).")
     datasets: str = flag(",".join(DATASETS), "Comma list of datasets (mnist5k, digits).")
     training_seeds: str = flag("0,1,2", "Comma list of training seeds (TrainConfig.global_seed).")
+    configurations: str = flag("", "Comma list of configuration names to run, e.g. fpdm,dit28 (default: all).")
     train_only: bool = flag(False, "Only train (or resume) the models of the jobs; evaluate in a later run.")
 
 
@@ -221,6 +222,9 @@ def jobs(config: SweepConfig, out_dir: Path) -> list[Job]:
                                             config.quick)
                     selected.append(Job(experiment, dataset, name, seed, model, train,
                                         trains=trained_by(experiment) == experiment))
+    if config.configurations:
+        chosen = names(config.configurations, sorted({job.name for job in selected}), "configurations")
+        selected = [job for job in selected if job.name in chosen]
     return selected
 
 

@@ -79,6 +79,15 @@ def test_unknown_experiment_or_bad_seed_list_is_a_user_error(tmp_path):
         sweep.main(["--quick", "--out_dir", str(tmp_path), "--experiments", "table9"])
     with pytest.raises(UserError, match="--training_seeds"):
         sweep.main(["--quick", "--out_dir", str(tmp_path), "--training_seeds", "1,x"])
+    with pytest.raises(UserError, match="--configurations: expected a comma list of dit12, dit28, dit4, dit8, fpdm"):
+        sweep.main(["--quick", "--out_dir", str(tmp_path), "--experiments", "depth", "--configurations", "dit5"])
+
+
+def test_configurations_picks_jobs_in_run_order(tmp_path):
+    config = sweep.SweepConfig(quick=True, experiments="depth", datasets="digits,mnist5k", training_seeds="0,1",
+                               configurations="dit28,fpdm")
+    picked = [(job.dataset, job.seed, job.name) for job in sweep.jobs(config, tmp_path)]
+    assert picked == [(d, s, n) for d in ("mnist5k", "digits") for s in (0, 1) for n in ("fpdm", "dit28")]
 
 
 def test_solvers_compares_every_setting_with_the_ddpm_reference(swept):
