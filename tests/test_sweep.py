@@ -199,6 +199,8 @@ def test_export_refuses_an_untrained_dataset(tmp_path):
     from experiments import export_models
     with pytest.raises(UserError, match="not a finished run"):
         export_models.main(["--quick", "--out_dir", str(tmp_path), "--dataset", "mnist5k"])
+    with pytest.raises(UserError, match="--experiment: expected one of table1, depth"):
+        export_models.main(["--quick", "--out_dir", str(tmp_path), "--experiment", "prepost"])
 
 
 def test_welch_comparison_and_verdicts():
@@ -296,3 +298,10 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
     assert all(sorted(c["fid"]) == ["dit28", "dit8", "fpdm"] for v in levels.values() for c in v["cells"])
     assert "fpdm-134k" in by_id["depth_compute"]["settings"]["digits"]
     assert "**Depth at equal training compute on digits**" in results_md.read_text()
+    from experiments import export_models  # the depth pair ships beside table1's, named apart from it
+    shipped = export_models.main(["--quick", "--out_dir", str(tmp_path), "--dataset", "digits", "--experiment", "depth"])
+    assert sorted(shipped["models"]) == ["dit28", "fpdm"]
+    for name, model in shipped["models"].items():
+        assert Path(model["exported_to"]) == tmp_path / "pretrained" / f"{name}-digits-depth.safetensors"
+        assert common.load(model["exported_to"]).config.depth == 28
+    assert json.loads((tmp_path / "export_digits_depth.json").read_text())["experiment"] == "depth"
