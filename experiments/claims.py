@@ -96,8 +96,10 @@ def table1_verdict(cells: Sequence[dict[str, Any]]) -> str:
 
 
 def fmt(s: dict[str, Any], digits: int = 2) -> str:
-    """'mean ± std (n)' of a spread."""
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" + (f" (n={s['n']})" if s["n"] > 1 else "")
+    """'mean ± std (n=k)' of a spread; one seed has no spread: 'mean (n=1)'."""
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f} (n=1)"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} (n={s['n']})"
 
 
 #################################################################################

@@ -209,6 +209,8 @@ def test_welch_comparison_and_verdicts():
     noisy = claims.compare([1.0, 3.0, 2.0], [2.5, 1.5, 2.2])
     assert noisy["exceeds_spread"] is False and claims.winner(noisy, "A", "B") == "tie"
     assert claims.compare([1.0], [2.0])["welch_p"] is None
+    assert claims.fmt(claims.spread([2.0])) == "2.00 (n=1)"  # one seed shows no spread, not "± 0.00"
+    assert claims.fmt(claims.spread([1.0, 3.0]), 1) == "2.0 ± 1.4 (n=2)"
     assert [claims.verdict(m) for m in ([True, True], [True, False], [False], [])] == [
         "agrees", "partly", "disagrees", "not measured"]
     # Table 1: matching only the paper's one DiT win (DDIM at 560) is no support for FPDM
