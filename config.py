@@ -82,7 +82,7 @@ class ModelConfig:
                self.depth)
         _check(self.num_classes >= 0, "num_classes", "must be >= 0", self.num_classes)
         _check(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", "must be in [0, 1)", self.class_dropout_prob)
-        _check_choices(self)
+        check_choices(self)
         _check(not (self.predict_v and self.predict_xstart), "predict_xstart", "cannot be combined with --predict_v "
                "True (the network predicts one target)", self.predict_xstart)
         if not self.fixed_point:
@@ -155,7 +155,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Refuse bad values of single flags (the process count is checked by train.py); returns self."""
-        _check_choices(self)
+        check_choices(self)
         for name in ("global_batch_size", "lr", "ckpt_every", "log_every", "epochs"):
             _check(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
         for name in ("keep_last_ckpts", "ckpt_milestones_every"):
@@ -225,7 +225,7 @@ class SampleConfig:
 
     def validate(self) -> "SampleConfig":
         """Refuse bad values of single flags (checks against the checkpoint live in sampling.py); returns self."""
-        _check_choices(self)
+        check_choices(self)
         for name in ("num_samples", "batch_size", "num_sampling_steps", "fixed_point_iters", "budget",
                      "anderson_memory"):
             value = getattr(self, name)
@@ -312,7 +312,7 @@ class EvaluateConfig:
 
     def validate(self) -> "EvaluateConfig":
         """Refuse bad values of single flags; returns self."""
-        _check_choices(self)
+        check_choices(self)
         _check(not (self.ref_npz and self.dataset), "ref_npz", "excludes --dataset", self.dataset)
         for name in ("batch_size", "metric_block_size", "kid_subsets"):
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
@@ -343,7 +343,7 @@ class ExtractConfig:
 
     def validate(self) -> "ExtractConfig":
         """Refuse bad values of single flags; returns self."""
-        _check_choices(self)
+        check_choices(self)
         for name in ("image_size", "batch_size", "chunk_size"):
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         _check(self.image_size % LATENT_IMAGE_MULTIPLE == 0, "image_size",
@@ -353,7 +353,7 @@ class ExtractConfig:
         return self
 
 
-def _check_choices(config: Any) -> None:
+def check_choices(config: Any) -> None:
     """Every field with `choices` metadata holds one of them."""
     for f in fields(config):
         choices = f.metadata.get("choices", ())

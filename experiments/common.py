@@ -28,7 +28,7 @@ import classifier
 import sampling
 from allocation import IterationPlan, planned_macs
 from checkpoint import load_model_for_sampling, load_safetensors, save_safetensors
-from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, flag, parse_flags
+from config import ModelConfig, SampleConfig, TrainConfig, UserError, build_config, check_choices, flag, parse_flags
 from cost import training_units_per_step
 from metrics import feature_metrics, inception_score_record
 from records import read_json, to_jsonable, write_json, write_record
@@ -58,6 +58,7 @@ class ExperimentConfig:
     def validate(self) -> "ExperimentConfig":
         if self.threads < 1:
             raise UserError(f"--threads: must be >= 1 (got {self.threads})")
+        check_choices(self)
         return self
 
 

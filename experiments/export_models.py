@@ -38,7 +38,8 @@ class ExportConfig(common.ExperimentConfig):
     """Flags of export_models."""
     dataset: str = flag("mnist5k", "Dataset whose models (training seed 0) are shipped.")
     experiment: str = flag("table1", "The sweep experiment whose pair is shipped: table1 (the dataset's DiT and "
-                                     "FPDM) or depth (the 28-block DiT and the FPDM, the paper's depth ratio).")
+                                     "FPDM) or depth (the 28-block DiT and the FPDM, the paper's depth ratio).",
+                           choices=tuple(SHIPPED))
     export_dir: str = flag("", "Where the weights go ('': pretrained/; --quick: <out_dir>/pretrained).")
 
 
@@ -46,19 +47,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config, run = common.start(NAME, ExportConfig, __doc__, argv)
     if config.dataset not in sweep.RECIPES:
         raise UserError(f"--dataset: expected one of {', '.join(sweep.RECIPES)} (got {config.dataset!r})")
-    if config.experiment not in SHIPPED:
-        raise UserError(f"--experiment: expected one of {', '.join(SHIPPED)} (got {config.experiment!r})")
     export_dir = Path(config.export_dir or (run.out_dir / "pretrained" if config.quick else common.PRETRAINED_DIR))
     sweep_config = sweep.SweepConfig(quick=config.quick, experiments=config.experiment, datasets=config.dataset,
                                      training_seeds="0", configurations=",".join(SHIPPED[config.experiment]))
-    suffix = "" if config.experiment == "table1" else f"-{config.experiment}"
+    suffix = "" if config.experiment == "table1" else f"-{config.experiment}"  # table1's files keep their names
     records = {}
     for job in sweep.jobs(sweep_config, run.out_dir):
         run_dir = common.finished_run(job.model, job.train)
         if run_dir is None:
             raise UserError(f"--dataset {config.dataset}: {job.train.output_dir}/{job.train.output_subdir} is not a "
-                            f"finished run; run python -m experiments.sweep --experiments table1 --datasets "
-                            f"{config.dataset} first")
+                            f"finished run; run python -m experiments.sweep --experiments {config.experiment} "
+                            f"--datasets {config.dataset} first")
         path = common.export_ema(run_dir, export_dir / f"{job.name}-{config.dataset}{suffix}.safetensors")
         records[job.name] = {"run_dir": str(run_dir), "exported_to": str(path),
                              "size_bytes": path.stat().st_size, **check(path, job, config, run.out_dir, suffix)}

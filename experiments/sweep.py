@@ -100,8 +100,7 @@ QUICK_COMPUTE, QUICK_SAMPLES = 2, 8
 @dataclass
 class SweepConfig(common.ExperimentConfig):
     """Flags of the sweep (sample sizes come from RECIPES)."""
-    experiments: str = flag(",".join(EXPERIMENTS), "Comma list of experiments to run (table1, smoothing, table5, "
-                                                   "prepost).")
+    experiments: str = flag(",".join(EXPERIMENTS), "Comma list of experiments to run (the list above).")
     datasets: str = flag(",".join(DATASETS), "Comma list of datasets (mnist5k, digits).")
     training_seeds: str = flag("0,1,2", "Comma list of training seeds (TrainConfig.global_seed).")
     configurations: str = flag("", "Comma list of configuration names to run, e.g. fpdm,dit28 (default: all).")

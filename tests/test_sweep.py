@@ -199,8 +199,10 @@ def test_export_refuses_an_untrained_dataset(tmp_path):
     from experiments import export_models
     with pytest.raises(UserError, match="not a finished run"):
         export_models.main(["--quick", "--out_dir", str(tmp_path), "--dataset", "mnist5k"])
-    with pytest.raises(UserError, match="--experiment: expected one of table1, depth"):
+    with pytest.raises(UserError, match="--experiment: must be one of table1, depth"):
         export_models.main(["--quick", "--out_dir", str(tmp_path), "--experiment", "prepost"])
+    with pytest.raises(UserError, match="run python -m experiments.sweep --experiments depth --datasets digits"):
+        export_models.main(["--quick", "--out_dir", str(tmp_path), "--dataset", "digits", "--experiment", "depth"])
 
 
 def test_welch_comparison_and_verdicts():
