@@ -355,6 +355,8 @@ def depth_claim(sweep: Sweep, experiment: str = "depth") -> dict[str, Any]:
                           "fid": {n: spread(v) for n, v in fids.items()},
                           "fpdm_vs_dit28": (compare(fids["fpdm"], fids[DEPTH_BASELINE])
                                             if DEPTH_BASELINE in fids else None),
+                          "fpdm_searched_iters": [r["evaluation"]["rows"][i]["block_matched"]["best_iters"]
+                                                  for r in runs["fpdm"]],  # one per training seed
                           "best": min(fids, key=lambda n: np.mean(fids[n])), "best_dit": best_dit,
                           "fpdm_vs_best_dit": c, "winner": winner(c, "FPDM", best_dit)})
         ours[dataset] = cells

@@ -36,7 +36,7 @@ SHIPPED = {"table1": ("dit", "fpdm"), "depth": ("dit28", "fpdm")}  # the pair ea
 @dataclass
 class ExportConfig(common.ExperimentConfig):
     """Flags of export_models."""
-    dataset: str = flag("mnist5k", "Dataset whose models (training seed 0) are shipped.")
+    dataset: str = flag("mnist5k", "Dataset whose models (training seed 0) are shipped.", choices=tuple(sweep.RECIPES))
     experiment: str = flag("table1", "The sweep experiment whose pair is shipped: table1 (the dataset's DiT and "
                                      "FPDM) or depth (the 28-block DiT and the FPDM, the paper's depth ratio).",
                            choices=tuple(SHIPPED))
@@ -45,8 +45,6 @@ class ExportConfig(common.ExperimentConfig):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     config, run = common.start(NAME, ExportConfig, __doc__, argv)
-    if config.dataset not in sweep.RECIPES:
-        raise UserError(f"--dataset: expected one of {', '.join(sweep.RECIPES)} (got {config.dataset!r})")
     export_dir = Path(config.export_dir or (run.out_dir / "pretrained" if config.quick else common.PRETRAINED_DIR))
     sweep_config = sweep.SweepConfig(quick=config.quick, experiments=config.experiment, datasets=config.dataset,
                                      training_seeds="0", configurations=",".join(SHIPPED[config.experiment]))

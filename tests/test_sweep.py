@@ -278,6 +278,7 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
     for cell in cells:
         assert sorted(cell["fid"]) == sorted(claims.DEPTH_CONFIGS) and all(v["n"] == 2 for v in cell["fid"].values())
         assert cell["best"] == min(cell["fid"], key=lambda n: cell["fid"][n]["mean"])
+        assert len(cell["fpdm_searched_iters"]) == 2 and set(cell["fpdm_searched_iters"]) <= set(sweep.DEPTH_ITERS)
     settings = by_id["depth_every_dit"]["settings"]["digits"]
     assert {n: s["dit_depth"] for n, s in settings.items()} == {"dit4": 4, "dit8": 8, "dit12": 12, "dit28": 28,
                                                                "fpdm": 28}
