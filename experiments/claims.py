@@ -73,6 +73,11 @@ def compare(lower_is_better_a: Sequence[float], b: Sequence[float]) -> dict[str,
     return result
 
 
+def model_label(name: str) -> str:
+    """A sweep configuration's name as prose: dit28 -> DiT-28, fpdm -> FPDM."""
+    return name.replace("dit", "DiT-").replace("fpdm", "FPDM")
+
+
 def winner(comparison: dict[str, Any], a: str, b: str) -> str:
     """a, b, or 'tie' (difference within the spread); with one seed, the direction alone."""
     if comparison["exceeds_spread"] is False:
@@ -389,12 +394,13 @@ def solvers_claim(sweep: Sweep) -> dict[str, Any]:
 
 
 def compute_claim(sweep: Sweep) -> dict[str, Any]:
-    """(beyond the paper) Does the answer move with training compute? The FPDM against the 28-block and the
-    8-block DiT at each level: depth_compute's 24k and 134k units per image, depth's 67.2k."""
+    """(beyond the paper) Does the answer move with training compute? The FPDM against each DiT of COMPUTE_MODELS
+    (the 28-block one and the best depth at 67.2k) at each level: depth_compute's 24k and 134k units per image,
+    depth's 67.2k."""
     ours, verdicts, settings, files = {}, {}, {}, []
     for dataset in sweep.datasets("depth_compute"):
         levels = {"67k": ("depth", "")} | {level: ("depth_compute", f"-{level}") for level in COMPUTE_LEVELS}
-        per_level, summary = {}, []
+        per_level, summary, dits = {}, [], COMPUTE_MODELS[1:]
         for level, (experiment, suffix) in levels.items():
             runs = {name: sweep.get(experiment, dataset, name + suffix) for name in COMPUTE_MODELS}
             if not all(runs.values()):
@@ -404,18 +410,17 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
                 fids = {n: [fid_of(r["evaluation"]["rows"][i]["block_matched"]) for r in rs] for n, rs in runs.items()}
                 cells.append({"sampler": row["sampler"], "budget_blocks": row["budget_blocks"],
                               "fid": {n: spread(v) for n, v in fids.items()},
-                              "fpdm_vs_dit28": winner(compare(fids["fpdm"], fids["dit28"]), "FPDM", "dit28"),
-                              "fpdm_vs_dit8": winner(compare(fids["fpdm"], fids["dit8"]), "FPDM", "dit8")})
+                              **{f"fpdm_vs_{dit}": winner(compare(fids["fpdm"], fids[dit]), "FPDM", dit) for dit in dits}})
             s0 = runs["fpdm"][0]["settings"]
             per_level[level] = {"training_units_per_image": s0["training_units_per_image"], "cells": cells}
-            summary.append(f"{level}: FPDM beats DiT-28 in {sum(c['fpdm_vs_dit28'] == 'FPDM' for c in cells)}/"
-                           f"{len(cells)}, DiT-8 in {sum(c['fpdm_vs_dit8'] == 'FPDM' for c in cells)}/{len(cells)}")
+            summary.append(f"{level}: FPDM beats " + ", ".join(
+                f"{model_label(dit)} in {sum(c[f'fpdm_vs_{dit}'] == 'FPDM' for c in cells)}/{len(cells)}" for dit in dits))
             settings.setdefault(dataset, {}).update(sweep.settings(experiment, dataset, [n + suffix for n in COMPUTE_MODELS]))
             files += sweep.files(experiment, dataset, [n + suffix for n in COMPUTE_MODELS])
         if per_level:
             ours[dataset], verdicts[dataset] = per_level, "; ".join(summary)
-    return {"id": "depth_compute", "claim": "(beyond the paper) the FPDM against the 28-block and the 8-block DiT at "
-            "several training compute levels (block-pass units per image)", "paper": None, "ours": ours,
+    return {"id": "depth_compute", "claim": "(beyond the paper) the FPDM against the 28-block and the best-depth DiT "
+            "at several training compute levels (block-pass units per image)", "paper": None, "ours": ours,
             "settings": settings, "verdict": verdicts, "files": files}
 
 
@@ -458,14 +463,14 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
         return f"{data['budget_blocks']} blocks: {parts}{dit}"
     if cid == "depth_compute":
         return "; ".join(f"{level} units: " + ", ".join(
-            f"{c['sampler'].upper()} {c['budget_blocks']}: FPDM {c['fid']['fpdm']['mean']:.1f} / DiT-28 "
-            f"{c['fid']['dit28']['mean']:.1f} / DiT-8 {c['fid']['dit8']['mean']:.1f}" for c in v["cells"])
+            f"{c['sampler'].upper()} {c['budget_blocks']}: " + " / ".join(
+                f"{model_label(n)} {c['fid'][n]['mean']:.1f}" for n in COMPUTE_MODELS) for c in v["cells"])
             for level, v in data.items())
     if cid == "solver_settings":
         return ", ".join(f"{label} {v['mean']:.1f}" for label, v in data["fid"].items())
     if cid.startswith("depth_every_dit"):
         return "; ".join(f"{c['sampler'].upper()} {c['budget_blocks']}: " + ", ".join(
-            f"{n.replace('dit', 'DiT-').replace('fpdm', 'FPDM')} {v['mean']:.1f}" for n, v in c["fid"].items()) +
+            f"{model_label(n)} {v['mean']:.1f}" for n, v in c["fid"].items()) +
             f" (best {c['best']})" for c in data)
     if cid.startswith("fig6a_reuse"):
         return "FID gain from reuse: " + ", ".join(f"k={k}: {s['mean']:+.1f}" for k, s in
@@ -561,7 +566,7 @@ def depth_details(claims: list[dict[str, Any]]) -> list[str]:
         steps = ", ".join(f"{n} {v['steps']}" for n, v in s.items())
         lines += ["", f"**Depth at equal training compute on {dataset}** ({s['fpdm']['training_units_per_image']:,.0f} "
                   f"block-pass units per image; optimizer steps: {steps}). FID; P / R: precision / recall:", "",
-                  "| sampler | blocks | " + " | ".join(n.replace("dit", "DiT-") for n in DEPTH_CONFIGS[:-1]) +
+                  "| sampler | blocks | " + " | ".join(model_label(n) for n in DEPTH_CONFIGS[:-1]) +
                   " | FPDM (blocks) | FPDM (GMACs) | best | FPDM / DiT-28 | p | FPDM / best DiT | p | P / R FPDM | "
                   "P / R DiT-28 |", "|---" * 15 + "|"]
         for c, b, f in zip(cells, block.get(dataset, []), flop.get(dataset, [])):
@@ -575,7 +580,7 @@ def depth_details(claims: list[dict[str, Any]]) -> list[str]:
     for dataset, cells in by_id["depth_every_dit_solvers"]["ours"].items():
         lines += ["", f"**Depth under modern solvers on {dataset}** (the depth experiment's models; FID, FPDM "
                   "block-matched with its best iterations):", "", "| sampler | blocks | " +
-                  " | ".join(n.replace("dit", "DiT-").replace("fpdm", "FPDM") for n in DEPTH_CONFIGS) +
+                  " | ".join(model_label(n) for n in DEPTH_CONFIGS) +
                   " | best | FPDM / DiT-28 | p | FPDM / best DiT | p |", "|---" * (len(DEPTH_CONFIGS) + 7) + "|"]
         for c in cells:
             lines.append(f"| {c['sampler']} | {c['budget_blocks']} | " + " | ".join(
@@ -645,7 +650,7 @@ def plot_depth(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
             for name in rows[0]["fid"]:
                 axis.errorbar([c["budget_blocks"] for c in rows], [c["fid"][name]["mean"] for c in rows],
                               yerr=[c["fid"][name]["std"] for c in rows], marker="o", capsize=3,
-                              label=name.replace("dit", "DiT-").replace("fpdm", "FPDM"),
+                              label=model_label(name),
                               linewidth=2.5 if name == "fpdm" else 1.2)
             axis.set_xscale("log", base=2)
             axis.set_xticks([c["budget_blocks"] for c in rows], [str(c["budget_blocks"]) for c in rows])
