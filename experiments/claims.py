@@ -408,13 +408,15 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
             cells = []
             for i, row in enumerate(runs["fpdm"][0]["evaluation"]["rows"]):
                 fids = {n: [fid_of(r["evaluation"]["rows"][i]["block_matched"]) for r in rs] for n, rs in runs.items()}
+                versus = {dit: compare(fids["fpdm"], fids[dit]) for dit in dits}
                 cells.append({"sampler": row["sampler"], "budget_blocks": row["budget_blocks"],
                               "fid": {n: spread(v) for n, v in fids.items()},
-                              **{f"fpdm_vs_{dit}": winner(compare(fids["fpdm"], fids[dit]), "FPDM", dit) for dit in dits}})
+                              "fpdm_vs": {dit: c | {"winner": winner(c, "FPDM", dit)} for dit, c in versus.items()}})
             s0 = runs["fpdm"][0]["settings"]
             per_level[level] = {"training_units_per_image": s0["training_units_per_image"], "cells": cells}
             summary.append(f"{level}: FPDM beats " + ", ".join(
-                f"{model_label(dit)} in {sum(c[f'fpdm_vs_{dit}'] == 'FPDM' for c in cells)}/{len(cells)}" for dit in dits))
+                f"{model_label(dit)} in {sum(c['fpdm_vs'][dit]['winner'] == 'FPDM' for c in cells)}/{len(cells)}"
+                for dit in dits))
             settings.setdefault(dataset, {}).update(sweep.settings(experiment, dataset, [n + suffix for n in COMPUTE_MODELS]))
             files += sweep.files(experiment, dataset, [n + suffix for n in COMPUTE_MODELS])
         if per_level:
@@ -461,11 +463,12 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
         parts = ", ".join(f"k={k}: {s['mean']:.1f}" for k, s in data["fid_by_iters"].items())
         dit = f"; DiT {data['dit_fid']['mean']:.1f}" if data["dit_fid"] else ""
         return f"{data['budget_blocks']} blocks: {parts}{dit}"
-    if cid == "depth_compute":
-        return "; ".join(f"{level} units: " + ", ".join(
-            f"{c['sampler'].upper()} {c['budget_blocks']}: " + " / ".join(
-                f"{model_label(n)} {c['fid'][n]['mean']:.1f}" for n in COMPUTE_MODELS) for c in v["cells"])
-            for level, v in data.items())
+    if cid == "depth_compute":  # FID ratio ranges over the cells; the full table follows the summary
+        def ratios(cells: list[dict[str, Any]], dit: str) -> str:
+            r = [c["fid"]["fpdm"]["mean"] / c["fid"][dit]["mean"] for c in cells]
+            return f"FPDM / {model_label(dit)} {min(r):.2f}-{max(r):.2f}x"
+        return "; ".join(f"{level} units: " + ", ".join(ratios(v["cells"], dit) for dit in COMPUTE_MODELS[1:])
+                         for level, v in sorted(data.items(), key=lambda kv: kv[1]["training_units_per_image"]))
     if cid == "solver_settings":
         return ", ".join(f"{label} {v['mean']:.1f}" for label, v in data["fid"].items())
     if cid.startswith("depth_every_dit"):
@@ -586,6 +589,18 @@ def depth_details(claims: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {c['sampler']} | {c['budget_blocks']} | " + " | ".join(
                 fmt(c["fid"][n], 1) if n in c["fid"] else "-" for n in DEPTH_CONFIGS) + f" | {c['best']} | "
                 f"{ratio_and_p(c['fpdm_vs_dit28'])} | {ratio_and_p(c['fpdm_vs_best_dit'])} |")
+    for dataset, per_level in by_id["depth_compute"]["ours"].items():
+        dits = COMPUTE_MODELS[1:]
+        lines += ["", f"**Training compute on {dataset}** (FID at each level of training compute; FPDM block-matched "
+                  "with its searched iterations):", "", "| units per image | sampler | blocks | " +
+                  " | ".join(model_label(n) for n in COMPUTE_MODELS) + " | " +
+                  " | ".join(f"FPDM / {model_label(d)} | p" for d in dits) + " |",
+                  "|---" * (3 + len(COMPUTE_MODELS) + 2 * len(dits)) + "|"]
+        for level in sorted(per_level, key=lambda lv: per_level[lv]["training_units_per_image"]):
+            for c in per_level[level]["cells"]:
+                lines.append(f"| {per_level[level]['training_units_per_image']:,.0f} | {c['sampler'].upper()} | "
+                             f"{c['budget_blocks']} | " + " | ".join(fmt(c["fid"][n], 1) for n in COMPUTE_MODELS) +
+                             " | " + " | ".join(ratio_and_p(c["fpdm_vs"][d]) for d in dits) + " |")
     return lines
 
 
@@ -661,6 +676,36 @@ def plot_depth(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     return written
 
 
+def plot_compute(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
+    """sweep_depth_compute_<dataset>.png: FID against training compute, one line per model of COMPUTE_MODELS, one
+    panel per (sampler, budget); error bars the std over training seeds."""
+    from experiments.common import pyplot, save_figure
+    plt, written = pyplot(), []
+    per_dataset = next(c for c in claims if c["id"] == "depth_compute")["ours"]
+    if plt is None:
+        return written
+    for dataset, per_level in per_dataset.items():
+        levels = sorted(per_level.values(), key=lambda v: v["training_units_per_image"])
+        panels = [(c["sampler"], c["budget_blocks"]) for c in levels[0]["cells"]]
+        samplers, budgets = list(dict.fromkeys(s for s, _ in panels)), list(dict.fromkeys(b for _, b in panels))
+        figure, axes = plt.subplots(len(samplers), len(budgets), figsize=(4 * len(budgets), 3.5 * len(samplers)),
+                                    squeeze=False)
+        for i, (sampler, budget) in enumerate(panels):
+            axis = axes[samplers.index(sampler)][budgets.index(budget)]
+            units = [v["training_units_per_image"] for v in levels]
+            for name in COMPUTE_MODELS:
+                fids = [v["cells"][i]["fid"][name] for v in levels]
+                axis.errorbar(units, [f["mean"] for f in fids], yerr=[f["std"] for f in fids], marker="o", capsize=3,
+                              label=model_label(name), linewidth=2.5 if name == "fpdm" else 1.2)
+            axis.set_xscale("log")
+            axis.set_xticks(units, [f"{u / 1000:.0f}k" for u in units], minor=False)
+            axis.minorticks_off()
+            label_axis(axis, "training compute (block-pass units per image)", "FID (classifier features)",
+                       f"{dataset}, {sampler}, {budget} blocks")
+        written.append(save_figure(plt, figure, results_dir / f"sweep_depth_compute_{dataset}.png"))
+    return written
+
+
 def label_axis(axis: Any, xlabel: str, ylabel: str, title: str) -> None:
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
@@ -700,6 +745,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                              "claims": claims})
     plot_table1(claims, results_dir)
     plot_depth(claims, results_dir)
+    plot_compute(claims, results_dir)
     plot_losses(Sweep.read(results_dir, config.include_quick), results_dir)
     if config.results_md:
         rewrite_block(Path(config.results_md), markdown(claims))

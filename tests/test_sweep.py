@@ -302,6 +302,8 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
     assert sorted(levels) == ["134k", "24k", "67k"]
     assert all(sorted(c["fid"]) == ["dit28", "dit4", "fpdm"] for v in levels.values() for c in v["cells"])
     assert "fpdm-134k" in by_id["depth_compute"]["settings"]["digits"]
+    assert "**Training compute on digits**" in results_md.read_text()
+    assert (tmp_path / "sweep_depth_compute_digits.png").is_file()
     assert "**Depth at equal training compute on digits**" in results_md.read_text()
     from experiments import export_models  # the depth pair ships beside table1's, named apart from it
     shipped = export_models.main(["--quick", "--out_dir", str(tmp_path), "--dataset", "digits", "--experiment", "depth"])
