@@ -363,7 +363,7 @@ def depth_claim(sweep: Sweep, experiment: str = "depth") -> dict[str, Any]:
                           "fpdm_searched_iters": [r["evaluation"]["rows"][i]["block_matched"]["best_iters"]
                                                   for r in runs["fpdm"]],  # one per training seed
                           "best": min(fids, key=lambda n: np.mean(fids[n])), "best_dit": best_dit,
-                          "fpdm_vs_best_dit": c, "winner": winner(c, "FPDM", best_dit)})
+                          "fpdm_vs_best_dit": c, "winner": winner(c, "FPDM", model_label(best_dit))})
         ours[dataset] = cells
         wins = sum(c["winner"] == "FPDM" for c in cells)
         verdicts[dataset] = f"FPDM best in {wins} of {len(cells)} cells"
@@ -411,7 +411,7 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
                 versus = {dit: compare(fids["fpdm"], fids[dit]) for dit in dits}
                 cells.append({"sampler": row["sampler"], "budget_blocks": row["budget_blocks"],
                               "fid": {n: spread(v) for n, v in fids.items()},
-                              "fpdm_vs": {dit: c | {"winner": winner(c, "FPDM", dit)} for dit, c in versus.items()}})
+                              "fpdm_vs": {dit: c | {"winner": winner(c, "FPDM", model_label(dit))} for dit, c in versus.items()}})
             s0 = runs["fpdm"][0]["settings"]
             per_level[level] = {"training_units_per_image": s0["training_units_per_image"], "cells": cells}
             summary.append(f"{level}: FPDM beats " + ", ".join(
