@@ -122,9 +122,11 @@ def test_image_i_is_the_same_whatever_the_batch_size(fpdm, sampler, options):
         sampling.generate(fpdm, TINY_FPDM, config, plan, list(range(5)), labels, seed=5, batch_size=batch_size,
                           on_batch=lambda batch, _: parts.append(batch.samples))
         samples[batch_size] = torch.cat(parts)
-    torch.testing.assert_close(samples[2], samples[5], rtol=0, atol=1e-5)
+    # A batch of 2 and a batch of 5 sum the float32 matmuls in different orders (how depends on the CPU's SIMD path),
+    # and UniPC's corrector amplifies that to ~1e-5; a wrong seed or label per image moves pixels by ~1.
+    torch.testing.assert_close(samples[2], samples[5], rtol=0, atol=1e-4)
     other = sampling.sample_batch(fpdm, TINY_FPDM, plan, config, [0], labels[:1], seed=6).samples
-    assert not torch.allclose(other[0], samples[2][0])
+    assert (other[0] - samples[2][0]).abs().max() > 0.1
 
 
 def test_stochastic_dpm_draws_the_images_own_noise(fpdm):
