@@ -218,7 +218,8 @@ def test_image_i_is_the_same_whatever_the_batch_size(fpdm, ddim):
         drawn = sampling.generate(fpdm, TINY_FPDM, config, plan, list(range(7)), labels, seed=5,
                                   batch_size=batch_size, on_batch=lambda batch, _: samples.append(batch.samples))
         results[batch_size] = (torch.cat(samples), drawn.images)
-    torch.testing.assert_close(results[3][0], results[5][0], rtol=0, atol=1e-5)
+    # float32 matmuls sum in a batch-size- and CPU-dependent order; a wrong seed or label moves pixels by ~1.
+    torch.testing.assert_close(results[3][0], results[5][0], rtol=0, atol=1e-4)
     assert np.abs(results[3][1].astype(int) - results[5][1].astype(int)).max() <= 1
     assert not torch.allclose(results[3][0][0], results[3][0][1])  # images differ from each other
     other_seed = []
