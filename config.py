@@ -19,6 +19,7 @@ TRACKERS = ("none", "wandb", "tensorboard")
 DEFAULT_SAMPLING_STEPS = 250     # DiT's default number of denoising steps
 DEFAULT_CFG_SCALE = 4.0          # guidance of the paper's qualitative figures (class-conditional models)
 DEFAULT_FIXED_POINT_TOL = 1e-3   # relative residual at which --iteration_schedule adaptive stops a timestep
+GRADIENT_METHODS = ("sjfb", "phantom", "ift")  # --fixed_point_grad (models.FPDM.gradient_stage)
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "unipc", "euler")  # --sampler: the project's two, diffusers' three
 LATENT_IMAGE_MULTIPLE = 16       # extract_features.py: 8x VAE downsampling x patch size 2 (even latents, >= 2x2)
 
@@ -64,6 +65,16 @@ class ModelConfig:
     fixed_point_no_grad_max_iters: int = flag(12, "S-JFB: upper bound N of the iterations run without gradient.")
     fixed_point_with_grad_min_iters: int = flag(1, "S-JFB: lower bound of m, the iterations backpropagated through.")
     fixed_point_with_grad_max_iters: int = flag(12, "S-JFB: upper bound M of the iterations backpropagated through.")
+    fixed_point_grad: str = flag("sjfb", "Training gradient of the fixed-point block, after n no-grad iterations: sjfb "
+                                         "(backpropagate through m ~ U{min..M} iterations, Algorithm 1), phantom "
+                                         "(through --fixed_point_phantom_steps damped steps) or ift (implicit "
+                                         "function theorem, backward solved in --fixed_point_ift_iters iterations).",
+                                 choices=GRADIENT_METHODS)
+    fixed_point_phantom_steps: int = flag(5, "phantom: damped steps z <- (1 - lambda) z + lambda f(z) backpropagated "
+                                             "through.")
+    fixed_point_phantom_damping: float = flag(0.5, "phantom: the damping lambda in (0, 1] (1: S-JFB with m = steps).")
+    fixed_point_ift_iters: int = flag(12, "ift: fixed-point iterations u <- g + J^T u of the backward solve (0: the "
+                                          "1-step JFB gradient).")
     fixed_point_pre_post_timestep_conditioning: bool = flag(
         False, "Condition the pre/post blocks on the timestep too (the paper keeps them timestep-independent).")
     predict_v: bool = flag(False, "Predict velocity v instead of noise (Salimans & Ho).")
@@ -95,6 +106,11 @@ class ModelConfig:
             low, high = getattr(self, f"fixed_point_{kind}_min_iters"), getattr(self, f"fixed_point_{kind}_max_iters")
             _check(high >= low, f"fixed_point_{kind}_max_iters", f"must be >= --fixed_point_{kind}_min_iters {low}",
                    high)
+        _check(self.fixed_point_phantom_steps >= 1, "fixed_point_phantom_steps", "must be >= 1",
+               self.fixed_point_phantom_steps)
+        _check(0.0 < self.fixed_point_phantom_damping <= 1.0, "fixed_point_phantom_damping", "must be in (0, 1]",
+               self.fixed_point_phantom_damping)
+        _check(self.fixed_point_ift_iters >= 0, "fixed_point_ift_iters", "must be >= 0", self.fixed_point_ift_iters)
         return self
 
     @property

@@ -94,16 +94,38 @@ def default_sampling_iters(model_config: Any) -> int:
                               model_config.fixed_point_post_depth)
 
 
+# A vector-Jacobian product through the fixed-point map for the input gradient only (an IFT backward iteration):
+# each matrix product once more, as in the forward (a full backward, 2 units, also computes the weight gradients).
+VJP_UNITS = 1.0
+
+
+def mean_training_iters(model_config: Any) -> tuple[float, float]:
+    """E[n] and E[m] of models.draw_training_iters: n ~ U{n_min..N}; m ~ U{m_min..M} (sjfb), the phantom steps
+    (phantom) or 1 (ift)."""
+    mean_n = (model_config.fixed_point_no_grad_min_iters + model_config.fixed_point_no_grad_max_iters) / 2
+    mean_m = (model_config.fixed_point_with_grad_min_iters + model_config.fixed_point_with_grad_max_iters) / 2
+    return mean_n, {"sjfb": mean_m, "phantom": model_config.fixed_point_phantom_steps, "ift": 1}[
+        model_config.fixed_point_grad]
+
+
+def backward_solve_iters(model_config: Any) -> int:
+    """VJPs per training step of the IFT backward solve (fixed_point_ift_iters; 0 for sjfb, phantom and a DiT)."""
+    if not model_config.fixed_point or model_config.fixed_point_grad != "ift":
+        return 0
+    return model_config.fixed_point_ift_iters
+
+
 def training_units_per_step(model_config: Any) -> float:
     """Expected block-pass units per training step per image: a forward pass = 1, a backward pass = 2.
 
-    DiT: 3 * depth. FPDM (S-JFB): 3 * (pre + post) + E[n] (no-grad forwards) + 3 * E[m] (with-grad iterations).
+    DiT: 3 * depth. FPDM: 3 * (pre + post) + E[n] (no-grad forwards) + 3 * E[m] (gradient-carrying iterations)
+    + VJP_UNITS * the IFT backward solve's iterations.
     """
     if not model_config.fixed_point:
         return 3.0 * blocks_per_step(model_config, 0)
-    mean_n = (model_config.fixed_point_no_grad_min_iters + model_config.fixed_point_no_grad_max_iters) / 2
-    mean_m = (model_config.fixed_point_with_grad_min_iters + model_config.fixed_point_with_grad_max_iters) / 2
-    return 3.0 * (model_config.fixed_point_pre_depth + model_config.fixed_point_post_depth) + mean_n + 3.0 * mean_m
+    mean_n, mean_m = mean_training_iters(model_config)
+    return (3.0 * (model_config.fixed_point_pre_depth + model_config.fixed_point_post_depth) + mean_n
+            + 3.0 * mean_m + VJP_UNITS * backward_solve_iters(model_config))
 
 
 #################################################################################
@@ -150,13 +172,37 @@ def macs_per_step(model_config: Any, num_iters: int = 0, cfg: bool = False) -> i
     return 2 * total if cfg else total
 
 
+def macs_fixed_point_vjp(model_config: Any) -> int:
+    """MACs per image of one vector-Jacobian product through the fixed-point map for the gradient of its input z
+    only (an IFT backward iteration): every Linear's input gradient costs its forward (the projection 6TD^2, the
+    block's 3TD^2 + TD^2 + 2rTD^2), attention's two products give four (dA, dV, dQ, dK: 4T^2D), and adaLN, which
+    depends on the conditioning alone, none."""
+    arch = model_architecture(model_config)
+    D, T = arch.hidden_size, (model_config.input_size // arch.patch_size) ** 2
+    block_without_adaln = macs_per_block(D, T, arch.mlp_ratio) - 6 * D * D
+    return macs_injection(D, T) + block_without_adaln + 2 * T * T * D
+
+
 def training_macs_per_image(model_config: Any, sjfb_iters: Optional[tuple[int, int]]) -> int:
     """Analytic MACs per image of one training step (cost.macs_per_step): forward 1x and backward 2x for what
-    carries gradient; an FPDM's n no-grad iterations (Algorithm 1) run forward only. The forward recomputed by
-    --grad_checkpointing is not counted (the arithmetic the model needs, not the memory trade)."""
+    carries gradient; an FPDM's n no-grad iterations (Algorithm 1) run forward only, and the IFT backward solve adds
+    its VJPs (macs_fixed_point_vjp). The forward recomputed by --grad_checkpointing is not counted (the arithmetic
+    the model needs, not the memory trade)."""
     if sjfb_iters is None:
         return 3 * macs_per_step(model_config)
     n, m = sjfb_iters
-    with_grad = macs_per_step(model_config, num_iters=m)              # embed, pre, m iterations, post, final
-    no_grad = macs_per_step(model_config, num_iters=n + m) - with_grad  # n more iterations (block + projection)
-    return 3 * with_grad + no_grad
+    carrying = min(m, 1) if model_config.fixed_point_grad == "ift" else m  # ift: only the last evaluation has a graph
+    with_grad = macs_per_step(model_config, num_iters=carrying)       # embed, pre, those iterations, post, final
+    no_grad = macs_per_step(model_config, num_iters=n + m) - with_grad  # the other iterations (block + projection)
+    return 3 * with_grad + no_grad + backward_solve_iters(model_config) * macs_fixed_point_vjp(model_config)
+
+
+def mean_training_macs_per_image(model_config: Any) -> float:
+    """E[training_macs_per_image] over models.draw_training_iters' uniform draws of (n, m): the MAC counterpart of
+    training_units_per_step."""
+    if not model_config.fixed_point:
+        return float(training_macs_per_image(model_config, None))
+    ns = range(model_config.fixed_point_no_grad_min_iters, model_config.fixed_point_no_grad_max_iters + 1)
+    ms = {"sjfb": range(model_config.fixed_point_with_grad_min_iters, model_config.fixed_point_with_grad_max_iters + 1),
+          "phantom": [model_config.fixed_point_phantom_steps], "ift": [1]}[model_config.fixed_point_grad]
+    return sum(training_macs_per_image(model_config, (n, m)) for n in ns for m in ms) / (len(ns) * len(ms))

@@ -5,7 +5,8 @@ DiT and Fixed Point Diffusion Models (FPDM) in one model file.
   timestep and class embedders, adaLN-Zero transformer blocks, final adaLN layer, unpatchify.
 - `FPDM(DiT)` is the Fixed Point Diffusion Model (Bai & Melas-Kyriazi, CVPR 2024, Sec. 3.2): explicit pre blocks,
   one implicit fixed-point block solved by iteration, explicit post blocks. Called in train mode with gradients
-  and no iteration counts it runs Stochastic Jacobian-Free Backpropagation (S-JFB, Sec. 3.4 / Algorithm 1).
+  and no iteration counts it runs Stochastic Jacobian-Free Backpropagation (S-JFB, Sec. 3.4 / Algorithm 1), or,
+  with fixed_point_grad, phantom or implicit-function-theorem gradients (beyond the paper).
 - `DiT_models[name](fixed_point=True, ...)` builds the FPDM of a registry name; `create_model(config)` builds either
   from a ModelConfig.
 
@@ -20,7 +21,7 @@ from functools import partial
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -29,9 +30,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from cost import ARCHITECTURES, Architecture, fpdm_default_iters, fpdm_step_blocks
-from solvers import SolverStats, get_solver
+from solvers import SolverStats, get_solver, implicit_gradient, relative_residual
 
-from config import UserError
+from config import GRADIENT_METHODS, UserError
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -418,7 +419,9 @@ class FPDM(DiT):
     Pre/post blocks and the final layer are conditioned on the class only (timestep-independent, Sec. 3.2) unless
     fixed_point_pre_post_timestep_conditioning=True; unconditional + timestep-independent means a zero vector.
     `depth` is that of the same-named DiT: outside S-JFB training an FPDM runs depth - pre - post iterations by
-    default (the DiT's block cost). The fixed_point_{no,with}_grad_{min,max}_iters bound S-JFB's n and m.
+    default (the DiT's block cost). The fixed_point_{no,with}_grad_{min,max}_iters bound S-JFB's n and m;
+    fixed_point_grad picks what the gradient-carrying iterations backpropagate (sjfb, phantom or ift; see
+    gradient_stage); it changes nothing without gradients (sampling).
     """
 
     def __init__(
@@ -431,6 +434,10 @@ class FPDM(DiT):
         fixed_point_with_grad_min_iters: int = 1,
         fixed_point_with_grad_max_iters: int = 12,
         fixed_point_pre_post_timestep_conditioning: bool = False,
+        fixed_point_grad: str = "sjfb",
+        fixed_point_phantom_steps: int = 5,
+        fixed_point_phantom_damping: float = 0.5,
+        fixed_point_ift_iters: int = 12,
         **dit_kwargs: Any,
     ):
         if fixed_point_pre_depth < 0 or fixed_point_post_depth < 0:  # the module layout depends on them
@@ -444,6 +451,12 @@ class FPDM(DiT):
         self.fixed_point_with_grad_min_iters = fixed_point_with_grad_min_iters
         self.fixed_point_with_grad_max_iters = fixed_point_with_grad_max_iters
         self.fixed_point_pre_post_timestep_conditioning = fixed_point_pre_post_timestep_conditioning
+        if fixed_point_grad not in GRADIENT_METHODS:
+            raise ValueError(f"fixed_point_grad must be one of {', '.join(GRADIENT_METHODS)} (got {fixed_point_grad!r})")
+        self.fixed_point_grad = fixed_point_grad
+        self.fixed_point_phantom_steps = fixed_point_phantom_steps
+        self.fixed_point_phantom_damping = fixed_point_phantom_damping
+        self.fixed_point_ift_iters = fixed_point_ift_iters
         super().__init__(**dit_kwargs)
 
     def _build_blocks(self) -> None:
@@ -470,11 +483,11 @@ class FPDM(DiT):
                          sjfb_generator: Optional[torch.Generator] = None) -> tuple[int, int]:
         """(n, m): iterations without gradient, then in the ambient grad mode.
 
-        In train mode with gradients and no count given: S-JFB's draw (Algorithm 1). Otherwise n defaults to 0 and
-        m to default_num_iters.
+        In train mode with gradients and no count given: the training draw (draw_training_iters). Otherwise n
+        defaults to 0 and m to default_num_iters.
         """
         if num_iters is None and num_no_grad_iters is None and self.training and torch.is_grad_enabled():
-            return draw_sjfb_iters(self, sjfb_generator)
+            return draw_training_iters(self, sjfb_generator)
         return (num_no_grad_iters or 0), (self.default_num_iters if num_iters is None else num_iters)
 
     def compile_parts(self, **compile_kwargs: Any) -> None:
@@ -501,7 +514,8 @@ class FPDM(DiT):
                           tol: Optional[float] = None, solver: str = "iteration",
                           solver_options: Optional[dict[str, Any]] = None,
                           track_residuals: bool = True) -> tuple[Tensor, SolverStats]:
-        """S-JFB fixed-point stage (Algorithm 1): n iterations under torch.no_grad(), then m in the ambient mode.
+        """The fixed-point stage (Algorithm 1): n iterations under torch.no_grad(), then m in the ambient mode
+        (gradient_stage).
 
         The start z0 is detached: gradients reach the implicit layer only through the last m iterations (and the
         pre blocks via the injection). With grad_checkpointing each gradient-carrying iteration is checkpointed.
@@ -530,9 +544,35 @@ class FPDM(DiT):
             # It also guards on whether its input requires grad: the first gradient-carrying iteration would
             # otherwise get a graph of its own. A leaf that requires grad changes no parameter gradient.
             z = z.detach().requires_grad_(True)
-        z, stats = solve(f, z, num_iters, tol, track_residuals=track_residuals, **options)  # (N, T, D), unrolled
+        z, stats = self.gradient_stage(f, solve, z, num_iters, tol, track_residuals, options)  # (N, T, D)
         return z, SolverStats(num_iters=no_grad_stats.num_iters + stats.num_iters,
                               residuals=no_grad_stats.residuals + stats.residuals)
+
+    def gradient_stage(self, f: Callable[[Tensor], Tensor], solve: Callable[..., tuple[Tensor, SolverStats]],
+                       z: Tensor, num_iters: int, tol: Optional[float], track_residuals: bool,
+                       options: dict[str, Any]) -> tuple[Tensor, SolverStats]:
+        """The m evaluations of f after the no-grad ones. With gradients on, fixed_point_grad decides what they
+        backpropagate:
+          sjfb     all m, unrolled (S-JFB, Algorithm 1);
+          phantom  m damped steps z <- z + lambda (f(z) - z), unrolled (unrolled phantom gradient, Geng et al. 2021);
+          ift      the first m - 1 without gradient, the last with the implicit function theorem's gradient
+                   (solvers.implicit_gradient: the backward fixed point solved in fixed_point_ift_iters iterations).
+        Without gradients (sampling, evaluation) every method runs m plain iterations.
+        """
+        method = self.fixed_point_grad if torch.is_grad_enabled() and num_iters > 0 else "sjfb"
+        if method == "phantom":
+            damping = self.fixed_point_phantom_damping
+            return solve(lambda z: z + damping * (f(z) - z), z, num_iters, tol, track_residuals=track_residuals,
+                         **options)
+        if method == "ift":
+            with torch.no_grad():
+                z, head = solve(f, z, num_iters - 1, tol, track_residuals=track_residuals, **options)
+            z = z.detach().requires_grad_(True)
+            fz = f(z)                                                   # (N, T, D), the one graph IFT keeps
+            residuals = [relative_residual(fz, z).mean().item()] if track_residuals or tol is not None else []
+            return implicit_gradient(fz, z, self.fixed_point_ift_iters), SolverStats(
+                num_iters=head.num_iters + 1, residuals=head.residuals + residuals)
+        return solve(f, z, num_iters, tol, track_residuals=track_residuals, **options)  # unrolled
 
     def forward(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None, **options: Any) -> Tensor:
         """Predict (N, C_out, H, W); the keyword options are those of forward_with_stats."""
@@ -608,6 +648,14 @@ FPDM_OPTIONS = tuple(name for name in inspect.signature(FPDM.__init__).parameter
 #################################################################################
 #                        Stochastic Jacobian-Free Backprop                      #
 #################################################################################
+
+def draw_training_iters(config: Any, generator: Optional[torch.Generator] = None) -> tuple[int, int]:
+    """(n, m) of one training step: S-JFB's draw (draw_sjfb_iters); for fixed_point_grad phantom m is then
+    fixed_point_phantom_steps, for ift 1 (the evaluation that carries the implicit gradient). Both counts are drawn
+    whatever the method, so every method sees the same n at the same seed. `config`: an FPDM or a ModelConfig."""
+    n, m = draw_sjfb_iters(config, generator)
+    return n, {"sjfb": m, "phantom": config.fixed_point_phantom_steps, "ift": 1}[config.fixed_point_grad]
+
 
 def draw_sjfb_iters(bounds: Any, generator: Optional[torch.Generator] = None) -> tuple[int, int]:
     """Draw S-JFB iteration counts (n, m): n ~ U{no_grad_min..no_grad_max}, m ~ U{with_grad_min..with_grad_max}.

@@ -15,6 +15,8 @@ fp32 pass over the iterate and a device-to-host copy per stage) and `SolverStats
 - `fixed_point_iteration` works in any grad mode: with gradients enabled the iterations are simply unrolled
   (that is how S-JFB backpropagates through its last m iterations, Sec. 3.4).
 - `anderson` (Anderson acceleration, type II) is a no-grad solver: call it under `torch.no_grad()`.
+- `implicit_gradient` is the backward solve of implicit-function-theorem training (models.FPDM.gradient_stage):
+  u = g + J^T u by fixed-point iteration, one vector-Jacobian product through f per iteration.
 
 Every solver has the signature `solver(f, z0, max_iters, tol=None, *, track_residuals=True, **options)
 -> (z, SolverStats)`; look one up with `get_solver(name)` (the one place an unknown name fails). SOLVER_NAMES lists
@@ -197,6 +199,41 @@ def anderson(
         if converged:
             break
     return x.reshape(z0.shape), log.stats()
+
+
+#################################################################################
+#                       Implicit gradient (backward solve)                      #
+#################################################################################
+
+class _AdjointSolve(torch.autograd.Function):
+    """Identity on fz = f(z*) in the forward; in the backward, the incoming gradient g becomes the solution u of
+    u = g + J^T u, J = df/dz at z* (the implicit function theorem: dL/dtheta = (df/dtheta)^T (I - J^T)^{-1} g),
+    by `iters` fixed-point iterations from u = g, each one vector-Jacobian product through f's graph. The graph
+    of f(z*) flows on from u, so the parameters and the injection receive (df/dtheta)^T u."""
+
+    @staticmethod
+    def forward(ctx: Any, fz: Tensor, z: Tensor, iters: int) -> Tensor:
+        ctx.save_for_backward(fz, z)  # inputs keep their graph when saved: the backward takes VJPs through it
+        ctx.iters = iters
+        return fz.view_as(fz)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        fz, z = ctx.saved_tensors
+        u = g
+        with torch.enable_grad():
+            for _ in range(ctx.iters):
+                u = g + torch.autograd.grad(fz, z, u, retain_graph=True)[0]  # (N, T, D): g + J^T u
+        return u, None, None
+
+
+def implicit_gradient(fz: Tensor, z: Tensor, iters: int) -> Tensor:
+    """fz = f(z) (z: a leaf that requires grad, the no-grad solution z*), returned unchanged but backpropagated with
+    the implicit function theorem's gradient, its backward fixed point solved in `iters` iterations (0: u = g, the
+    1-step JFB gradient). Only the graph of this one evaluation is stored, whatever `iters`."""
+    if iters < 0:
+        raise UserError(f"--fixed_point_ift_iters: must be >= 0 (got {iters})")
+    return _AdjointSolve.apply(fz, z, iters)
 
 
 #################################################################################

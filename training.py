@@ -48,7 +48,7 @@ from checkpoint import (atomic_write, capture_rng_state, link_latest, load_state
                         remove_stale_temporaries, restore_rng_state, save_checkpoint, save_safetensors)
 from config import ModelConfig, TrainConfig, UserError
 from data import create_dataset
-from models import create_model, draw_sjfb_iters
+from models import create_model, draw_training_iters
 from records import append_jsonl, write_json
 from vae import encode_images, load_vae
 
@@ -409,7 +409,7 @@ def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor, model_config
                accelerator: Accelerator) -> tuple[dict[str, torch.Tensor], Optional[tuple[int, int]]]:
     """One optimizer step and EMA update: (loss terms, the S-JFB (n, m) run, or None for a DiT). Nothing here
     waits for the device (the finiteness of the loss is checked later, by FiniteLossWatch)."""
-    iters = draw_sjfb_iters(model_config, state.sjfb_generator) if model_config.fixed_point else None
+    iters = draw_training_iters(model_config, state.sjfb_generator) if model_config.fixed_point else None
     terms = compute_loss(state.diffusion, state.model, x, y, iters)
     state.optimizer.zero_grad(set_to_none=True)
     accelerator.backward(terms["loss"])

@@ -192,6 +192,23 @@ class SavedTensorBytes:
         return self._hooks.__exit__(*exc)
 
 
+def step_memory(model_config: Any, batch: int, iters: tuple[int, int]) -> dict[str, float]:
+    """MiB autograd saves and peak live tensor MiB (parameters included) of one training step's forward and backward
+    (no optimizer) of a freshly built model of `model_config` with (n, m) pinned, in this process, on the CPU."""
+    import torch
+    from benchmarks.bench_common import PeakTensorBytes, training_batch, training_step
+    from models import create_model
+    torch.manual_seed(0)
+    model = create_model(model_config).train()
+    diffusion = model_config.create_diffusion("")
+    data = training_batch(model_config, batch, torch.Generator().manual_seed(1), "cpu")
+    with PeakTensorBytes(model.parameters()) as peak, SavedTensorBytes(model) as saved:
+        training_step(model, diffusion, None, data, iters)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"batch": batch, "n": iters[0], "m": iters[1], "saved_activation_mb": saved.total_bytes / 2**20,
+            "peak_tensor_mb": (param_bytes + peak.peak_bytes) / 2**20}
+
+
 def run_worker(spec: dict[str, Any], device_name: str) -> dict[str, Any]:
     """Train `spec` for spec['steps'] steps in this (fresh) process; return memory and timing measurements."""
     limit_threads(1)

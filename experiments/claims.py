@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -21,8 +22,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 import cli
-from config import build_config, flag, parse_flags
-from experiments.sweep import COMPUTE_LEVELS, COMPUTE_MODELS, DIT_DEPTHS, PAPER_DIT_DEPTH, TRAINED_BY
+from config import ModelConfig, build_config, flag, parse_flags
+from cost import mean_training_macs_per_image
+from experiments.sweep import (COMPUTE_LEVELS, COMPUTE_MODELS, COMPUTE_SAMPLERS, DIT_DEPTHS, GRADIENTS, PAPER_DIT_DEPTH,
+                               TRAINED_BY)
 from records import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -393,37 +396,146 @@ def solvers_claim(sweep: Sweep) -> dict[str, Any]:
             "verdict": verdicts, "files": files}
 
 
+FRONTIER_BASE = ("67k", 67_200)  # the depth experiment's level (depth and depth_solvers)
+
+
+def frontier_fids(sweep: Sweep, dataset: str) -> dict[str, dict[str, Any]]:
+    """level -> {"training_units_per_image", "fids": model -> (sampler, blocks) -> per-seed FIDs} over every level
+    measured: depth's 67k (DDPM and DDIM from depth, DPM-Solver++ from depth_solvers) and depth_compute's levels."""
+    sources = {FRONTIER_BASE[0]: [("depth", ""), ("depth_solvers", "")]} | {
+        level: [("depth_compute", f"-{level}")] for level in COMPUTE_LEVELS}
+    levels = {}
+    for level, places in sources.items():
+        fids: dict[str, dict[tuple[str, int], list[float]]] = {}
+        units = None
+        for experiment, suffix in places:
+            for name in COMPUTE_MODELS:
+                for record in sweep.get(experiment, dataset, name + suffix):
+                    units = units or (record["settings"]["training_units_per_image"] if name == "fpdm" else None)
+                    for row in record["evaluation"]["rows"]:
+                        if row["sampler"] in COMPUTE_SAMPLERS:
+                            key = (row["sampler"], row["budget_blocks"])
+                            fids.setdefault(name, {}).setdefault(key, []).append(fid_of(row["block_matched"]))
+        if "fpdm" in fids and len(fids) > 1:
+            levels[level] = {"training_units_per_image": units, "fids": fids}
+    return levels
+
+
+def crossover(points: Sequence[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
+    """Where the FPDM's FID falls below a DiT's, from (training units, compare(fpdm, dit)) at each level, in order.
+    measured: the first level where the FPDM is ahead beyond the spread; otherwise, from a least-squares line of
+    log(FID ratio) against log(units), the units where it reaches 1 (extrapolated) when the ratio falls with
+    compute, or none ('not approaching')."""
+    ratios = [(u, c["a"]["mean"] / c["b"]["mean"]) for u, c in points]
+    ahead = [u for u, c in points if c["a_better"] and c["exceeds_spread"]]
+    result = {"ratios": [{"units": u, "ratio": r} for u, r in ratios], "measured_at": ahead[0] if ahead else None}
+    if ahead:
+        return result | {"status": "measured", "units": ahead[0]}
+    if len({u for u, _ in ratios}) < 2:
+        return result | {"status": "one level", "units": None}
+    x, y = np.log([u for u, _ in ratios]), np.log([r for _, r in ratios])
+    slope, intercept = np.polyfit(x, y, 1)
+    if slope >= 0:
+        return result | {"status": "not approaching", "units": None, "slope": float(slope)}
+    return result | {"status": "extrapolated", "units": float(np.exp(-intercept / slope)), "slope": float(slope),
+                     "intercept": float(intercept)}
+
+
 def compute_claim(sweep: Sweep) -> dict[str, Any]:
-    """(beyond the paper) Does the answer move with training compute? The FPDM against each DiT of COMPUTE_MODELS
-    (the 28-block one and the best depth at 67.2k) at each level: depth_compute's 24k and 134k units per image,
-    depth's 67.2k."""
+    """(beyond the paper) Where, if anywhere, does the FPDM overtake the DiTs as training compute grows? For each
+    (sampler, budget): FID of every model at every level, the FPDM against each DiT, and the crossover (crossover())
+    against DiT-4 and against the best DiT of each level."""
     ours, verdicts, settings, files = {}, {}, {}, []
     for dataset in sweep.datasets("depth_compute"):
-        levels = {"67k": ("depth", "")} | {level: ("depth_compute", f"-{level}") for level in COMPUTE_LEVELS}
-        per_level, summary, dits = {}, [], COMPUTE_MODELS[1:]
-        for level, (experiment, suffix) in levels.items():
-            runs = {name: sweep.get(experiment, dataset, name + suffix) for name in COMPUTE_MODELS}
-            if not all(runs.values()):
-                continue
-            cells = []
-            for i, row in enumerate(runs["fpdm"][0]["evaluation"]["rows"]):
-                fids = {n: [fid_of(r["evaluation"]["rows"][i]["block_matched"]) for r in rs] for n, rs in runs.items()}
-                versus = {dit: compare(fids["fpdm"], fids[dit]) for dit in dits}
-                cells.append({"sampler": row["sampler"], "budget_blocks": row["budget_blocks"],
-                              "fid": {n: spread(v) for n, v in fids.items()},
-                              "fpdm_vs": {dit: c | {"winner": winner(c, "FPDM", model_label(dit))} for dit, c in versus.items()}})
-            s0 = runs["fpdm"][0]["settings"]
-            per_level[level] = {"training_units_per_image": s0["training_units_per_image"], "cells": cells}
-            summary.append(f"{level}: FPDM beats " + ", ".join(
-                f"{model_label(dit)} in {sum(c['fpdm_vs'][dit]['winner'] == 'FPDM' for c in cells)}/{len(cells)}"
-                for dit in dits))
-            settings.setdefault(dataset, {}).update(sweep.settings(experiment, dataset, [n + suffix for n in COMPUTE_MODELS]))
-            files += sweep.files(experiment, dataset, [n + suffix for n in COMPUTE_MODELS])
-        if per_level:
-            ours[dataset], verdicts[dataset] = per_level, "; ".join(summary)
-    return {"id": "depth_compute", "claim": "(beyond the paper) the FPDM against the 28-block and the best-depth DiT "
-            "at several training compute levels (block-pass units per image)", "paper": None, "ours": ours,
-            "settings": settings, "verdict": verdicts, "files": files}
+        levels = frontier_fids(sweep, dataset)
+        order = sorted(levels, key=lambda lv: (levels[lv]["training_units_per_image"], int(lv.rstrip("k"))))
+        keys = list(dict.fromkeys(k for lv in order for k in levels[lv]["fids"]["fpdm"]))
+        cells = []
+        for sampler, blocks in sorted(keys, key=lambda k: (COMPUTE_SAMPLERS.index(k[0]), k[1])):
+            fid, versus, best = {}, {}, {}
+            for level in order:
+                at = {n: v[(sampler, blocks)] for n, v in levels[level]["fids"].items() if (sampler, blocks) in v}
+                if "fpdm" not in at:
+                    continue
+                for name, values in at.items():
+                    fid.setdefault(name, {})[level] = spread(values)
+                dits = [n for n in at if n != "fpdm"]
+                best[level] = min(dits, key=lambda n: np.mean(at[n]))
+                for dit in dits:
+                    c = compare(at["fpdm"], at[dit])
+                    versus.setdefault(dit, {})[level] = c | {"winner": winner(c, "FPDM", model_label(dit))}
+                versus.setdefault("best_dit", {})[level] = versus[best[level]][level] | {"dit": best[level]}
+            units = {lv: levels[lv]["training_units_per_image"] for lv in order}
+            cells.append({"sampler": sampler, "budget_blocks": blocks, "fid": fid, "fpdm_vs": versus,
+                          "best_dit": best, "crossover": {dit: crossover([(units[lv], c) for lv, c in versus[dit].items()])
+                                                          for dit in ("dit4", "best_dit") if dit in versus}})
+        ours[dataset] = {"levels": {lv: {"training_units_per_image": levels[lv]["training_units_per_image"],
+                                         "models": sorted(levels[lv]["fids"])} for lv in order}, "cells": cells}
+        statuses = [c["crossover"]["best_dit"]["status"] for c in cells if "best_dit" in c["crossover"]]
+        verdicts[dataset] = (f"FPDM ahead of the best DiT (measured) in {statuses.count('measured')} of "
+                             f"{len(statuses)} (sampler, budget) cells; extrapolated crossing in "
+                             f"{statuses.count('extrapolated')}, not approaching in {statuses.count('not approaching')}")
+        for experiment, suffix in [("depth", "")] + [("depth_compute", f"-{lv}") for lv in COMPUTE_LEVELS]:
+            names = [n + suffix for n in COMPUTE_MODELS]
+            settings.setdefault(dataset, {}).update(sweep.settings(experiment, dataset, names))
+            files += sweep.files(experiment, dataset, names)
+        files += sweep.files("depth_solvers", dataset, COMPUTE_MODELS)
+    return {"id": "depth_compute", "claim": "(beyond the paper) the FPDM against DiT-4, DiT-8 and the 28-block DiT "
+            "as training compute grows (block-pass units per image): where, if anywhere, it overtakes the best DiT",
+            "paper": None, "ours": ours, "settings": settings, "verdict": verdicts, "files": files}
+
+
+GRADIENT_NAMES = ("sjfb", *GRADIENTS)  # sjfb: the depth experiment's FPDM, trained the same way otherwise
+GRADIENT_LABELS = {"sjfb": "S-JFB", "phantom": "phantom", "ift": "IFT"}
+
+
+def training_cost(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's training cost: block-pass units and GMACs per image, per step (expected over its draws) and in all,
+    and its optimizer steps and wall-clock (the wall-clock of separate runs on a shared CPU: indicative only)."""
+    model = ModelConfig(**record["train"]["config"]["model"])
+    s, gmacs = record["settings"], mean_training_macs_per_image(model) / 1e9
+    return {"units_per_step": s["units_per_step"], "training_units_per_image": s["training_units_per_image"],
+            "gmacs_per_step": gmacs, "training_gmacs_per_image": gmacs * s["steps"], "steps": s["steps"],
+            "wall_clock_s": record["train"]["wall_clock_s"]}
+
+
+def gradient_claim(sweep: Sweep) -> dict[str, Any]:
+    """(beyond the paper) S-JFB against phantom and IFT gradients at equal training compute (block-pass units):
+    FID per (sampler, budget) of each, each method against S-JFB, training cost and step memory."""
+    ours, verdicts, settings, files = {}, {}, {}, []
+    for dataset in sweep.datasets("gradient"):
+        runs = {"sjfb": sweep.get("depth", dataset, "fpdm")} | {n: sweep.get("gradient", dataset, n) for n in GRADIENTS}
+        runs = {n: records for n, records in runs.items() if records}
+        if "sjfb" not in runs or len(runs) < 2:
+            continue
+        by_key = {n: [{(row["sampler"], row["budget_blocks"]): fid_of(row["block_matched"])
+                       for row in r["evaluation"]["rows"]} for r in records] for n, records in runs.items()}
+        cells = []
+        for key in by_key["sjfb"][0]:
+            fids = {n: [seed[key] for seed in seeds] for n, seeds in by_key.items() if all(key in x for x in seeds)}
+            versus = {n: compare(fids[n], fids["sjfb"]) for n in fids if n != "sjfb"}
+            cells.append({"sampler": key[0], "budget_blocks": key[1], "fid": {n: spread(v) for n, v in fids.items()},
+                          "best": min(fids, key=lambda n: np.mean(fids[n])),
+                          "vs_sjfb": {n: c | {"winner": winner(c, GRADIENT_LABELS[n], "S-JFB")}
+                                      for n, c in versus.items()}})
+        memory = {}
+        for name in GRADIENTS:
+            memory.update(runs[name][0]["evaluation"]["step_memory"] if name in runs else {})
+        cost = {n: {k: spread([training_cost(r)[k] for r in records]) for k in training_cost(records[0])}
+                for n, records in runs.items()}
+        bests = [c["best"] for c in cells]
+        ours[dataset] = {"cells": cells, "step_memory": memory, "training_cost": cost,
+                         "best_in_cells": {n: bests.count(n) for n in runs}}
+        beaten = [c["vs_sjfb"][n]["winner"] != "S-JFB" and c["vs_sjfb"][n]["exceeds_spread"] is not False
+                  for c in cells for n in c["vs_sjfb"]]
+        verdicts[dataset] = verdict([not b for b in beaten]) + " (best in most cells: " + GRADIENT_LABELS[
+            max(runs, key=bests.count)] + ")"
+        settings[dataset] = sweep.settings("depth", dataset, ("fpdm",)) | sweep.settings("gradient", dataset, GRADIENTS)
+        files += sweep.files("depth", dataset, ("fpdm",)) + sweep.files("gradient", dataset, GRADIENTS)
+    return {"id": "gradient_methods", "claim": "(beyond the paper) S-JFB trains as well as costlier gradients "
+            "(phantom, implicit differentiation) at equal training compute (Sec. 3.4)",
+            "paper": "approximate gradients beat implicit differentiation, which is drastically more expensive "
+            "(no numbers)", "ours": ours, "settings": settings, "verdict": verdicts, "files": files}
 
 
 def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str, Any]]:
@@ -435,7 +547,7 @@ def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str,
     claims.append(prepost_claim(sweep))
     claims += [table1_claim(sweep, "block_matched", "depth"), table1_claim(sweep, "flop_matched", "depth")]
     claims += [depth_claim(sweep), depth_claim(sweep, "depth_solvers"), solvers_claim(sweep)]
-    claims += smoothing_claims(sweep, "depth_smoothing") + [compute_claim(sweep)]
+    claims += smoothing_claims(sweep, "depth_smoothing") + [compute_claim(sweep), gradient_claim(sweep)]
     return claims
 
 
@@ -463,12 +575,16 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
         parts = ", ".join(f"k={k}: {s['mean']:.1f}" for k, s in data["fid_by_iters"].items())
         dit = f"; DiT {data['dit_fid']['mean']:.1f}" if data["dit_fid"] else ""
         return f"{data['budget_blocks']} blocks: {parts}{dit}"
-    if cid == "depth_compute":  # FID ratio ranges over the cells; the full table follows the summary
-        def ratios(cells: list[dict[str, Any]], dit: str) -> str:
-            r = [c["fid"]["fpdm"]["mean"] / c["fid"][dit]["mean"] for c in cells]
-            return f"FPDM / {model_label(dit)} {min(r):.2f}-{max(r):.2f}x"
-        return "; ".join(f"{level} units: " + ", ".join(ratios(v["cells"], dit) for dit in COMPUTE_MODELS[1:])
-                         for level, v in sorted(data.items(), key=lambda kv: kv[1]["training_units_per_image"]))
+    if cid == "depth_compute":  # ratio ranges per level and the crossings; the full tables follow the summary
+        def ratios(level: str) -> str:
+            r = [c["fpdm_vs"]["best_dit"][level]["a"]["mean"] / c["fpdm_vs"]["best_dit"][level]["b"]["mean"]
+                 for c in data["cells"] if level in c["fpdm_vs"].get("best_dit", {})]
+            return f"{level}: {min(r):.2f}-{max(r):.2f}x"
+        return "FPDM / best DiT " + ", ".join(ratios(level) for level in data["levels"]) + "; " + crossing_summary(
+            [c["crossover"]["best_dit"] for c in data["cells"]])
+    if cid == "gradient_methods":
+        return "; ".join(f"{c['sampler'].upper()} {c['budget_blocks']}: " + ", ".join(
+            f"{GRADIENT_LABELS[n]} {v['mean']:.1f}" for n, v in c["fid"].items()) for c in data["cells"])
     if cid == "solver_settings":
         return ", ".join(f"{label} {v['mean']:.1f}" for label, v in data["fid"].items())
     if cid.startswith("depth_every_dit"):
@@ -479,6 +595,23 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
         return "FID gain from reuse: " + ", ".join(f"k={k}: {s['mean']:+.1f}" for k, s in
                                                   data["reuse_gain_by_iters"].items())
     return compact(data)
+
+
+def crossing_summary(crossings: Sequence[dict[str, Any]]) -> str:
+    """'crossed (measured) in k, extrapolated at a-b units in j, not approaching in i' over cells."""
+    measured = [c["units"] for c in crossings if c["status"] == "measured"]
+    extrapolated = [c["units"] for c in crossings if c["status"] == "extrapolated"]
+    parts = [f"crossed (measured) in {len(measured)} of {len(crossings)} cells"]
+    if extrapolated:
+        parts.append(f"extrapolated crossing in {len(extrapolated)} at {units_text(min(extrapolated))}-"
+                     f"{units_text(max(extrapolated))} units")
+    parts.append(f"not approaching in {sum(c['status'] == 'not approaching' for c in crossings)}")
+    return ", ".join(parts)
+
+
+def units_text(units: float) -> str:
+    """Training units per image, short: 67k, 1.2M."""
+    return f"{units / 1e6:.2g}M" if units >= 1e6 else f"{units / 1e3:.0f}k"
 
 
 def compact(value: Any) -> str:
@@ -497,8 +630,10 @@ def p_text(p: Optional[float]) -> str:
     return "" if p is None else f", p={p:.2g}"
 
 
-def markdown(claims: list[dict[str, Any]]) -> str:
-    """The summary table: one row per (claim, dataset)."""
+def markdown(claims: list[dict[str, Any]], figures: Optional[dict[str, str]] = None) -> str:
+    """The summary table: one row per (claim, dataset), then the per-dataset tables, each followed by links to its
+    figures (`figures`: file name -> link, relative to the markdown file; None: no links)."""
+    figures = figures or {}
     lines = [BEGIN, "", "Generated by `python -m experiments.claims` from `experiments/results/claims.json` (do not "
              "edit by hand). \"(n=3)\": mean ± std over 3 training seeds; p: Welch's t-test over training seeds "
              "(a 'tie' is p >= 0.05).", "", "| claim | paper | data (settings) | ours | verdict |", "|---|---|---|---|---|"]
@@ -514,10 +649,17 @@ def markdown(claims: list[dict[str, Any]]) -> str:
                     f"settings)"
             lines.append(f"| {claim['claim']} | {paper} | {where} | {ours_cell(claim, dataset)} | "
                          f"{claim['verdict'].get(dataset, 'not measured')} |")
-    return "\n".join(lines + details(claims) + depth_details(claims) + ["", END])
+    return "\n".join(lines + details(claims, figures) + depth_details(claims, figures) + gradient_details(claims, figures)
+                     + ["", END])
 
 
-def details(claims: list[dict[str, Any]]) -> list[str]:
+def figure_line(figures: dict[str, str], *names: str) -> list[str]:
+    """['', 'Figures: [a.png](link), ...'] for the named figures that were written ([] if none was)."""
+    links = [f"[{name}]({figures[name]})" for name in names if name in figures]
+    return ["", ("Figure: " if len(links) == 1 else "Figures: ") + ", ".join(links)] if links else []
+
+
+def details(claims: list[dict[str, Any]], figures: dict[str, str]) -> list[str]:
     """Per-dataset tables of the sweep's comparisons (mean ± std over training seeds, Welch p)."""
     by_id, lines = {c["id"]: c for c in claims}, []
     block, flop = by_id["table1_block_matched"]["ours"], by_id["table1_flop_matched"]["ours"]
@@ -532,6 +674,7 @@ def details(claims: list[dict[str, Any]]) -> list[str]:
                          f"{b['budget_gmacs']:.3g} | {fmt(b['dit_fid'])} | {fmt(b['fpdm_fid'])} | "
                          f"{p_text(b['welch_p'])[2:] or '-'} | {flop_cells} | {100 * b['dit_accuracy']['mean']:.1f}% | "
                          f"{100 * b['fpdm_accuracy']['mean']:.1f}% |")
+        lines += figure_line(figures, f"sweep_table1_{dataset}.png", f"sweep_loss_table1_{dataset}.png")
     for dataset, per_n in by_id["table5_sjfb"]["ours"].items():
         lines += ["", f"**Table 5 on {dataset}** (FID at one budget, DDPM):", "",
                   "| N | JFB (m = 1) | multi-step (m = N) | S-JFB (m ~ U{1..N}) | p S-JFB vs multi | p multi vs JFB |",
@@ -540,12 +683,14 @@ def details(claims: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {n} | {fmt(v['fid']['jfb'])} | {fmt(v['fid']['multistep'])} | {fmt(v['fid']['sjfb'])} | "
                          f"{p_text(v['sjfb_vs_multistep']['welch_p'])[2:] or '-'} | "
                          f"{p_text(v['multistep_vs_jfb']['welch_p'])[2:] or '-'} |")
+        lines += figure_line(figures, f"sweep_loss_table5_{dataset}.png")
     for dataset, budgets in by_id["fig7_prepost"]["ours"].items():
         lines += ["", f"**Fig. 7 on {dataset}** (FID, DDPM, best iterations per step with reuse):", "",
                   "| blocks | 0 | 1 | 2 | 4 | best | p best (>=1) vs 0 |", "|---|---|---|---|---|---|---|"]
         for b in budgets:
             lines.append(f"| {b['budget_blocks']} | " + " | ".join(fmt(b["fid"][p]) for p in (0, 1, 2, 4)) +
                          f" | {b['best_depth']} | {p_text(b['best_nonzero_vs_zero']['welch_p'])[2:] or '-'} |")
+        lines += figure_line(figures, f"sweep_loss_prepost_{dataset}.png")
     smoothing = [(x, d, v) for x in ("", DEPTH_ID_SUFFIX) for d, v in by_id[f"fig4_smoothing{x}"]["ours"].items()]
     for suffix, dataset, data in smoothing:
         gains = by_id[f"fig6a_reuse{suffix}"]["ours"][dataset]["reuse_gain_by_iters"]
@@ -559,7 +704,7 @@ def details(claims: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def depth_details(claims: list[dict[str, Any]]) -> list[str]:
+def depth_details(claims: list[dict[str, Any]], figures: dict[str, str]) -> list[str]:
     """Per-dataset table of the depth experiment: every DiT depth and the FPDM at equal training compute, with the
     FPDM/DiT-28 FID ratio and precision / recall (fidelity / coverage) of the FPDM and the 28-block DiT."""
     by_id, lines = {c["id"]: c for c in claims}, []
@@ -580,6 +725,7 @@ def depth_details(claims: list[dict[str, Any]]) -> list[str]:
                 f" | {fmt(b['fpdm_fid'], 1)} | {fmt(f['fpdm_fid'], 1)} | {c['best']} | "
                 f"{b['fpdm_fid']['mean'] / b['dit_fid']['mean']:.2f} | {p_text(b['welch_p'])[2:] or '-'} | "
                 f"{ratio_and_p(c['fpdm_vs_best_dit'])} | {pr['fpdm']} | {pr['dit']} |")
+        lines += figure_line(figures, f"sweep_depth_{dataset}.png", f"sweep_loss_depth_{dataset}.png")
     for dataset, cells in by_id["depth_every_dit_solvers"]["ours"].items():
         lines += ["", f"**Depth under modern solvers on {dataset}** (the depth experiment's models; FID, FPDM "
                   "block-matched with its best iterations):", "", "| sampler | blocks | " +
@@ -589,19 +735,78 @@ def depth_details(claims: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {c['sampler']} | {c['budget_blocks']} | " + " | ".join(
                 fmt(c["fid"][n], 1) if n in c["fid"] else "-" for n in DEPTH_CONFIGS) + f" | {c['best']} | "
                 f"{ratio_and_p(c['fpdm_vs_dit28'])} | {ratio_and_p(c['fpdm_vs_best_dit'])} |")
-    for dataset, per_level in by_id["depth_compute"]["ours"].items():
+        lines += figure_line(figures, f"sweep_depth_solvers_{dataset}.png")
+    for dataset, data in by_id["depth_compute"]["ours"].items():
         dits = COMPUTE_MODELS[1:]
         lines += ["", f"**Training compute on {dataset}** (FID at each level of training compute; FPDM block-matched "
-                  "with its searched iterations):", "", "| units per image | sampler | blocks | " +
-                  " | ".join(model_label(n) for n in COMPUTE_MODELS) + " | " +
+                  "with its searched iterations; '-': not trained at that level):", "", "| units per image | sampler | "
+                  "blocks | " + " | ".join(model_label(n) for n in COMPUTE_MODELS) + " | " +
                   " | ".join(f"FPDM / {model_label(d)} | p" for d in dits) + " |",
                   "|---" * (3 + len(COMPUTE_MODELS) + 2 * len(dits)) + "|"]
-        for level in sorted(per_level, key=lambda lv: per_level[lv]["training_units_per_image"]):
-            for c in per_level[level]["cells"]:
-                lines.append(f"| {per_level[level]['training_units_per_image']:,.0f} | {c['sampler'].upper()} | "
-                             f"{c['budget_blocks']} | " + " | ".join(fmt(c["fid"][n], 1) for n in COMPUTE_MODELS) +
-                             " | " + " | ".join(ratio_and_p(c["fpdm_vs"][d]) for d in dits) + " |")
+        for level, info in data["levels"].items():
+            for c in (c for c in data["cells"] if level in c["fid"]["fpdm"]):
+                lines.append(f"| {info['training_units_per_image']:,.0f} | {c['sampler'].upper()} | {c['budget_blocks']} | "
+                             + " | ".join(fmt(c["fid"][n][level], 1) if level in c["fid"].get(n, {}) else "-"
+                                          for n in COMPUTE_MODELS) + " | " +
+                             " | ".join(ratio_and_p(c["fpdm_vs"].get(d, {}).get(level)) for d in dits) + " |")
+        lines += ["", f"**Where the FPDM overtakes the DiTs on {dataset}** (FPDM / DiT FID ratio at each measured "
+                  "level; the crossing is measured where the FPDM is ahead beyond the spread, else extrapolated from a "
+                  "least-squares line of log ratio against log units, which is an extrapolation, not a "
+                  "measurement):", "", "| sampler | blocks | FPDM / DiT-4 by level | crossing vs DiT-4 | "
+                  "FPDM / best DiT by level | crossing vs the best DiT |", "|---|---|---|---|---|---|"]
+        for c in data["cells"]:
+            columns = []
+            for dit in ("dit4", "best_dit"):
+                cross = c["crossover"].get(dit)
+                if cross is None:
+                    columns += ["-", "-"]
+                    continue
+                columns += [", ".join(f"{units_text(r['units'])}: {r['ratio']:.2f}" for r in cross["ratios"]),
+                            crossing_text(cross)]
+            lines.append(f"| {c['sampler'].upper()} | {c['budget_blocks']} | " + " | ".join(columns) + " |")
+        lines += figure_line(figures, f"sweep_depth_compute_{dataset}.png", f"sweep_loss_depth_compute_{dataset}.png")
     return lines
+
+
+def gradient_details(claims: list[dict[str, Any]], figures: dict[str, str]) -> list[str]:
+    """Per-dataset tables of the gradient methods: FID against S-JFB at equal training compute, and each method's
+    training cost and step memory."""
+    lines = []
+    for dataset, data in next(c for c in claims if c["id"] == "gradient_methods")["ours"].items():
+        names = list(data["training_cost"])
+        lines += ["", f"**Training gradients on {dataset}** (the depth experiment's FPDM, trained with each gradient "
+                  "for the same block-pass units per image; FID, block-matched, best iterations per step):", "",
+                  "| sampler | blocks | " + " | ".join(GRADIENT_LABELS[n] for n in names) + " | best | " +
+                  " | ".join(f"{GRADIENT_LABELS[n]} / S-JFB | p" for n in names[1:]) + " |",
+                  "|---" * (3 + len(names) + 2 * (len(names) - 1)) + "|"]
+        for c in data["cells"]:
+            lines.append(f"| {c['sampler'].upper()} | {c['budget_blocks']} | " + " | ".join(
+                fmt(c["fid"][n], 1) if n in c["fid"] else "-" for n in names) + f" | {GRADIENT_LABELS[c['best']]} | "
+                + " | ".join(ratio_and_p(c["vs_sjfb"].get(n)) for n in names[1:]) + " |")
+        lines += ["", "| method | units per step | GMACs per step | optimizer steps | training GMACs per image | "
+                  "saved activations (MiB) | peak tensors (MiB) | training wall-clock (s) |", "|---" * 8 + "|"]
+        for n in names:
+            cost, memory = data["training_cost"][n], data["step_memory"].get(n)
+            mem = f"{memory['saved_activation_mb']:.1f} | {memory['peak_tensor_mb']:.1f}" if memory else "- | -"
+            lines.append(f"| {GRADIENT_LABELS[n]} | {cost['units_per_step']['mean']:.1f} | "
+                         f"{cost['gmacs_per_step']['mean']:.4f} | {cost['steps']['mean']:,.0f} | "
+                         f"{cost['training_gmacs_per_image']['mean']:,.0f} | {mem} | {fmt(cost['wall_clock_s'], 0)} |")
+        memory = next(iter(data["step_memory"].values()), None)
+        if memory:
+            lines += ["", f"Step memory: one training step's forward and backward at batch {memory['batch']}, "
+                      f"n = {memory['n']} and each method's largest m (benchmarks.train_memory.step_memory)."]
+        lines += figure_line(figures, f"sweep_loss_gradient_{dataset}.png")
+    return lines
+
+
+def crossing_text(cross: dict[str, Any]) -> str:
+    """One crossover() result as prose."""
+    if cross["status"] == "measured":
+        return f"measured: ahead at {units_text(cross['units'])}"
+    if cross["status"] == "extrapolated":
+        return f"not reached; extrapolated at {units_text(cross['units'])}"
+    return "not reached; " + ("the ratio does not fall with compute" if cross["status"] == "not approaching"
+                              else "one level measured")
 
 
 def ratio_and_p(comparison: Optional[dict[str, Any]]) -> str:
@@ -676,34 +881,72 @@ def plot_depth(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     return written
 
 
+EXTRAPOLATION_SPAN = 30  # the frontier figure draws an extrapolated fit up to this many times the largest level
+
+
 def plot_compute(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
-    """sweep_depth_compute_<dataset>.png: FID against training compute, one line per model of COMPUTE_MODELS, one
-    panel per (sampler, budget); error bars the std over training seeds."""
+    """sweep_depth_compute_<dataset>.png, the compute frontier, one column per sampler. Top: FID against training
+    units per image, one line per model (colour) and budget (line style), error bars the std over training seeds.
+    Bottom: the FPDM / best-DiT FID ratio per budget; where the FPDM is not ahead, the least-squares line of log
+    ratio against log units continues (dotted: an extrapolation) to its crossing of 1, marked x (measured: *)."""
     from experiments.common import pyplot, save_figure
     plt, written = pyplot(), []
     per_dataset = next(c for c in claims if c["id"] == "depth_compute")["ours"]
     if plt is None:
         return written
-    for dataset, per_level in per_dataset.items():
-        levels = sorted(per_level.values(), key=lambda v: v["training_units_per_image"])
-        panels = [(c["sampler"], c["budget_blocks"]) for c in levels[0]["cells"]]
-        samplers, budgets = list(dict.fromkeys(s for s, _ in panels)), list(dict.fromkeys(b for _, b in panels))
-        figure, axes = plt.subplots(len(samplers), len(budgets), figsize=(4 * len(budgets), 3.5 * len(samplers)),
-                                    squeeze=False)
-        for i, (sampler, budget) in enumerate(panels):
-            axis = axes[samplers.index(sampler)][budgets.index(budget)]
-            units = [v["training_units_per_image"] for v in levels]
-            for name in COMPUTE_MODELS:
-                fids = [v["cells"][i]["fid"][name] for v in levels]
-                axis.errorbar(units, [f["mean"] for f in fids], yerr=[f["std"] for f in fids], marker="o", capsize=3,
-                              label=model_label(name), linewidth=2.5 if name == "fpdm" else 1.2)
-            axis.set_xscale("log")
-            axis.set_xticks(units, [f"{u / 1000:.0f}k" for u in units], minor=False)
-            axis.minorticks_off()
-            label_axis(axis, "training compute (block-pass units per image)", "FID (classifier features)",
-                       f"{dataset}, {sampler}, {budget} blocks")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    for dataset, data in per_dataset.items():
+        units = {level: v["training_units_per_image"] for level, v in data["levels"].items()}
+        samplers = list(dict.fromkeys(c["sampler"] for c in data["cells"]))
+        budgets = sorted({c["budget_blocks"] for c in data["cells"]})
+        style = {b: (line, marker) for b, line, marker in zip(budgets, ("-", "--", "-."), ("o", "s", "^"))}
+        figure, axes = plt.subplots(2, len(samplers), figsize=(5.5 * len(samplers), 8.5), squeeze=False)
+        for column, sampler in enumerate(samplers):
+            top, bottom, notes = axes[0][column], axes[1][column], []
+            for j, c in enumerate(c for c in data["cells"] if c["sampler"] == sampler):
+                line, marker = style[c["budget_blocks"]]
+                for k, name in enumerate(COMPUTE_MODELS):
+                    per = c["fid"].get(name, {})
+                    levels = sorted(per, key=units.get)
+                    if levels:
+                        top.errorbar([units[lv] for lv in levels], [per[lv]["mean"] for lv in levels],
+                                     yerr=[per[lv]["std"] for lv in levels], color=f"C{k}", linestyle=line,
+                                     marker=marker, capsize=2, linewidth=2.2 if name == "fpdm" else 1.1,
+                                     label=f"{model_label(name)}, {c['budget_blocks']} blocks")
+                cross = c["crossover"].get("best_dit")
+                if cross:
+                    plot_crossing(bottom, cross, f"C{j}", line, marker, f"{c['budget_blocks']} blocks")
+                    notes.append(f"{c['budget_blocks']} blocks: {crossing_text(cross)}")
+            for axis in (top, bottom):
+                axis.set_xscale("log")
+                axis.set_yscale("log")
+                axis.minorticks_off()
+                axis.set_xticks(sorted(units.values()), [units_text(u) for u in sorted(units.values())])
+                axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+                axis.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            bottom.axhline(1.0, color="black", linewidth=0.8)
+            bottom.text(0.02, 0.02, "\n".join(notes), transform=bottom.transAxes, fontsize=7, va="bottom")
+            label_axis(top, "training compute (block-pass units per image)", "FID (classifier features)",
+                       f"{dataset}, {sampler}")
+            label_axis(bottom, "training compute (block-pass units per image)", "FID ratio FPDM / best DiT",
+                       f"{dataset}, {sampler}: below 1, the FPDM wins")
+            top.legend(fontsize=6, ncol=2)
         written.append(save_figure(plt, figure, results_dir / f"sweep_depth_compute_{dataset}.png"))
     return written
+
+
+def plot_crossing(axis: Any, cross: dict[str, Any], colour: str, line: str, marker: str, label: str) -> None:
+    """One budget's FPDM / best-DiT ratios, and its measured or extrapolated crossing (crossover())."""
+    xs, ys = [r["units"] for r in cross["ratios"]], [r["ratio"] for r in cross["ratios"]]
+    axis.plot(xs, ys, color=colour, linestyle=line, marker=marker, label=label)
+    if cross["status"] == "measured":
+        axis.plot([cross["units"]], [ys[xs.index(cross["units"])]], "*", color=colour, markersize=14)
+    elif cross["status"] == "extrapolated":
+        end = min(cross["units"], EXTRAPOLATION_SPAN * max(xs))
+        fit = np.geomspace(max(xs), end, 20)
+        axis.plot(fit, np.exp(cross["intercept"] + cross["slope"] * np.log(fit)), ":", color=colour)
+        if cross["units"] <= end:
+            axis.plot([cross["units"]], [1.0], "x", color=colour, markersize=10)
 
 
 def label_axis(axis: Any, xlabel: str, ylabel: str, title: str) -> None:
@@ -743,12 +986,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     claims = all_claims(results_dir, config.include_quick)
     write_json(results_dir / "claims.json", {"generated_by": "python -m experiments.claims", "alpha": ALPHA,
                                              "claims": claims})
-    plot_table1(claims, results_dir)
-    plot_depth(claims, results_dir)
-    plot_compute(claims, results_dir)
-    plot_losses(Sweep.read(results_dir, config.include_quick), results_dir)
+    written = plot_table1(claims, results_dir) + plot_depth(claims, results_dir) + plot_compute(claims, results_dir)
+    written += plot_losses(Sweep.read(results_dir, config.include_quick), results_dir)
     if config.results_md:
-        rewrite_block(Path(config.results_md), markdown(claims))
+        here = Path(config.results_md).resolve().parent
+        figures = {path.name: Path(os.path.relpath(path.resolve(), here)).as_posix() for path in written}
+        rewrite_block(Path(config.results_md), markdown(claims, figures))
     for claim in claims:
         print(f"{claim['id']}: " + ", ".join(f"{d}: {v}" for d, v in claim["verdict"].items()))
     return claims

@@ -4,11 +4,13 @@
 # last checkpoint (every 200 steps), and jobs a live worker holds are left to it. Then python -m experiments.claims.
 # OUT_DIR (default experiments/results) receives the results: run the workers from a snapshot of the code (a git
 # worktree) with OUT_DIR pointing at the checkout being edited, so edits never reach a running sweep.
+#   (new) the training-compute frontier and the implicit gradients (issue 31): digits at 268k units per image
+#       (FPDM, DiT-4 first), the phantom / IFT gradients at 67k, then DiT-8 at 268k, 537k, MNIST-5k at 134k, the
+#       rest of the frontier, and the MNIST-5k ablations (Table 5, Fig. 7 seeds 1-2)
 #   (0) the depth experiment (Table 1 at the paper's depth ratio) on digits, then on MNIST-5k, and its smoothing;
 #       then depth_compute on digits (24k and 134k units per image)
 #   (a) Table 1 on MNIST-5k (block- and FLOP-matched) and (c) its smoothing / reuse sweep
 #   (b) Table 5 at N = 6, 12 and Fig. 7 at 0/1/2/4 pre/post layers on digits, then Table 1 on digits at M = N = 12
-#   (d) Table 5 and Fig. 7 on MNIST-5k (only with SWEEP_MNIST5K_ABLATIONS=1: hours of CPU)
 # Logs: experiments/results/runs/logs/sweep-worker<i>.log
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,14 @@ mkdir -p "$LOGS"
 sweep() { "$PYTHON" -m experiments.sweep --out_dir "$OUT_DIR" "$@"; }
 
 worker() {
+    sweep --experiments depth_compute --datasets digits --configurations fpdm-268k,dit4-268k --training_seeds 0
+    sweep --experiments gradient --datasets digits
+    sweep --experiments depth_compute --datasets digits --configurations fpdm-268k,dit4-268k
+    sweep --experiments depth_compute --datasets digits --configurations dit8-268k
+    sweep --experiments depth_compute --datasets digits --configurations fpdm-537k,dit4-537k
+    sweep --experiments depth_compute --datasets mnist5k
+    sweep --experiments depth_compute --datasets digits  # the rest: DiT-28 at 268k, DiT-8 at 537k
+    sweep --experiments table5,prepost --datasets mnist5k
     sweep --experiments depth,depth_smoothing --datasets digits
     sweep --experiments depth,depth_smoothing --datasets mnist5k
     sweep --experiments depth_solvers --datasets digits,mnist5k  # sampling only, on depth's finished models
@@ -30,9 +40,6 @@ worker() {
     sweep --experiments table5,prepost --datasets digits
     sweep --experiments table1,smoothing,solvers --datasets digits
     sweep --experiments smoothing --datasets mnist5k  # models the other worker finished
-    if [ "${SWEEP_MNIST5K_ABLATIONS:-0}" = 1 ]; then
-        sweep --experiments table5,prepost --datasets mnist5k
-    fi
 }
 
 pids=()

@@ -30,8 +30,13 @@ Experiments (in the order the jobs run; `--experiments` picks):
              the paper: does the advantage survive modern solvers?).
   solvers    sampling only, digits, on table1's DiTs: which settings of diffusers' solvers bring 10 steps closest
              to DDPM at 250 steps (spacing, final step, lower-order final steps, solver order, x0 clipping).
-  depth_compute    digits only: does the answer move with training compute? The FPDM, the 28-block DiT and the
-             best-depth DiT (DiT-4) at 24,000 and 134,400 units per image (depth has 67,200), evaluated as depth.
+  depth_compute    does the answer move with training compute? On digits the FPDM, DiT-4 and the 28-block DiT at
+             24,000 and 134,400 units per image (depth has 67,200), the FPDM, DiT-4 and DiT-8 at 268,800 and 537,600
+             (DiT-28 at 268,800 only); on MNIST-5k the FPDM, DiT-4 and DiT-28 at 134,400. Evaluated as depth, with
+             DPM-Solver++(2M) beside DDPM and DDIM (COMPUTE_SAMPLERS).
+  gradient   digits only, beyond the paper: depth's FPDM trained with phantom and IFT gradients (GRADIENTS) at
+             depth's compute, evaluated as depth, with the activation memory of a training step of each method
+             and of S-JFB (depth's FPDM, the reference); does S-JFB match costlier gradients at equal compute?
 
     python -m experiments.sweep                                      # every job, in priority order
     python -m experiments.sweep --experiments table1 --datasets mnist5k --training_seeds 0,1,2
@@ -56,7 +61,7 @@ from records import resolve_path, write_record
 
 NAME = "sweep"
 EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing", "depth_compute", "depth_solvers",
-               "solvers")
+               "solvers", "gradient")
 # sampling-only experiments: whose models they use
 TRAINED_BY = {"smoothing": "table1", "depth_smoothing": "depth", "depth_solvers": "depth", "solvers": "table1"}
 PAPER_SAMPLERS = ("ddpm", "ddim")
@@ -69,9 +74,22 @@ PREPOST_DEPTHS = (0, 1, 2, 4)
 PAPER_DIT_DEPTH = 28  # DiT-XL/2's blocks: the baseline the paper's FPDM replaces (its budgets are 5/10/20 steps)
 DIT_DEPTHS = (4, 8, 12, PAPER_DIT_DEPTH)
 # depth_compute: training compute levels in steps of the 8-block DiT (x 24 units), beside depth's 2,800 (67,200 units);
-# the shallow DiT compared is depth's best at 67,200 units: DiT-4 won every digits cell over 3 training seeds.
-COMPUTE_LEVELS = {"24k": 1000, "134k": 5600}
-COMPUTE_MODELS = ("fpdm", "dit28", "dit4")
+# the shallow DiTs compared are depth's best two at 67,200 units (DiT-4, then DiT-8, in every cell over 3 seeds).
+COMPUTE_LEVELS = {"24k": 1000, "134k": 5600, "268k": 11200, "537k": 22400}
+COMPUTE_MODELS = ("fpdm", "dit28", "dit4", "dit8")
+# Which models each dataset trains at each level (the 28-block DiT, far behind, stops at 268k; DiT-8 starts there).
+COMPUTE_GRID = {
+    "digits": {"24k": ("fpdm", "dit28", "dit4"), "134k": ("fpdm", "dit28", "dit4"),
+               "268k": ("fpdm", "dit4", "dit8", "dit28"), "537k": ("fpdm", "dit4", "dit8")},
+    "mnist5k": {"134k": ("fpdm", "dit4", "dit28")},
+}
+COMPUTE_SAMPLERS = (*PAPER_SAMPLERS, "dpm++2m")  # 24k and 134k on digits were evaluated before dpm++2m was added
+# gradient: the implicit gradients trained like depth's FPDM (its S-JFB run is the reference), at depth's compute.
+# Phantom: 5 damped steps at lambda = 0.5 (Geng et al. 2021's unrolled phantom gradient); IFT: 12 backward
+# iterations, as many as S-JFB's N. Per step (digits, pre = post = 1, n ~ U{0..12}): S-JFB 31.5 units, both 27.
+GRADIENTS = {"phantom": {"fixed_point_grad": "phantom", "fixed_point_phantom_steps": 5,
+                         "fixed_point_phantom_damping": 0.5},
+             "ift": {"fixed_point_grad": "ift", "fixed_point_ift_iters": 12}}
 
 
 @dataclass(frozen=True)
@@ -91,7 +109,8 @@ RECIPES = {
     "mnist5k": DatasetRecipe("configs/mnist5k.yaml", {"table1": 2000, "table5": 1000, "prepost": 1000, "depth": 2800},
                              search_samples=100, num_samples=500, sampling_seeds=(0,)),
     # digits: 1,000 DiT steps for Table 1 (the shipped models' compute); 300 for the ablations (~100 s per model).
-    "digits": DatasetRecipe("configs/digits.yaml", {"table1": 1000, "table5": 300, "prepost": 300, "depth": 2800},
+    "digits": DatasetRecipe("configs/digits.yaml", {"table1": 1000, "table5": 300, "prepost": 300, "depth": 2800,
+                                                    "gradient": 2800},
                             search_samples=250, num_samples=500, sampling_seeds=(0, 1)),
 }
 QUICK_COMPUTE, QUICK_SAMPLES = 2, 8
@@ -147,7 +166,12 @@ def dit_model(dataset: str) -> ModelConfig:
 def reference_dit(experiment: str, dataset: str) -> ModelConfig:
     """The DiT whose steps an experiment's budgets count: the dataset's 8-block DiT, or the 28-block one (depth)."""
     dit = dit_model(dataset)
-    return replace(dit, depth=PAPER_DIT_DEPTH).validate() if experiment.startswith("depth") else dit
+    return replace(dit, depth=PAPER_DIT_DEPTH).validate() if at_paper_depth(experiment) else dit
+
+
+def at_paper_depth(experiment: str) -> bool:
+    """Whether an experiment's budgets and iteration candidates are those of the 28-block DiT (depth's)."""
+    return experiment.startswith("depth") or experiment == "gradient"
 
 
 def trained_by(experiment: str) -> str:
@@ -167,14 +191,16 @@ def configurations(experiment: str, dataset: str) -> dict[str, ModelConfig]:
     if experiment in ("table1", "smoothing"):
         return {"dit": dit_model(dataset), "fpdm": fpdm} if experiment == "table1" else {"fpdm": fpdm}
     if experiment == "depth_compute":
-        if dataset != "digits":
-            return {}
         deep = configurations("depth", dataset)
-        return {f"{name}-{level}": deep[name] for level in COMPUTE_LEVELS for name in COMPUTE_MODELS}
+        return {f"{name}-{level}": deep[name] for level, models in COMPUTE_GRID[dataset].items() for name in models}
     if experiment == "solvers":
         return {"dit": dit_model(dataset)} if dataset == "digits" else {}
     if experiment == "depth_solvers":
         return configurations("depth", dataset)
+    if experiment == "gradient":
+        deep_fpdm = configurations("depth_smoothing", dataset)["fpdm"]
+        return {name: replace(deep_fpdm, **flags).validate() for name, flags in GRADIENTS.items()} \
+            if dataset == "digits" else {}
     if experiment in ("depth", "depth_smoothing"):
         # The FPDM's weights do not depend on depth; it sets the DiT-equivalent iterations (depth - pre - post).
         deep_fpdm = {"fpdm": replace(fpdm, depth=PAPER_DIT_DEPTH).validate()}
@@ -270,7 +296,7 @@ def sizes(job: Job, quick: bool) -> Sizes:
     if quick:
         return Sizes((2,), (1, 2), 4, QUICK_SAMPLES, (0,))
     recipe = RECIPES[job.dataset]
-    candidates = DEPTH_ITERS if job.experiment.startswith("depth") else CANDIDATE_ITERS
+    candidates = DEPTH_ITERS if at_paper_depth(job.experiment) else CANDIDATE_ITERS
     return Sizes(DIT_STEPS, candidates, recipe.search_samples, recipe.num_samples, recipe.sampling_seeds)
 
 
@@ -313,7 +339,7 @@ def table1(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, A
     """DDPM and DDIM (depth_solvers: DPM-Solver++ and UniPC) at each budget: the DiT as is; the FPDM block-matched
     and FLOP-matched."""
     size, loaded, rows = sizes(job, config.quick), load_trained(record), []
-    samplers = MODERN_SAMPLERS if job.experiment == "depth_solvers" else PAPER_SAMPLERS
+    samplers = {"depth_solvers": MODERN_SAMPLERS, "depth_compute": COMPUTE_SAMPLERS}.get(job.experiment, PAPER_SAMPLERS)
     for dit_steps in size.dit_steps:
         blocks, gmacs = dit_budgets(job, dit_steps)
         for sampler in samplers:
@@ -330,10 +356,27 @@ def table1(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, A
     return {"evaluator": evaluator(job.dataset).describe(), "sizes": size.__dict__, "rows": rows}
 
 
+MEMORY_BATCH = 64  # the recipes' batch size
+
+
+def gradient(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """table1's evaluation, and the memory of one training step of this method and of S-JFB at n = N and each
+    method's largest m (benchmarks.train_memory.step_memory: saved activations and peak live tensors)."""
+    from benchmarks.train_memory import step_memory
+    n_max = job.model.fixed_point_no_grad_max_iters
+    memory = {}
+    for model in (replace(job.model, fixed_point_grad="sjfb"), job.model):
+        m_max = {"sjfb": model.fixed_point_with_grad_max_iters, "phantom": model.fixed_point_phantom_steps,
+                 "ift": 1}[model.fixed_point_grad]
+        memory[model.fixed_point_grad] = step_memory(model, QUICK_SAMPLES if config.quick else MEMORY_BATCH,
+                                                     (n_max, m_max))
+    return {**table1(job, record, config), "step_memory": memory}
+
+
 def smoothing(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
     """Iterations per step at one block budget, with and without reuse (DDPM): Fig. 4's smoothing curve, including
     the DiT-equivalent allocation (depth - pre - post iterations), and Fig. 6a's reuse gain."""
-    size, loaded, deep = sizes(job, config.quick), load_trained(record), job.experiment.startswith("depth")
+    size, loaded, deep = sizes(job, config.quick), load_trained(record), at_paper_depth(job.experiment)
     full_steps, full_iters = (DEPTH_SMOOTHING_DIT_STEPS, DEPTH_ITERS) if deep else (SMOOTHING_DIT_STEPS, SMOOTHING_ITERS)
     blocks, gmacs = dit_budgets(job, size.dit_steps[0] if config.quick else full_steps)
     iters = sorted({*(size.candidates if config.quick else full_iters), default_sampling_iters(job.model)})
@@ -403,7 +446,8 @@ def solvers(job: Job, record: dict[str, Any], config: SweepConfig) -> dict[str, 
 
 EVALUATIONS: dict[str, Callable[[Job, dict[str, Any], SweepConfig], dict[str, Any]]] = {
     "table1": table1, "smoothing": smoothing, "table5": table5, "prepost": prepost, "depth": table1,
-    "depth_smoothing": smoothing, "depth_compute": table1, "depth_solvers": table1, "solvers": solvers}
+    "depth_smoothing": smoothing, "depth_compute": table1, "depth_solvers": table1, "solvers": solvers,
+    "gradient": gradient}
 
 
 #################################################################################
@@ -482,7 +526,9 @@ def settings(job: Job, quick: bool) -> dict[str, Any]:
     return {"fixed_point": model.fixed_point, "dit_depth": model_architecture(model).depth, "pre_depth": model.fixed_point_pre_depth,
             "post_depth": model.fixed_point_post_depth, "n_min": model.fixed_point_no_grad_min_iters,
             "N": model.fixed_point_no_grad_max_iters, "m_min": model.fixed_point_with_grad_min_iters,
-            "M": model.fixed_point_with_grad_max_iters, "model": model.model, "image_size": model.image_size,
+            "M": model.fixed_point_with_grad_max_iters, "fixed_point_grad": model.fixed_point_grad,
+            "phantom_steps": model.fixed_point_phantom_steps, "phantom_damping": model.fixed_point_phantom_damping,
+            "ift_iters": model.fixed_point_ift_iters, "model": model.model, "image_size": model.image_size,
             "dit_equivalent_steps": QUICK_COMPUTE if quick else compute_in_dit_steps(
                 trained_by(job.experiment), job.dataset, job.name),
             "steps": job.train.max_steps, "units_per_step": training_units_per_step(model),

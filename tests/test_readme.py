@@ -1,5 +1,5 @@
 """The README's sampling table runs as written: every row's flags, against the shipped checkpoints, spend the
-blocks per image the table states."""
+blocks per image the table states; RESULTS.md links every figure it names, and every figure the sweep wrote."""
 from __future__ import annotations
 
 import re
@@ -11,6 +11,7 @@ import pytest
 import sample
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+RESULTS = README.parent / "RESULTS.md"
 
 
 def technique_rows() -> list[tuple[str, str, str]]:
@@ -42,3 +43,16 @@ def test_readme_sampling_row_spends_the_stated_blocks(technique, flags, blocks, 
     else:
         assert spent == stated, technique
     assert record["stats"]["within_budget"]
+
+
+def test_results_links_every_figure_it_names_and_every_sweep_figure():
+    text = RESULTS.read_text()
+    links = re.findall(r"\]\(([^)\s]+\.png)\)", text)
+    assert links, "RESULTS.md links no figure"
+    for link in links:
+        assert (RESULTS.parent / link).is_file(), f"RESULTS.md links a missing figure: {link}"
+    linked = {Path(link).name for link in links}
+    unlinked = re.sub(r"\[[^\]]*\]\([^)\s]+\.png\)", "", text)  # every mention of a figure is a link
+    assert ".png" not in unlinked, [line for line in unlinked.splitlines() if ".png" in line]
+    written = {p.name for p in (RESULTS.parent / "experiments" / "results").glob("sweep_*.png")}
+    assert written <= linked, f"sweep figures RESULTS.md does not link: {sorted(written - linked)}"

@@ -226,6 +226,21 @@ def test_welch_comparison_and_verdicts():
     assert claims.table1_verdict(cells) == "agrees"
 
 
+def test_crossover_is_measured_extrapolated_or_not_approaching():
+    def level(fpdm: float, dit: float, spread: float = 0.1):
+        return claims.compare([fpdm - spread, fpdm, fpdm + spread], [dit - spread, dit, dit + spread])
+
+    closing = [(1e4, level(4.0, 1.0)), (1e5, level(2.0, 1.0))]  # the ratio halves per decade: 1 at 1e6
+    cross = claims.crossover(closing)
+    assert cross["status"] == "extrapolated" and cross["units"] == pytest.approx(1e6)
+    assert claims.crossover(closing + [(1e6, level(0.5, 1.0))]) | {"ratios": None} == {
+        "status": "measured", "units": 1e6, "measured_at": 1e6, "ratios": None}
+    tied = closing + [(1e6, level(0.99, 1.0, spread=0.5))]  # ahead within the spread: not a measured crossing
+    assert claims.crossover(tied)["status"] == "extrapolated"
+    assert claims.crossover([(1e4, level(2.0, 1.0)), (1e5, level(3.0, 1.0))])["status"] == "not approaching"
+    assert claims.crossover(closing[:1])["status"] == "one level"
+
+
 def test_sweep_compute_is_counted_in_dit_steps():
     dit, fpdm = sweep.dit_model("mnist5k"), sweep.base_model("mnist5k")
     assert training_units_per_step(dit) == 24 and training_units_per_step(fpdm) == 3 * 2 + 6 + 3 * 6.5
@@ -268,8 +283,8 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
     RESULTS.md's depth table are written."""
     sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments",
                 "depth,depth_smoothing,depth_solvers", "--training_seeds", "0,1"])
-    sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments", "depth_compute",
-                "--training_seeds", "0"])
+    sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments",
+                "depth_compute,gradient", "--training_seeds", "0"])
     results_md = tmp_path / "RESULTS.md"
     written = claims.main(["--results_dir", str(tmp_path), "--include_quick", "True", "--results_md", str(results_md)])
     by_id = {c["id"]: c for c in written}
@@ -298,12 +313,29 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
                 <= row["budget_blocks"]
     solvers = by_id["depth_every_dit_solvers"]["ours"]["digits"]
     assert [c["sampler"] for c in solvers] == list(sweep.MODERN_SAMPLERS) and (tmp_path / "sweep_depth_solvers_digits.png").is_file()
-    levels = by_id["depth_compute"]["ours"]["digits"]  # depth's level and depth_compute's two, same three models
-    assert sorted(levels) == ["134k", "24k", "67k"]
-    assert all(sorted(c["fid"]) == ["dit28", "dit4", "fpdm"] for v in levels.values() for c in v["cells"])
+    frontier = by_id["depth_compute"]["ours"]["digits"]  # depth's level and depth_compute's four
+    assert list(frontier["levels"]) == ["24k", "67k", "134k", "268k", "537k"]
+    assert frontier["levels"]["537k"]["models"] == ["dit4", "dit8", "fpdm"]
+    for cell in frontier["cells"]:
+        assert list(cell["fid"]["fpdm"]) == list(frontier["levels"])  # 67k's DPM-Solver++ from depth_solvers
+        assert list(cell["fid"]["dit8"]) == ["67k", "268k", "537k"] and "537k" not in cell["fid"]["dit28"]
+        assert cell["best_dit"]["537k"] in ("dit4", "dit8")
+        assert set(cell["crossover"]) == {"dit4", "best_dit"}
     assert "fpdm-134k" in by_id["depth_compute"]["settings"]["digits"]
-    assert "**Training compute on digits**" in results_md.read_text()
+    text = results_md.read_text()
+    assert "**Training compute on digits**" in text and "**Where the FPDM overtakes the DiTs on digits**" in text
+    assert "[sweep_depth_compute_digits.png](sweep_depth_compute_digits.png)" in text
     assert (tmp_path / "sweep_depth_compute_digits.png").is_file()
+    gradients = by_id["gradient_methods"]["ours"]["digits"]  # S-JFB is the depth experiment's FPDM (2 seeds)
+    for cell in gradients["cells"]:
+        assert cell["fid"]["sjfb"]["n"] == 2 and cell["fid"]["phantom"]["n"] == cell["fid"]["ift"]["n"] == 1
+        assert set(cell["vs_sjfb"]) == {"phantom", "ift"} and cell["best"] == min(
+            cell["fid"], key=lambda n: cell["fid"][n]["mean"])
+    memory, cost = gradients["step_memory"], gradients["training_cost"]
+    assert memory["ift"]["saved_activation_mb"] < memory["phantom"]["saved_activation_mb"] < \
+        memory["sjfb"]["saved_activation_mb"]  # one evaluation < 5 damped steps < 12 iterations
+    assert cost["sjfb"]["units_per_step"]["mean"] == 31.5 and cost["ift"]["units_per_step"]["mean"] == 27.0
+    assert "**Training gradients on digits**" in text
     assert "**Depth at equal training compute on digits**" in results_md.read_text()
     from experiments import export_models  # the depth pair ships beside table1's, named apart from it
     shipped = export_models.main(["--quick", "--out_dir", str(tmp_path), "--dataset", "digits", "--experiment", "depth"])
