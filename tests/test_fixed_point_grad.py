@@ -14,7 +14,7 @@ import cost
 import train
 from config import ModelConfig, UserError
 from models import create_model, draw_sjfb_iters, draw_training_iters
-from tests.test_models import TINY, tiny_fpdm, tiny_inputs
+from tests.test_models import _saved_tensor_bytes as saved_bytes, tiny_fpdm, tiny_inputs
 
 FIXED_POINT_BLOCK = "block_fixed_point.mlp.fc1.weight"
 
@@ -86,21 +86,6 @@ def test_without_gradients_every_method_samples_alike(method):
         reference = tiny_fpdm().eval()(x, t, y, num_iters=4)
         other = tiny_fpdm(fixed_point_grad=method).eval()(x, t, y, num_iters=4)
     assert torch.equal(other, reference)
-
-
-def saved_bytes(model, n: int, m: int) -> int:
-    """Bytes autograd saves for backward in one forward (the activation memory of a training step)."""
-    x, t, y = tiny_inputs()
-    saved = []
-
-    def pack(tensor):
-        saved.append(tensor.numel() * tensor.element_size())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = model(x, t, y, num_no_grad_iters=n, num_iters=m)
-    out.sum().backward()
-    return sum(saved)
 
 
 def test_ift_stores_one_evaluation_whatever_its_backward_iterations():
