@@ -67,12 +67,13 @@ class ModelConfig:
     fixed_point_with_grad_max_iters: int = flag(12, "S-JFB: upper bound M of the iterations backpropagated through.")
     fixed_point_grad: str = flag("sjfb", "Training gradient of the fixed-point block, after n no-grad iterations: sjfb "
                                          "(backpropagate through m ~ U{min..M} iterations, Algorithm 1), phantom "
-                                         "(through --fixed_point_phantom_steps damped steps) or ift (implicit "
+                                         "(the gradient of --fixed_point_phantom_steps damped steps) or ift (implicit "
                                          "function theorem, backward solved in --fixed_point_ift_iters iterations).",
                                  choices=GRADIENT_METHODS)
-    fixed_point_phantom_steps: int = flag(5, "phantom: damped steps z <- (1 - lambda) z + lambda f(z) backpropagated "
-                                             "through.")
-    fixed_point_phantom_damping: float = flag(0.5, "phantom: the damping lambda in (0, 1] (1: S-JFB with m = steps).")
+    fixed_point_phantom_steps: int = flag(5, "phantom: damped steps z <- (1 - lambda) z + lambda f(z) from the "
+                                             "no-grad solution, whose value is kept, backpropagated through.")
+    fixed_point_phantom_damping: float = flag(0.5, "phantom: the damping lambda in (0, 1] (1: S-JFB's gradient with m = "
+                                                   "steps).")
     fixed_point_ift_iters: int = flag(12, "ift: fixed-point iterations u <- g + J^T u of the backward solve (0: the "
                                           "1-step JFB gradient).")
     fixed_point_pre_post_timestep_conditioning: bool = flag(
