@@ -70,8 +70,8 @@ class ModelConfig:
                                          "(the gradient of --fixed_point_phantom_steps damped steps) or ift (implicit "
                                          "function theorem, backward solved in --fixed_point_ift_iters iterations).",
                                  choices=GRADIENT_METHODS)
-    fixed_point_phantom_steps: int = flag(5, "phantom: damped steps z <- (1 - lambda) z + lambda f(z) from the "
-                                             "no-grad solution, whose value is kept, backpropagated through.")
+    fixed_point_phantom_steps: int = flag(5, "phantom: plain iterations after the no-grad ones, each "
+                                             "backpropagated as the damped step z <- (1 - lambda) z + lambda f(z).")
     fixed_point_phantom_damping: float = flag(0.5, "phantom: the damping lambda in (0, 1] (1: S-JFB's gradient with m = "
                                                    "steps).")
     fixed_point_ift_iters: int = flag(12, "ift: fixed-point iterations u <- g + J^T u of the backward solve (0: the "

@@ -554,21 +554,26 @@ class FPDM(DiT):
         """The m evaluations of f after the no-grad ones. With gradients on, fixed_point_grad decides what they
         backpropagate:
           sjfb     all m, unrolled (S-JFB, Algorithm 1);
-          phantom  the gradient of m damped steps z <- z + lambda (f(z) - z), unrolled from the no-grad solution,
-                   whose value is kept (unrolled phantom gradient, Geng et al. 2021);
+          phantom  m plain iterations whose gradient is that of damped steps z <- z + lambda (f(z) - z) (the
+                   unrolled phantom gradient of Geng et al. 2021, evaluated along the plain iterates);
           ift      the first m - 1 without gradient, the last with the implicit function theorem's gradient
                    (solvers.implicit_gradient: the backward fixed point solved in fixed_point_ift_iters iterations).
         Without gradients (sampling, evaluation) every method runs m plain iterations.
         """
         method = self.fixed_point_grad if torch.is_grad_enabled() and num_iters > 0 else "sjfb"
         if method == "phantom":
-            # The value stays the no-grad solution z, which sampling's plain iterations reach; only the gradient is
-            # the damped steps'. Training on the damped steps' output instead taught an output that plain iterations
-            # never produce at sampling time (digits, 67k units: FID 86 against S-JFB's 14 at 140 blocks).
+            # Each step has a plain iteration's value f(z) and a damped step's gradient, (1 - lambda) z + lambda f(z):
+            # the loss sees what sampling's plain iterations compute. Keeping the damped output taught an output
+            # plain iterations never produce (digits, 67k units: FID 86 against S-JFB's 14 at 140 blocks); keeping
+            # only the no-grad solution made the loss blind to the steps whose gradient it took (NaN by step 100).
             damping = self.fixed_point_phantom_damping
-            damped, stats = solve(lambda z: z + damping * (f(z) - z), z, num_iters, tol,
-                                  track_residuals=track_residuals, **options)   # (N, T, D)
-            return z.detach() + (damped - damped.detach()), stats
+
+            def plain_value_damped_gradient(z: Tensor) -> Tensor:
+                fz = f(z)                                      # (N, T, D)
+                damped = z + damping * (fz - z)                # (N, T, D)
+                return damped + (fz - damped).detach()         # value fz, gradient of the damped step
+
+            return solve(plain_value_damped_gradient, z, num_iters, tol, track_residuals=track_residuals, **options)
         if method == "ift":
             with torch.no_grad():
                 z, head = solve(f, z, num_iters - 1, tol, track_residuals=track_residuals, **options)

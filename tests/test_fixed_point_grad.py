@@ -73,17 +73,16 @@ def stage_value_and_grads(model, n: int, m: int) -> tuple[torch.Tensor, dict[str
                         if p.grad is not None and k.startswith("block_fixed_point")}
 
 
-def test_phantom_keeps_the_no_grad_value_and_damping_one_is_the_sjfb_gradient():
-    no_grad_value, _ = stage_value_and_grads(tiny_fpdm().eval(), 3, 0)
-    _, sjfb = stage_value_and_grads(tiny_fpdm().eval(), 3, 2)
+def test_phantom_has_the_plain_iterations_value_and_damping_one_is_the_sjfb_gradient():
+    sjfb_value, sjfb = stage_value_and_grads(tiny_fpdm().eval(), 3, 2)
     value, undamped = stage_value_and_grads(tiny_fpdm(fixed_point_grad="phantom",
                                                       fixed_point_phantom_damping=1.0).eval(), 3, 2)
-    assert torch.equal(value, no_grad_value)
+    assert torch.allclose(value, sjfb_value, atol=1e-6)
     assert set(undamped) == set(sjfb) and max(relative_difference(undamped[k], sjfb[k]) for k in sjfb) < 1e-5
     value, damped = stage_value_and_grads(tiny_fpdm(fixed_point_grad="phantom",
                                                     fixed_point_phantom_damping=0.5).eval(), 3, 2)
-    assert torch.equal(value, no_grad_value) and relative_difference(damped[FIXED_POINT_BLOCK],
-                                                                      sjfb[FIXED_POINT_BLOCK]) > 1e-3
+    assert torch.allclose(value, sjfb_value, atol=1e-6)
+    assert relative_difference(damped[FIXED_POINT_BLOCK], sjfb[FIXED_POINT_BLOCK]) > 1e-3
 
 
 def test_the_gradient_of_one_damped_step_is_damping_times_the_maps():
@@ -95,13 +94,13 @@ def test_the_gradient_of_one_damped_step_is_damping_times_the_maps():
 
 
 def test_phantom_trains_on_what_sampling_computes():
-    """The training output after n no-grad iterations and the phantom steps is the sampling output after n plain
+    """The training output after n no-grad iterations and m phantom steps is the sampling output after n + m plain
     iterations: the loss sees the prediction sampling makes (it did not when the damped output was kept)."""
     model = tiny_fpdm(fixed_point_grad="phantom").eval()
     x, t, y = tiny_inputs()
     trained = model(x, t, y, num_no_grad_iters=4, num_iters=3)
     with torch.no_grad():
-        sampled = model(x, t, y, num_iters=4)
+        sampled = model(x, t, y, num_iters=7)
     assert trained.requires_grad and torch.allclose(trained, sampled, atol=1e-6)
 
 
