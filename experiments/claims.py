@@ -421,11 +421,20 @@ def frontier_fids(sweep: Sweep, dataset: str) -> dict[str, dict[str, Any]]:
     return levels
 
 
+def line_crossing(ratios: Sequence[tuple[float, float]]) -> Optional[tuple[float, float]]:
+    """(units where the least-squares line of log(ratio) against log(units) reaches ratio 1, slope), or None where
+    the line does not fall."""
+    x, y = np.log([u for u, _ in ratios]), np.log([r for _, r in ratios])
+    slope, intercept = np.polyfit(x, y, 1)
+    return (float(np.exp(-intercept / slope)), float(slope)) if slope < 0 else None
+
+
 def crossover(points: Sequence[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
     """Where the FPDM's FID falls below a DiT's, from (training units, compare(fpdm, dit)) at each level, in order.
-    measured: the first level where the FPDM is ahead beyond the spread; otherwise, from a least-squares line of
-    log(FID ratio) against log(units), the units where it reaches 1 (extrapolated) when the ratio falls with
-    compute, or none ('not approaching')."""
+    measured: the first level where the FPDM is ahead beyond the spread; otherwise extrapolated from a line of
+    log(FID ratio) against log(units) through every level (units) and, because the ratio's fall slows with compute,
+    through the last two levels only (units_last_two: None where they do not approach), or 'not approaching'
+    where the line through every level does not fall."""
     ratios = [(u, c["a"]["mean"] / c["b"]["mean"]) for u, c in points]
     ahead = [u for u, c in points if c["a_better"] and c["exceeds_spread"]]
     result = {"ratios": [{"units": u, "ratio": r} for u, r in ratios], "measured_at": ahead[0] if ahead else None}
@@ -433,12 +442,11 @@ def crossover(points: Sequence[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
         return result | {"status": "measured", "units": ahead[0]}
     if len({u for u, _ in ratios}) < 2:
         return result | {"status": "one level", "units": None}
-    x, y = np.log([u for u, _ in ratios]), np.log([r for _, r in ratios])
-    slope, intercept = np.polyfit(x, y, 1)
-    if slope >= 0:
-        return result | {"status": "not approaching", "units": None, "slope": float(slope)}
-    return result | {"status": "extrapolated", "units": float(np.exp(-intercept / slope)), "slope": float(slope),
-                     "intercept": float(intercept)}
+    every_level, last_two = line_crossing(ratios), line_crossing(ratios[-2:])
+    if every_level is None:
+        return result | {"status": "not approaching", "units": None}
+    return result | {"status": "extrapolated", "units": every_level[0], "slope": every_level[1],
+                     "units_last_two": last_two[0] if last_two else None}
 
 
 def compute_claim(sweep: Sweep) -> dict[str, Any]:
@@ -603,8 +611,11 @@ def crossing_summary(crossings: Sequence[dict[str, Any]]) -> str:
     extrapolated = [c["units"] for c in crossings if c["status"] == "extrapolated"]
     parts = [f"crossed (measured) in {len(measured)} of {len(crossings)} cells"]
     if extrapolated:
+        last_two = [c["units_last_two"] for c in crossings if c["status"] == "extrapolated" and c["units_last_two"]]
         parts.append(f"extrapolated crossing in {len(extrapolated)} at {units_text(min(extrapolated))}-"
-                     f"{units_text(max(extrapolated))} units")
+                     f"{units_text(max(extrapolated))} units (every level)"
+                     + (f", {units_text(min(last_two))}-{units_text(max(last_two))} (last two levels, "
+                        f"{len(last_two)} cells)" if last_two else ", none from the last two levels"))
     parts.append(f"not approaching in {sum(c['status'] == 'not approaching' for c in crossings)}")
     return ", ".join(parts)
 
@@ -804,7 +815,9 @@ def crossing_text(cross: dict[str, Any]) -> str:
     if cross["status"] == "measured":
         return f"measured: ahead at {units_text(cross['units'])}"
     if cross["status"] == "extrapolated":
-        return f"not reached; extrapolated at {units_text(cross['units'])}"
+        last_two = cross["units_last_two"]
+        return (f"not reached; extrapolated at {units_text(cross['units'])} (every level), "
+                + (f"{units_text(last_two)} (last two)" if last_two else "not approaching (last two)"))
     return "not reached; " + ("the ratio does not fall with compute" if cross["status"] == "not approaching"
                               else "one level measured")
 
@@ -942,11 +955,21 @@ def plot_crossing(axis: Any, cross: dict[str, Any], colour: str, line: str, mark
     if cross["status"] == "measured":
         axis.plot([cross["units"]], [ys[xs.index(cross["units"])]], "*", color=colour, markersize=14)
     elif cross["status"] == "extrapolated":
-        end = min(cross["units"], EXTRAPOLATION_SPAN * max(xs))
-        fit = np.geomspace(max(xs), end, 20)
-        axis.plot(fit, np.exp(cross["intercept"] + cross["slope"] * np.log(fit)), ":", color=colour)
-        if cross["units"] <= end:
+        # Both fits are straight lines on these log-log axes, reaching ratio 1 at their crossing: x every level's,
+        # + the last two levels'.
+        span = EXTRAPOLATION_SPAN * max(xs)
+        end = min(cross["units"], span)
+        axis.plot([max(xs), end], [(max(xs) / cross["units"]) ** cross["slope"], (end / cross["units"]) ** cross["slope"]],
+                  ":", color=colour)
+        if cross["units"] <= span:
             axis.plot([cross["units"]], [1.0], "x", color=colour, markersize=10)
+        last_two = cross["units_last_two"]
+        if last_two:
+            slope = np.log(ys[-1]) / np.log(xs[-1] / last_two)
+            end = min(last_two, span)
+            axis.plot([xs[-1], end], [ys[-1], (end / last_two) ** slope], "--", color=colour, linewidth=0.8)
+            if last_two <= span:
+                axis.plot([last_two], [1.0], "+", color=colour, markersize=10)
 
 
 def label_axis(axis: Any, xlabel: str, ylabel: str, title: str) -> None:

@@ -2,6 +2,7 @@
 (experiment, dataset, configuration, training seed), skips finished jobs, resumes interrupted training bit-exactly,
 and claims.py turns the files into claims.json and RESULTS.md's summary block."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -239,6 +240,12 @@ def test_crossover_is_measured_extrapolated_or_not_approaching():
     assert claims.crossover(tied)["status"] == "extrapolated"
     assert claims.crossover([(1e4, level(2.0, 1.0)), (1e5, level(3.0, 1.0))])["status"] == "not approaching"
     assert claims.crossover(closing[:1])["status"] == "one level"
+    slowing = closing + [(1e6, level(1.5, 1.0))]  # the fall slows: the last two levels cross later than all three
+    cross = claims.crossover(slowing)
+    assert cross["status"] == "extrapolated" and cross["units"] < cross["units_last_two"]
+    assert cross["units_last_two"] == pytest.approx(1e6 * 1.5 ** (1 / math.log10(4 / 3)), rel=1e-6)
+    stalled = closing + [(1e6, level(2.5, 1.0))]  # still falling overall, rising over the last two levels
+    assert claims.crossover(stalled)["status"] == "extrapolated" and claims.crossover(stalled)["units_last_two"] is None
 
 
 def test_sweep_compute_is_counted_in_dit_steps():
