@@ -416,7 +416,7 @@ def frontier_fids(sweep: Sweep, dataset: str) -> dict[str, dict[str, Any]]:
                         if row["sampler"] in COMPUTE_SAMPLERS:
                             key = (row["sampler"], row["budget_blocks"])
                             fids.setdefault(name, {}).setdefault(key, []).append(fid_of(row["block_matched"]))
-        if "fpdm" in fids and len(fids) > 1:
+        if "fpdm" in fids:
             levels[level] = {"training_units_per_image": units, "fids": fids}
     return levels
 
@@ -452,7 +452,10 @@ def crossover(points: Sequence[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
 def compute_claim(sweep: Sweep) -> dict[str, Any]:
     """(beyond the paper) Where, if anywhere, does the FPDM overtake the DiTs as training compute grows? For each
     (sampler, budget): FID of every model at every level, the FPDM against each DiT, and the crossover (crossover())
-    against DiT-4 and against the best DiT of each level."""
+    against DiT-4 and against the best DiT of each level. Where a level has the FPDM alone, it is compared with the
+    best DiT of the highest level below that has DiTs (bound_vs_lower_dit): as the DiTs' FID falls with compute
+    at every level measured, the FID ratio against a DiT trained with less compute is a lower bound on the ratio at
+    equal compute, so an FPDM still behind there has not crossed."""
     ours, verdicts, settings, files = {}, {}, {}, []
     for dataset in sweep.datasets("depth_compute"):
         levels = frontier_fids(sweep, dataset)
@@ -460,7 +463,7 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
         keys = list(dict.fromkeys(k for lv in order for k in levels[lv]["fids"]["fpdm"]))
         cells = []
         for sampler, blocks in sorted(keys, key=lambda k: (COMPUTE_SAMPLERS.index(k[0]), k[1])):
-            fid, versus, best = {}, {}, {}
+            fid, versus, best, bounds = {}, {}, {}, []
             for level in order:
                 at = {n: v[(sampler, blocks)] for n, v in levels[level]["fids"].items() if (sampler, blocks) in v}
                 if "fpdm" not in at:
@@ -468,6 +471,15 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
                 for name, values in at.items():
                     fid.setdefault(name, {})[level] = spread(values)
                 dits = [n for n in at if n != "fpdm"]
+                if not dits:
+                    if best:  # the levels before this one, in order of compute
+                        dit_level = list(best)[-1]
+                        dit = best[dit_level]
+                        bound = compare(at["fpdm"], levels[dit_level]["fids"][dit][(sampler, blocks)])
+                        bounds.append(bound | {"level": level, "units": levels[level]["training_units_per_image"],
+                                               "dit": dit, "dit_level": dit_level,
+                                               "dit_units": levels[dit_level]["training_units_per_image"]})
+                    continue
                 best[level] = min(dits, key=lambda n: np.mean(at[n]))
                 for dit in dits:
                     c = compare(at["fpdm"], at[dit])
@@ -475,7 +487,7 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
                 versus.setdefault("best_dit", {})[level] = versus[best[level]][level] | {"dit": best[level]}
             units = {lv: levels[lv]["training_units_per_image"] for lv in order}
             cells.append({"sampler": sampler, "budget_blocks": blocks, "fid": fid, "fpdm_vs": versus,
-                          "best_dit": best, "crossover": {dit: crossover([(units[lv], c) for lv, c in versus[dit].items()])
+                          "best_dit": best, "bound_vs_lower_dit": bounds, "crossover": {dit: crossover([(units[lv], c) for lv, c in versus[dit].items()])
                                                           for dit in ("dit4", "best_dit") if dit in versus}})
         ours[dataset] = {"levels": {lv: {"training_units_per_image": levels[lv]["training_units_per_image"],
                                          "models": sorted(levels[lv]["fids"])} for lv in order}, "cells": cells}
@@ -587,9 +599,11 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
         def ratios(level: str) -> str:
             r = [c["fpdm_vs"]["best_dit"][level]["a"]["mean"] / c["fpdm_vs"]["best_dit"][level]["b"]["mean"]
                  for c in data["cells"] if level in c["fpdm_vs"].get("best_dit", {})]
-            return f"{level}: {min(r):.2f}-{max(r):.2f}x"
-        return "FPDM / best DiT " + ", ".join(ratios(level) for level in data["levels"]) + "; " + crossing_summary(
-            [c["crossover"]["best_dit"] for c in data["cells"]])
+            return f"{level}: {min(r):.2f}-{max(r):.2f}x" if r else ""
+        bounds = bound_summary([b for c in data["cells"] for b in c["bound_vs_lower_dit"]])
+        return ("FPDM / best DiT " + ", ".join(filter(None, (ratios(level) for level in data["levels"]))) + "; "
+                + crossing_summary([c["crossover"]["best_dit"] for c in data["cells"]]) + (f"; {bounds}" if bounds
+                                                                                        else ""))
     if cid == "gradient_methods":
         return "; ".join(f"{c['sampler'].upper()} {c['budget_blocks']}: " + ", ".join(
             f"{GRADIENT_LABELS[n]} {v['mean']:.1f}" for n, v in c["fid"].items()) for c in data["cells"])
@@ -618,6 +632,21 @@ def crossing_summary(crossings: Sequence[dict[str, Any]]) -> str:
                         f"{len(last_two)} cells)" if last_two else ", none from the last two levels"))
     parts.append(f"not approaching in {sum(c['status'] == 'not approaching' for c in crossings)}")
     return ", ".join(parts)
+
+
+def bound_summary(bounds: Sequence[dict[str, Any]]) -> str:
+    """'at 537k (FPDM alone) against the best DiT at 268k: a-b x, behind beyond the spread in k of n cells' per
+    level where compute_claim() compares the FPDM with a DiT trained with less compute."""
+    parts = []
+    for level in dict.fromkeys(b["level"] for b in bounds):
+        at = [b for b in bounds if b["level"] == level]
+        r = [b["a"]["mean"] / b["b"]["mean"] for b in at]
+        behind = sum(not b["a_better"] and bool(b["exceeds_spread"]) for b in at)
+        ahead = sum(b["a_better"] and bool(b["exceeds_spread"]) for b in at)
+        lower = ", ".join(dict.fromkeys(f"{model_label(b['dit'])} at {b['dit_level']}" for b in at))
+        parts.append(f"at {level} (FPDM alone) against the best DiT of a lower level ({lower}): {min(r):.2f}-"
+                     f"{max(r):.2f}x, behind beyond the spread in {behind} of {len(at)} cells, ahead in {ahead}")
+    return "; ".join(parts)
 
 
 def units_text(units: float) -> str:
@@ -763,10 +792,14 @@ def depth_details(claims: list[dict[str, Any]], figures: dict[str, str]) -> list
         lines += ["", f"**Where the FPDM overtakes the DiTs on {dataset}** (FPDM / DiT FID ratio at each measured "
                   "level; the crossing is measured where the FPDM is ahead beyond the spread, else extrapolated from a "
                   "least-squares line of log ratio against log units, which is an extrapolation, not a "
-                  "measurement):", "", "| sampler | blocks | FPDM / DiT-4 by level | crossing vs DiT-4 | "
-                  "FPDM / best DiT by level | crossing vs the best DiT |", "|---|---|---|---|---|---|"]
+                  "measurement; where a level has the FPDM alone, its ratio to the best DiT of a lower level, a lower "
+                  "bound on the ratio at equal compute since every DiT's FID falls with compute):", "",
+                  "| sampler | blocks | FPDM alone: / a DiT with less compute | FPDM / DiT-4 by level | crossing vs "
+                  "DiT-4 | FPDM / best DiT by level | crossing vs the best DiT |", "|---|---|---|---|---|---|---|"]
         for c in data["cells"]:
-            columns = []
+            columns = [", ".join(f"{b['level']}: {b['a']['mean'] / b['b']['mean']:.2f} vs {model_label(b['dit'])} at "
+                                 f"{b['dit_level']}{p_text(b['welch_p'])}"
+                                 for b in c["bound_vs_lower_dit"]) or "-"]
             for dit in ("dit4", "best_dit"):
                 cross = c["crossover"].get(dit)
                 if cross is None:
@@ -901,7 +934,8 @@ def plot_compute(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     """sweep_depth_compute_<dataset>.png, the compute frontier, one column per sampler. Top: FID against training
     units per image, one line per model (colour) and budget (line style), error bars the std over training seeds.
     Bottom: the FPDM / best-DiT FID ratio per budget; where the FPDM is not ahead, the least-squares line of log
-    ratio against log units continues (dotted: an extrapolation) to its crossing of 1, marked x (measured: *)."""
+    ratio against log units continues (dotted: an extrapolation) to its crossing of 1, marked x (measured: *);
+    hollow markers: a level with the FPDM alone, against the best DiT of a lower level (a lower bound)."""
     from experiments.common import pyplot, save_figure
     plt, written = pyplot(), []
     per_dataset = next(c for c in claims if c["id"] == "depth_compute")["ours"]
@@ -930,6 +964,9 @@ def plot_compute(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
                 if cross:
                     plot_crossing(bottom, cross, f"C{j}", line, marker, f"{c['budget_blocks']} blocks")
                     notes.append(f"{c['budget_blocks']} blocks: {crossing_text(cross)}")
+                for b in c["bound_vs_lower_dit"]:  # hollow: the FPDM alone, against a DiT with less compute
+                    bottom.plot([b["units"]], [b["a"]["mean"] / b["b"]["mean"]], marker, color=f"C{j}",
+                                markerfacecolor="none", markersize=9)
             for axis in (top, bottom):
                 axis.set_xscale("log")
                 axis.set_yscale("log")

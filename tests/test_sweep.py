@@ -327,12 +327,27 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
         assert list(cell["fid"]["fpdm"]) == list(frontier["levels"])  # 67k's DPM-Solver++ from depth_solvers
         assert list(cell["fid"]["dit8"]) == ["67k", "268k", "537k"] and "537k" not in cell["fid"]["dit28"]
         assert cell["best_dit"]["537k"] in ("dit4", "dit8")
-        assert set(cell["crossover"]) == {"dit4", "best_dit"}
+        assert set(cell["crossover"]) == {"dit4", "best_dit"} and cell["bound_vs_lower_dit"] == []
     assert "fpdm-134k" in by_id["depth_compute"]["settings"]["digits"]
     text = results_md.read_text()
     assert "**Training compute on digits**" in text and "**Where the FPDM overtakes the DiTs on digits**" in text
     assert "[sweep_depth_compute_digits.png](sweep_depth_compute_digits.png)" in text
     assert (tmp_path / "sweep_depth_compute_digits.png").is_file()
+    # The FPDM alone at 537k: compared with the best DiT at 268k (a lower bound on the ratio), outside the crossing fit.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("dit4-537k", "dit8-537k"):
+        (tmp_path / "sweep" / "depth_compute" / "digits" / name).rename(moved / name)
+    alone = {c["id"]: c for c in claims.main(["--results_dir", str(tmp_path), "--include_quick", "True",
+                                              "--results_md", str(results_md)])}["depth_compute"]["ours"]["digits"]
+    assert alone["levels"]["537k"]["models"] == ["fpdm"]
+    for cell, before in zip(alone["cells"], frontier["cells"]):
+        [bound] = cell["bound_vs_lower_dit"]
+        assert (bound["level"], bound["dit_level"], bound["dit"]) == ("537k", "268k", cell["best_dit"]["268k"])
+        assert bound["a"] == before["fid"]["fpdm"]["537k"] and bound["b"] == before["fid"][bound["dit"]]["268k"]
+        assert [r["units"] for r in cell["crossover"]["best_dit"]["ratios"]] == [
+            r["units"] for r in before["crossover"]["best_dit"]["ratios"]][:-1]
+    assert "537k: " in results_md.read_text() and "(FPDM alone)" in results_md.read_text()
     gradients = by_id["gradient_methods"]["ours"]["digits"]  # S-JFB is the depth experiment's FPDM (2 seeds)
     for cell in gradients["cells"]:
         assert cell["fid"]["sjfb"]["n"] == 2 and cell["fid"]["phantom"]["n"] == cell["fid"]["ift"]["n"] == 1
