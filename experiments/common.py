@@ -169,6 +169,9 @@ def train_digits_model(model_config: ModelConfig, train_config: TrainConfig) -> 
     seconds = read_json(timing, flag="--output_dir")["wall_clock_s"]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = read_json(run_dir / "summary.json", flag="--output_dir")
+    if summary["step"] != train_config.max_steps:  # e.g. --epochs stopped it first: its compute would be miscounted
+        raise UserError(f"{run_dir} trained {summary['step']} steps, not --max_steps {train_config.max_steps} "
+                        f"(raise --epochs {train_config.epochs})")
     return {"run_dir": str(run_dir), "command": train_command(model_config, train_config),
             "config": {"model": asdict(model_config), "train": asdict(train_config)},
             "steps": train_config.max_steps, "wall_clock_s": seconds, "final_loss": metrics[-1]["loss"],

@@ -255,6 +255,15 @@ def test_sweep_compute_is_counted_in_dit_steps():
     assert train.max_steps == round(2000 * 24 / 31.5)
 
 
+def test_no_sweep_run_is_stopped_by_its_epochs(tmp_path):
+    """Every job trains its max_steps (the compute its record counts): one step per epoch would still reach it."""
+    config = sweep.SweepConfig(experiments="depth_compute,gradient,table1", datasets="digits,mnist5k",
+                               training_seeds="0")
+    jobs = sweep.jobs(config, tmp_path)
+    assert max(job.train.max_steps for job in jobs) > 40_000  # DiT-4 at 537k units on digits
+    assert all(job.train.epochs >= job.train.max_steps for job in jobs)
+
+
 def test_mnist5k_presets_are_the_shipped_models_recipe(tmp_path):
     import train
     config = sweep.SweepConfig(experiments="table1", datasets="mnist5k", training_seeds="0")
