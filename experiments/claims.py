@@ -76,6 +76,11 @@ def compare(lower_is_better_a: Sequence[float], b: Sequence[float]) -> dict[str,
     return result
 
 
+def fid_ratio(comparison: dict[str, Any]) -> float:
+    """a's mean FID over b's, of a compare(a, b) result (below 1: a is better)."""
+    return comparison["a"]["mean"] / comparison["b"]["mean"]
+
+
 def model_label(name: str) -> str:
     """A sweep configuration's name as prose: dit28 -> DiT-28, fpdm -> FPDM."""
     return name.replace("dit", "DiT-").replace("fpdm", "FPDM")
@@ -435,7 +440,7 @@ def crossover(points: Sequence[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
     log(FID ratio) against log(units) through every level (units) and, because the ratio's fall slows with compute,
     through the last two levels only (units_last_two: None where they do not approach), or 'not approaching'
     where the line through every level does not fall."""
-    ratios = [(u, c["a"]["mean"] / c["b"]["mean"]) for u, c in points]
+    ratios = [(u, fid_ratio(c)) for u, c in points]
     ahead = [u for u, c in points if c["a_better"] and c["exceeds_spread"]]
     result = {"ratios": [{"units": u, "ratio": r} for u, r in ratios], "measured_at": ahead[0] if ahead else None}
     if ahead:
@@ -446,7 +451,8 @@ def crossover(points: Sequence[tuple[float, dict[str, Any]]]) -> dict[str, Any]:
     if every_level is None:
         return result | {"status": "not approaching", "units": None}
     return result | {"status": "extrapolated", "units": every_level[0], "slope": every_level[1],
-                     "units_last_two": last_two[0] if last_two else None}
+                     "units_last_two": last_two[0] if last_two else None,
+                     "slope_last_two": last_two[1] if last_two else None}
 
 
 def compute_claim(sweep: Sweep) -> dict[str, Any]:
@@ -477,8 +483,7 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
                         dit = best[dit_level]
                         bound = compare(at["fpdm"], levels[dit_level]["fids"][dit][(sampler, blocks)])
                         bounds.append(bound | {"level": level, "units": levels[level]["training_units_per_image"],
-                                               "dit": dit, "dit_level": dit_level,
-                                               "dit_units": levels[dit_level]["training_units_per_image"]})
+                                               "dit": dit, "dit_level": dit_level})
                     continue
                 best[level] = min(dits, key=lambda n: np.mean(at[n]))
                 for dit in dits:
@@ -486,9 +491,10 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
                     versus.setdefault(dit, {})[level] = c | {"winner": winner(c, "FPDM", model_label(dit))}
                 versus.setdefault("best_dit", {})[level] = versus[best[level]][level] | {"dit": best[level]}
             units = {lv: levels[lv]["training_units_per_image"] for lv in order}
+            crossings = {dit: crossover([(units[lv], c) for lv, c in versus[dit].items()])
+                         for dit in ("dit4", "best_dit") if dit in versus}
             cells.append({"sampler": sampler, "budget_blocks": blocks, "fid": fid, "fpdm_vs": versus,
-                          "best_dit": best, "bound_vs_lower_dit": bounds, "crossover": {dit: crossover([(units[lv], c) for lv, c in versus[dit].items()])
-                                                          for dit in ("dit4", "best_dit") if dit in versus}})
+                          "best_dit": best, "bound_vs_lower_dit": bounds, "crossover": crossings})
         ours[dataset] = {"levels": {lv: {"training_units_per_image": levels[lv]["training_units_per_image"],
                                          "models": sorted(levels[lv]["fids"])} for lv in order}, "cells": cells}
         statuses = [c["crossover"]["best_dit"]["status"] for c in cells if "best_dit" in c["crossover"]]
@@ -597,8 +603,8 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
         return f"{data['budget_blocks']} blocks: {parts}{dit}"
     if cid == "depth_compute":  # ratio ranges per level and the crossings; the full tables follow the summary
         def ratios(level: str) -> str:
-            r = [c["fpdm_vs"]["best_dit"][level]["a"]["mean"] / c["fpdm_vs"]["best_dit"][level]["b"]["mean"]
-                 for c in data["cells"] if level in c["fpdm_vs"].get("best_dit", {})]
+            r = [fid_ratio(c["fpdm_vs"]["best_dit"][level]) for c in data["cells"]
+                 if level in c["fpdm_vs"].get("best_dit", {})]
             return f"{level}: {min(r):.2f}-{max(r):.2f}x" if r else ""
         bounds = bound_summary([b for c in data["cells"] for b in c["bound_vs_lower_dit"]])
         return ("FPDM / best DiT " + ", ".join(filter(None, (ratios(level) for level in data["levels"]))) + "; "
@@ -640,7 +646,7 @@ def bound_summary(bounds: Sequence[dict[str, Any]]) -> str:
     parts = []
     for level in dict.fromkeys(b["level"] for b in bounds):
         at = [b for b in bounds if b["level"] == level]
-        r = [b["a"]["mean"] / b["b"]["mean"] for b in at]
+        r = [fid_ratio(b) for b in at]
         behind = sum(not b["a_better"] and bool(b["exceeds_spread"]) for b in at)
         ahead = sum(b["a_better"] and bool(b["exceeds_spread"]) for b in at)
         lower = ", ".join(dict.fromkeys(f"{model_label(b['dit'])} at {b['dit_level']}" for b in at))
@@ -797,7 +803,7 @@ def depth_details(claims: list[dict[str, Any]], figures: dict[str, str]) -> list
                   "| sampler | blocks | FPDM alone: / a DiT with less compute | FPDM / DiT-4 by level | crossing vs "
                   "DiT-4 | FPDM / best DiT by level | crossing vs the best DiT |", "|---|---|---|---|---|---|---|"]
         for c in data["cells"]:
-            columns = [", ".join(f"{b['level']}: {b['a']['mean'] / b['b']['mean']:.2f} vs {model_label(b['dit'])} at "
+            columns = [", ".join(f"{b['level']}: {fid_ratio(b):.2f} vs {model_label(b['dit'])} at "
                                  f"{b['dit_level']}{p_text(b['welch_p'])}"
                                  for b in c["bound_vs_lower_dit"]) or "-"]
             for dit in ("dit4", "best_dit"):
@@ -859,7 +865,7 @@ def ratio_and_p(comparison: Optional[dict[str, Any]]) -> str:
     """'FPDM mean / DiT mean | Welch p' of a compare(fpdm, dit) ('-' where unmeasured or one seed)."""
     if comparison is None:
         return "- | -"
-    return f"{comparison['a']['mean'] / comparison['b']['mean']:.2f} | {p_text(comparison['welch_p'])[2:] or '-'}"
+    return f"{fid_ratio(comparison):.2f} | {p_text(comparison['welch_p'])[2:] or '-'}"
 
 
 def rewrite_block(path: Path, block: str) -> None:
@@ -965,7 +971,7 @@ def plot_compute(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
                     plot_crossing(bottom, cross, f"C{j}", line, marker, f"{c['budget_blocks']} blocks")
                     notes.append(f"{c['budget_blocks']} blocks: {crossing_text(cross)}")
                 for b in c["bound_vs_lower_dit"]:  # hollow: the FPDM alone, against a DiT with less compute
-                    bottom.plot([b["units"]], [b["a"]["mean"] / b["b"]["mean"]], marker, color=f"C{j}",
+                    bottom.plot([b["units"]], [fid_ratio(b)], marker, color=f"C{j}",
                                 markerfacecolor="none", markersize=9)
             for axis in (top, bottom):
                 axis.set_xscale("log")
@@ -1002,9 +1008,9 @@ def plot_crossing(axis: Any, cross: dict[str, Any], colour: str, line: str, mark
             axis.plot([cross["units"]], [1.0], "x", color=colour, markersize=10)
         last_two = cross["units_last_two"]
         if last_two:
-            slope = np.log(ys[-1]) / np.log(xs[-1] / last_two)
             end = min(last_two, span)
-            axis.plot([xs[-1], end], [ys[-1], (end / last_two) ** slope], "--", color=colour, linewidth=0.8)
+            axis.plot([xs[-1], end], [ys[-1], (end / last_two) ** cross["slope_last_two"]], "--", color=colour,
+                      linewidth=0.8)
             if last_two <= span:
                 axis.plot([last_two], [1.0], "+", color=colour, markersize=10)
 

@@ -22,7 +22,9 @@ LOGS="$OUT_DIR/runs/logs"
 mkdir -p "$LOGS"
 
 # A failed sweep (e.g. a training whose loss went non-finite) is logged and the worker goes on to the next line.
-sweep() { "$PYTHON" -m experiments.sweep --out_dir "$OUT_DIR" "$@" || echo "run_sweep.sh: sweep $* failed; going on" >&2; }
+sweep() {
+    "$PYTHON" -m experiments.sweep --out_dir "$OUT_DIR" "$@" || echo "run_sweep.sh: sweep $* failed; going on" >&2
+}
 
 worker() {
     sweep --experiments depth_compute --datasets digits --configurations fpdm-268k,dit4-268k --training_seeds 0

@@ -228,8 +228,8 @@ def training_config(experiment: str, dataset: str, name: str, seed: int, model: 
     steps = common.steps_for_units(dit_steps * training_units_per_step(dit_model(dataset)), model)
     # epochs >= steps: --epochs (the preset's 1,400) must not cap the run before max_steps (DiT-4 at 537k units on
     # digits would have stopped at 1,400 epochs x 28 steps = 39,200 of its 44,800 steps).
-    return replace(build_config(TrainConfig, preset), global_seed=seed, max_steps=steps,
-                   epochs=max(build_config(TrainConfig, preset).epochs, steps),
+    train = build_config(TrainConfig, preset)
+    return replace(train, global_seed=seed, max_steps=steps, epochs=max(train.epochs, steps),
                    log_every=max(1, min(100, steps)), ckpt_every=max(1, min(200, steps)), sample_grid=False,
                    output_dir=str(runs_dir / experiment / dataset), output_subdir=f"{name}-seed{seed}").validate()
 

@@ -264,6 +264,15 @@ def test_no_sweep_run_is_stopped_by_its_epochs(tmp_path):
     assert all(job.train.epochs >= job.train.max_steps for job in jobs)
 
 
+def test_a_run_its_epochs_stop_short_is_an_error(tmp_path):
+    """A record counts max_steps of compute: a run that --epochs ended sooner must not be recorded."""
+    model = sweep.base_model("digits")
+    train = replace(sweep.training_config("table1", "digits", "fpdm", 0, model, tmp_path, quick=True),
+                    global_batch_size=512, epochs=1, max_steps=50)  # one epoch of digits: a few steps at batch 512
+    with pytest.raises(UserError, match="not --max_steps 50 .*--epochs 1"):
+        common.train_digits_model(model, train)
+
+
 def test_mnist5k_presets_are_the_shipped_models_recipe(tmp_path):
     import train
     config = sweep.SweepConfig(experiments="table1", datasets="mnist5k", training_seeds="0")
