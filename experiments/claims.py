@@ -121,21 +121,33 @@ def fmt(s: dict[str, Any], digits: int = 2) -> str:
 
 @dataclass
 class Sweep:
-    """The sweep's result files: (experiment, dataset, configuration) -> list of per-seed results."""
+    """The sweep's result files: (experiment, dataset, configuration) -> list of per-seed results, and the runs whose
+    samples were non-finite (sweep.run_job), kept apart so that no FID mean includes them."""
     root: Path
     results: dict[tuple[str, str, str], list[dict[str, Any]]]
+    non_finite: list[dict[str, Any]]
 
     @classmethod
     def read(cls, results_dir: Path, include_quick: bool = False) -> "Sweep":
         results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        non_finite = []
         for path in sorted((results_dir / "sweep").glob("*/*/*/seed*.json")):
             record = json.loads(path.read_text())
             if record.get("quick") and not include_quick:
                 continue
             record["_path"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
             key = (record["experiment"], record["dataset"], record["configuration"])
-            results.setdefault(key, []).append(record)
-        return cls(results_dir, results)
+            if "non_finite" in record["evaluation"]:
+                non_finite.append({"experiment": key[0], "dataset": key[1], "configuration": key[2],
+                                   "training_seed": record["training_seed"], "final_loss": record["train"]["final_loss"],
+                                   "reason": record["evaluation"]["non_finite"], "file": record["_path"]})
+            else:
+                results.setdefault(key, []).append(record)
+        return cls(results_dir, results, non_finite)
+
+    def non_finite_seeds(self, experiment: str, dataset: str, configuration: str) -> list[int]:
+        return sorted(r["training_seed"] for r in self.non_finite
+                      if (r["experiment"], r["dataset"], r["configuration"]) == (experiment, dataset, configuration))
 
     def get(self, experiment: str, dataset: str, configuration: str) -> list[dict[str, Any]]:
         return sorted(self.results.get((experiment, dataset, configuration), []), key=lambda r: r["training_seed"])
@@ -550,8 +562,9 @@ def gradient_claim(sweep: Sweep) -> dict[str, Any]:
         cost = {n: {k: spread([training_cost(r)[k] for r in records]) for k in training_cost(records[0])}
                 for n, records in runs.items()}
         bests = [c["best"] for c in cells]
+        non_finite = {n: seeds for n in GRADIENTS if (seeds := sweep.non_finite_seeds("gradient", dataset, n))}
         ours[dataset] = {"cells": cells, "step_memory": memory, "training_cost": cost,
-                         "best_in_cells": {n: bests.count(n) for n in runs}}
+                         "best_in_cells": {n: bests.count(n) for n in runs}, "non_finite_seeds": non_finite}
         beaten = [c["vs_sjfb"][n]["winner"] != "S-JFB" and c["vs_sjfb"][n]["exceeds_spread"] is not False
                   for c in cells for n in c["vs_sjfb"]]
         verdicts[dataset] = verdict([not b for b in beaten]) + " (best in most cells: " + GRADIENT_LABELS[
@@ -564,9 +577,8 @@ def gradient_claim(sweep: Sweep) -> dict[str, Any]:
             "(no numbers)", "ours": ours, "settings": settings, "verdict": verdicts, "files": files}
 
 
-def all_claims(results_dir: Path, include_quick: bool = False) -> list[dict[str, Any]]:
-    """Every claim from the files under results_dir."""
-    sweep = Sweep.read(results_dir, include_quick)
+def all_claims(sweep: Sweep) -> list[dict[str, Any]]:
+    """Every claim from the sweep's result files."""
     claims = static_claims(sweep)
     claims += [table1_claim(sweep, "block_matched"), table1_claim(sweep, "flop_matched")]
     claims += smoothing_claims(sweep) + table5_claims(sweep)
@@ -676,7 +688,8 @@ def p_text(p: Optional[float]) -> str:
     return "" if p is None else f", p={p:.2g}"
 
 
-def markdown(claims: list[dict[str, Any]], figures: Optional[dict[str, str]] = None) -> str:
+def markdown(claims: list[dict[str, Any]], figures: Optional[dict[str, str]] = None,
+             non_finite: Sequence[dict[str, Any]] = ()) -> str:
     """The summary table: one row per (claim, dataset), then the per-dataset tables, each followed by links to its
     figures (`figures`: file name -> link, relative to the markdown file; None: no links)."""
     figures = figures or {}
@@ -695,6 +708,10 @@ def markdown(claims: list[dict[str, Any]], figures: Optional[dict[str, str]] = N
                     f"settings)"
             lines.append(f"| {claim['claim']} | {paper} | {where} | {ours_cell(claim, dataset)} | "
                          f"{claim['verdict'].get(dataset, 'not measured')} |")
+    if non_finite:
+        lines += ["", "Left out of every mean (their samples were non-finite): " + "; ".join(
+            f"{r['experiment']} {r['dataset']} {r['configuration']} seed {r['training_seed']} (final training loss "
+            f"{r['final_loss']:.3f})" for r in non_finite) + "."]
     return "\n".join(lines + details(claims, figures) + depth_details(claims, figures) + gradient_details(claims, figures)
                      + ["", END])
 
@@ -841,6 +858,9 @@ def gradient_details(claims: list[dict[str, Any]], figures: dict[str, str]) -> l
             lines.append(f"| {GRADIENT_LABELS[n]} | {cost['units_per_step']['mean']:.1f} | "
                          f"{cost['gmacs_per_step']['mean']:.4f} | {cost['steps']['mean']:,.0f} | "
                          f"{cost['training_gmacs_per_image']['mean']:,.0f} | {mem} | {fmt(cost['wall_clock_s'], 0)} |")
+        for n, seeds in data.get("non_finite_seeds", {}).items():
+            lines += ["", f"{GRADIENT_LABELS[n]}: training seed(s) {', '.join(map(str, seeds))} sampled non-finite "
+                      "values (a diverged training); no FID exists for them and the means above leave them out."]
         memory = next(iter(data["step_memory"].values()), None)
         if memory:
             lines += ["", f"Step memory: one training step's forward and backward at batch {memory['batch']}, "
@@ -1049,15 +1069,16 @@ def plot_losses(sweep: Sweep, results_dir: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config = build_config(ClaimsConfig, parse_flags(__doc__, [ClaimsConfig], argv))
     results_dir = Path(config.results_dir)
-    claims = all_claims(results_dir, config.include_quick)
+    sweep = Sweep.read(results_dir, config.include_quick)
+    claims = all_claims(sweep)
     write_json(results_dir / "claims.json", {"generated_by": "python -m experiments.claims", "alpha": ALPHA,
-                                             "claims": claims})
+                                             "claims": claims, "non_finite_runs": sweep.non_finite})
     written = plot_table1(claims, results_dir) + plot_depth(claims, results_dir) + plot_compute(claims, results_dir)
-    written += plot_losses(Sweep.read(results_dir, config.include_quick), results_dir)
+    written += plot_losses(sweep, results_dir)
     if config.results_md:
         here = Path(config.results_md).resolve().parent
         figures = {path.name: Path(os.path.relpath(path.resolve(), here)).as_posix() for path in written}
-        rewrite_block(Path(config.results_md), markdown(claims, figures))
+        rewrite_block(Path(config.results_md), markdown(claims, figures, sweep.non_finite))
     for claim in claims:
         print(f"{claim['id']}: " + ", ".join(f"{d}: {v}" for d, v in claim["verdict"].items()))
     return claims

@@ -5,7 +5,8 @@ folder of exactly the same configs, or resumes an interrupted one from its lates
 uses the run of its trainer experiment's job, training it when the folder is missing), evaluates it and writes
 `<out_dir>/sweep/<experiment>/<dataset>/<configuration>/seed<k>.json`. A job whose JSON exists is skipped, so the
 sweep can be run in several sittings; several workers may run the same command at once (a job is claimed by a
-`.lock` file holding the worker's pid; the job of a worker that died is taken over). `python -m experiments.claims`
+`.lock` file holding the worker's pid; the job of a worker that died is taken over). A model whose samples are NaN or
+inf (a diverged training) is written as `"evaluation": {"non_finite": reason}`. `python -m experiments.claims`
 then turns the JSON files into experiments/results/claims.json and RESULTS.md's summary table.
 
 The paper's settings (Sec. 4.1, 5.3, 5.4): S-JFB with M = N = 12 for every FPDM except Table 5's variants; Table 5 at
@@ -58,6 +59,7 @@ from cost import (blocks_per_step, default_sampling_iters, macs_per_step, model_
                   training_units_per_step)
 from experiments import common
 from records import resolve_path, write_record
+from sampling import NonFiniteError
 
 NAME = "sweep"
 EXPERIMENTS = ("table1", "smoothing", "table5", "prepost", "depth", "depth_smoothing", "depth_compute", "depth_solvers",
@@ -515,7 +517,13 @@ def run_job(job: Job, config: SweepConfig, out_dir: Path) -> Optional[dict[str, 
             trainer_lock.unlink(missing_ok=True)
     if config.train_only:
         return None
-    evaluation = EVALUATIONS[job.experiment](job, record, config)
+    try:
+        evaluation = EVALUATIONS[job.experiment](job, record, config)
+    except NonFiniteError as error:
+        # A model that samples NaN or inf (a diverged training) is a result, not a crash: claims.py lists it and
+        # leaves it out of every FID mean; rerunning would only diverge again.
+        print(f"{describe(job)}: {error}; recorded as non-finite")
+        evaluation = {"non_finite": str(error)}
     result = {"experiment": job.experiment, "dataset": job.dataset, "configuration": job.name,
               "training_seed": job.seed, "quick": config.quick, "settings": settings(job, config.quick),
               "train": record, "evaluation": evaluation, "machine": common.machine_description()}

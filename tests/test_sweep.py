@@ -178,6 +178,29 @@ def test_claims_json_and_results_block(swept, tmp_path):
         assert (out / figure).is_file(), figure
 
 
+def test_a_model_that_samples_non_finite_values_is_recorded_and_left_out_of_the_means(tmp_path, monkeypatch):
+    """A diverged training (IFT seed 1 on digits) is a result: the job writes its JSON instead of crashing the
+    worker, and claims.py lists it and averages only the finite seeds."""
+    from sampling import NonFiniteError
+
+    def diverged(job, record, config):
+        if job.seed == 1:
+            raise NonFiniteError("the model output is not finite (NaN or inf) at timestep 3")
+        return finite(job, record, config)
+
+    finite = sweep.EVALUATIONS["table1"]
+    monkeypatch.setitem(sweep.EVALUATIONS, "table1", diverged)
+    written = sweep.main(["--quick", "--out_dir", str(tmp_path), "--datasets", "digits", "--experiments", "table1",
+                          "--configurations", "fpdm", "--training_seeds", "0,1"])["written"]
+    assert written == ["table1/digits/fpdm/seed0", "table1/digits/fpdm/seed1"]
+    record = json.loads((tmp_path / "sweep/table1/digits/fpdm/seed1.json").read_text())
+    assert record["evaluation"] == {"non_finite": "the model output is not finite (NaN or inf) at timestep 3"}
+    read = claims.Sweep.read(tmp_path, include_quick=True)
+    assert [r["training_seed"] for r in read.get("table1", "digits", "fpdm")] == [0]
+    assert read.non_finite_seeds("table1", "digits", "fpdm") == [1]
+    assert "table1 digits fpdm seed 1" in claims.markdown(claims.all_claims(read), None, read.non_finite)
+
+
 def test_export_ships_seed_0_and_checks_it(swept):
     out, _ = swept
     from experiments import export_models
