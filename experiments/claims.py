@@ -663,8 +663,13 @@ def bound_summary(bounds: Sequence[dict[str, Any]]) -> str:
 
 
 def units_text(units: float) -> str:
-    """Training units per image, short: 67k, 1.2M."""
-    return f"{units / 1e6:.2g}M" if units >= 1e6 else f"{units / 1e3:.0f}k"
+    """Training units per image, short: 67k, 1.2M, and 4.2e+16 for an extrapolation of a nearly flat ratio (not
+    '4.2e+10M')."""
+    if units >= 1e9:
+        return f"{units:.2g}"
+    if units >= 1e6:
+        return f"{units / 1e6:.2g}M" if units < 1e8 else f"{units / 1e6:.0f}M"
+    return f"{units / 1e3:.0f}k"
 
 
 def compact(value: Any) -> str:

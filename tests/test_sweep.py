@@ -271,6 +271,10 @@ def test_crossover_is_measured_extrapolated_or_not_approaching():
     assert claims.crossover(stalled)["status"] == "extrapolated" and claims.crossover(stalled)["units_last_two"] is None
 
 
+def test_units_are_written_in_k_m_or_as_a_power_of_ten():
+    assert [claims.units_text(u) for u in (67_200, 1.2e6, 537.6e6, 4.2e16)] == ["67k", "1.2M", "538M", "4.2e+16"]
+
+
 def test_sweep_compute_is_counted_in_dit_steps():
     dit, fpdm = sweep.dit_model("mnist5k"), sweep.base_model("mnist5k")
     assert training_units_per_step(dit) == 24 and training_units_per_step(fpdm) == 3 * 2 + 6 + 3 * 6.5
