@@ -473,6 +473,8 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
     ours, verdicts, settings, files = {}, {}, {}, []
     for dataset in sweep.datasets("depth_compute"):
         levels = frontier_fids(sweep, dataset)
+        if len(levels) < 2:  # the FPDM at depth's level only (its depth_compute runs not done): no compute trend
+            continue
         order = sorted(levels, key=lambda lv: (levels[lv]["training_units_per_image"], int(lv.rstrip("k"))))
         keys = list(dict.fromkeys(k for lv in order for k in levels[lv]["fids"]["fpdm"]))
         cells = []
@@ -1039,14 +1041,16 @@ def label_axis(axis: Any, xlabel: str, ylabel: str, title: str) -> None:
     axis.legend(fontsize=8)
 
 
-def plot_losses(sweep: Sweep, results_dir: Path) -> list[Path]:
+def plot_losses(sweep: Sweep, claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     """sweep_loss_<experiment>_<dataset>.png: training loss against training compute (block-pass units per image),
     one colour per configuration, one line per training seed: how each setting trained at equal compute."""
     from experiments.common import pyplot, save_figure
     plt, written = pyplot(), []
     if plt is None:
         return written
-    trained = {(e, d) for (e, d, _) in sweep.results if e not in TRAINED_BY}  # not the sampling-only experiments
+    compute = next(c for c in claims if c["id"] == "depth_compute")["ours"]  # its datasets with a compute table
+    trained = {(e, d) for (e, d, _) in sweep.results  # not the sampling-only experiments
+               if e not in TRAINED_BY and (e != "depth_compute" or d in compute)}
     for experiment, dataset in sorted(trained):
         figure, axis = plt.subplots(figsize=(7, 4))
         names = sorted({c for (e, d, c) in sweep.results if (e, d) == (experiment, dataset)})
@@ -1071,7 +1075,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     write_json(results_dir / "claims.json", {"generated_by": "python -m experiments.claims", "alpha": ALPHA,
                                              "claims": claims, "non_finite_runs": sweep.non_finite})
     written = plot_table1(claims, results_dir) + plot_depth(claims, results_dir) + plot_compute(claims, results_dir)
-    written += plot_losses(sweep, results_dir)
+    written += plot_losses(sweep, claims, results_dir)
     if config.results_md:
         here = Path(config.results_md).resolve().parent
         figures = {path.name: Path(os.path.relpath(path.resolve(), here)).as_posix() for path in written}

@@ -393,6 +393,14 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
         assert [r["units"] for r in cell["crossover"]["best_dit"]["ratios"]] == [
             r["units"] for r in before["crossover"]["best_dit"]["ratios"]][:-1]
     assert "537k: " in results_md.read_text() and "(FPDM alone)" in results_md.read_text()
+    # DiTs trained at a level before the FPDM (its depth_compute runs not done): no frontier from depth's level alone.
+    for path in (tmp_path / "sweep" / "depth_compute" / "digits").glob("fpdm-*"):
+        path.rename(moved / path.name)
+    (tmp_path / "sweep_loss_depth_compute_digits.png").unlink()
+    dits_only = {c["id"]: c for c in claims.main(["--results_dir", str(tmp_path), "--include_quick", "True",
+                                                  "--results_md", str(results_md)])}["depth_compute"]
+    assert "digits" not in dits_only["ours"] and "**Training compute on digits**" not in results_md.read_text()
+    assert not (tmp_path / "sweep_loss_depth_compute_digits.png").exists()  # no figure RESULTS.md would not link
     gradients = by_id["gradient_methods"]["ours"]["digits"]  # S-JFB is the depth experiment's FPDM (2 seeds)
     for cell in gradients["cells"]:
         assert cell["fid"]["sjfb"]["n"] == 2 and cell["fid"]["phantom"]["n"] == cell["fid"]["ift"]["n"] == 1
