@@ -33,8 +33,8 @@ Experiments (in the order the jobs run; `--experiments` picks):
              to DDPM at 250 steps (spacing, final step, lower-order final steps, solver order, x0 clipping).
   depth_compute    does the answer move with training compute? On digits the FPDM, DiT-4 and the 28-block DiT at
              24,000 and 134,400 units per image (depth has 67,200), the FPDM, DiT-4 and DiT-8 at 268,800 and 537,600
-             (DiT-28 at 268,800 only); on MNIST-5k the FPDM, DiT-4 and DiT-28 at 134,400. Evaluated as depth, with
-             DPM-Solver++(2M) beside DDPM and DDIM (COMPUTE_SAMPLERS).
+             (DiT-28 and gradient's phantom-gradient FPDM at 268,800 only); on MNIST-5k the FPDM, DiT-4 and DiT-28
+             at 134,400. Evaluated as depth, with DPM-Solver++(2M) beside DDPM and DDIM (COMPUTE_SAMPLERS).
   gradient   digits only, beyond the paper: depth's FPDM trained with phantom and IFT gradients (GRADIENTS) at
              depth's compute, evaluated as depth, with the activation memory of a training step of each method
              and of S-JFB (depth's FPDM, the reference); does S-JFB match costlier gradients at equal compute?
@@ -78,11 +78,13 @@ DIT_DEPTHS = (4, 8, 12, PAPER_DIT_DEPTH)
 # depth_compute: training compute levels in steps of the 8-block DiT (x 24 units), beside depth's 2,800 (67,200 units);
 # the shallow DiTs compared are depth's best two at 67,200 units (DiT-4, then DiT-8, in every cell over 3 seeds).
 COMPUTE_LEVELS = {"24k": 1000, "134k": 5600, "268k": 11200, "537k": 22400}
-COMPUTE_MODELS = ("fpdm", "dit28", "dit4", "dit8")
+# phantom: the gradient experiment's phantom-gradient FPDM (its 67k run is gradient's), to see whether the gradient
+# moves the crossing with the best DiT.
+COMPUTE_MODELS = ("fpdm", "dit28", "dit4", "dit8", "phantom")
 # Which models each dataset trains at each level (the 28-block DiT, far behind, stops at 268k; DiT-8 starts there).
 COMPUTE_GRID = {
     "digits": {"24k": ("fpdm", "dit28", "dit4"), "134k": ("fpdm", "dit28", "dit4"),
-               "268k": ("fpdm", "dit4", "dit8", "dit28"), "537k": ("fpdm", "dit4", "dit8")},
+               "268k": ("fpdm", "dit4", "dit8", "dit28", "phantom"), "537k": ("fpdm", "dit4", "dit8")},
     "mnist5k": {"134k": ("fpdm", "dit4", "dit28")},
 }
 COMPUTE_SAMPLERS = (*PAPER_SAMPLERS, "dpm++2m")  # 24k and 134k on digits were evaluated before dpm++2m was added
@@ -193,7 +195,7 @@ def configurations(experiment: str, dataset: str) -> dict[str, ModelConfig]:
     if experiment in ("table1", "smoothing"):
         return {"dit": dit_model(dataset), "fpdm": fpdm} if experiment == "table1" else {"fpdm": fpdm}
     if experiment == "depth_compute":
-        deep = configurations("depth", dataset)
+        deep = configurations("depth", dataset) | configurations("gradient", dataset)
         return {f"{name}-{level}": deep[name] for level, models in COMPUTE_GRID[dataset].items() for name in models}
     if experiment == "solvers":
         return {"dit": dit_model(dataset)} if dataset == "digits" else {}
