@@ -82,8 +82,8 @@ def fid_ratio(comparison: dict[str, Any]) -> float:
 
 
 def model_label(name: str) -> str:
-    """A sweep configuration's name as prose: dit28 -> DiT-28, fpdm -> FPDM."""
-    return name.replace("dit", "DiT-").replace("fpdm", "FPDM")
+    """A sweep configuration's name as prose: dit28 -> DiT-28, fpdm -> FPDM, phantom -> FPDM (phantom)."""
+    return name.replace("dit", "DiT-").replace("fpdm", "FPDM").replace("phantom", "FPDM (phantom)")
 
 
 def winner(comparison: dict[str, Any], a: str, b: str) -> str:
@@ -409,13 +409,15 @@ def solvers_claim(sweep: Sweep) -> dict[str, Any]:
             "verdict": verdicts, "files": files}
 
 
-FRONTIER_BASE = ("67k", 67_200)  # the depth experiment's level (depth and depth_solvers)
+FRONTIER_BASE = ("67k", 67_200)  # the depth experiment's level (depth and depth_solvers; the phantom's: gradient)
+COMPUTE_DITS = tuple(n for n in COMPUTE_MODELS if n.startswith("dit"))
 
 
 def frontier_fids(sweep: Sweep, dataset: str) -> dict[str, dict[str, Any]]:
     """level -> {"training_units_per_image", "fids": model -> (sampler, blocks) -> per-seed FIDs} over every level
-    measured: depth's 67k (DDPM and DDIM from depth, DPM-Solver++ from depth_solvers) and depth_compute's levels."""
-    sources = {FRONTIER_BASE[0]: [("depth", ""), ("depth_solvers", "")]} | {
+    measured: depth's 67k (DDPM and DDIM from depth, DPM-Solver++ from depth_solvers, the phantom from gradient) and
+    depth_compute's levels."""
+    sources = {FRONTIER_BASE[0]: [("depth", ""), ("depth_solvers", ""), ("gradient", "")]} | {
         level: [("depth_compute", f"-{level}")] for level in COMPUTE_LEVELS}
     levels = {}
     for level, places in sources.items():
@@ -469,7 +471,8 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
     against DiT-4 and against the best DiT of each level. Where a level has the FPDM alone, it is compared with the
     best DiT of the highest level below that has DiTs (bound_vs_lower_dit): as the DiTs' FID falls with compute
     at every level measured, the FID ratio against a DiT trained with less compute is a lower bound on the ratio at
-    equal compute, so an FPDM still behind there has not crossed."""
+    equal compute, so an FPDM still behind there has not crossed. Where the phantom-gradient FPDM was trained, it is
+    compared with S-JFB's FPDM and the best DiT at each of its levels (phantom_vs), with its own crossover."""
     ours, verdicts, settings, files = {}, {}, {}, []
     for dataset in sweep.datasets("depth_compute"):
         levels = frontier_fids(sweep, dataset)
@@ -479,14 +482,14 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
         keys = list(dict.fromkeys(k for lv in order for k in levels[lv]["fids"]["fpdm"]))
         cells = []
         for sampler, blocks in sorted(keys, key=lambda k: (COMPUTE_SAMPLERS.index(k[0]), k[1])):
-            fid, versus, best, bounds = {}, {}, {}, []
+            fid, versus, phantom_vs, best, bounds = {}, {}, {}, {}, []
             for level in order:
                 at = {n: v[(sampler, blocks)] for n, v in levels[level]["fids"].items() if (sampler, blocks) in v}
                 if "fpdm" not in at:
                     continue
                 for name, values in at.items():
                     fid.setdefault(name, {})[level] = spread(values)
-                dits = [n for n in at if n != "fpdm"]
+                dits = [n for n in at if n in COMPUTE_DITS]
                 if not dits:
                     if best:  # the levels before this one, in order of compute
                         dit_level = list(best)[-1]
@@ -500,19 +503,29 @@ def compute_claim(sweep: Sweep) -> dict[str, Any]:
                     c = compare(at["fpdm"], at[dit])
                     versus.setdefault(dit, {})[level] = c | {"winner": winner(c, "FPDM", model_label(dit))}
                 versus.setdefault("best_dit", {})[level] = versus[best[level]][level] | {"dit": best[level]}
+                if "phantom" in at:
+                    for other, label in (("fpdm", "S-JFB"), (best[level], model_label(best[level]))):
+                        c = compare(at["phantom"], at[other])
+                        phantom_vs.setdefault("best_dit" if other == best[level] else other, {})[level] = c | {
+                            "winner": winner(c, "phantom", label), "other": other}
             units = {lv: levels[lv]["training_units_per_image"] for lv in order}
             crossings = {dit: crossover([(units[lv], c) for lv, c in versus[dit].items()])
                          for dit in ("dit4", "best_dit") if dit in versus}
+            if "best_dit" in phantom_vs:
+                crossings["phantom_vs_best_dit"] = crossover(
+                    [(units[lv], c) for lv, c in phantom_vs["best_dit"].items()])
             cells.append({"sampler": sampler, "budget_blocks": blocks, "fid": fid, "fpdm_vs": versus,
-                          "best_dit": best, "bound_vs_lower_dit": bounds, "crossover": crossings})
+                          "phantom_vs": phantom_vs, "best_dit": best, "bound_vs_lower_dit": bounds,
+                          "crossover": crossings})
         ours[dataset] = {"levels": {lv: {"training_units_per_image": levels[lv]["training_units_per_image"],
                                          "models": sorted(levels[lv]["fids"])} for lv in order}, "cells": cells}
         statuses = [c["crossover"]["best_dit"]["status"] for c in cells if "best_dit" in c["crossover"]]
         verdicts[dataset] = (f"FPDM ahead of the best DiT (measured) in {statuses.count('measured')} of "
                              f"{len(statuses)} (sampler, budget) cells; extrapolated crossing in "
                              f"{statuses.count('extrapolated')}, not approaching in {statuses.count('not approaching')}")
-        for experiment, suffix in [("depth", "")] + [("depth_compute", f"-{lv}") for lv in COMPUTE_LEVELS]:
-            names = [n + suffix for n in COMPUTE_MODELS]
+        for experiment, suffix in [("depth", ""), ("gradient", "")] + [("depth_compute", f"-{lv}")
+                                                                        for lv in COMPUTE_LEVELS]:
+            names = [n + suffix for n in (("phantom",) if experiment == "gradient" else COMPUTE_MODELS)]
             settings.setdefault(dataset, {}).update(sweep.settings(experiment, dataset, names))
             files += sweep.files(experiment, dataset, names)
         files += sweep.files("depth_solvers", dataset, COMPUTE_MODELS)
@@ -616,9 +629,12 @@ def ours_cell(claim: dict[str, Any], dataset: str) -> str:
                  if level in c["fpdm_vs"].get("best_dit", {})]
             return f"{level}: {min(r):.2f}-{max(r):.2f}x" if r else ""
         bounds = bound_summary([b for c in data["cells"] for b in c["bound_vs_lower_dit"]])
+        phantom = [c["crossover"]["phantom_vs_best_dit"] for c in data["cells"]
+                   if "phantom_vs_best_dit" in c["crossover"]]
         return ("FPDM / best DiT " + ", ".join(filter(None, (ratios(level) for level in data["levels"]))) + "; "
                 + crossing_summary([c["crossover"]["best_dit"] for c in data["cells"]]) + (f"; {bounds}" if bounds
-                                                                                        else ""))
+                                                                                        else "")
+                + (f"; phantom-gradient FPDM vs the best DiT: {crossing_summary(phantom)}" if phantom else ""))
     if cid == "gradient_methods":
         return "; ".join(f"{c['sampler'].upper()} {c['budget_blocks']}: " + ", ".join(
             f"{GRADIENT_LABELS[n]} {v['mean']:.1f}" for n, v in c["fid"].items()) for c in data["cells"])
@@ -802,7 +818,7 @@ def depth_details(claims: list[dict[str, Any]], figures: dict[str, str]) -> list
                 f"{ratio_and_p(c['fpdm_vs_dit28'])} | {ratio_and_p(c['fpdm_vs_best_dit'])} |")
         lines += figure_line(figures, f"sweep_depth_solvers_{dataset}.png")
     for dataset, data in by_id["depth_compute"]["ours"].items():
-        dits = COMPUTE_MODELS[1:]
+        dits, phantom = COMPUTE_DITS, any("phantom_vs_best_dit" in c["crossover"] for c in data["cells"])
         lines += ["", f"**Training compute on {dataset}** (FID at each level of training compute; FPDM block-matched "
                   "with its searched iterations; '-': not trained at that level):", "", "| units per image | sampler | "
                   "blocks | " + " | ".join(model_label(n) for n in COMPUTE_MODELS) + " | " +
@@ -820,12 +836,14 @@ def depth_details(claims: list[dict[str, Any]], figures: dict[str, str]) -> list
                   "measurement; where a level has the FPDM alone, its ratio to the best DiT of a lower level, a lower "
                   "bound on the ratio at equal compute since every DiT's FID falls with compute):", "",
                   "| sampler | blocks | FPDM alone: / a DiT with less compute | FPDM / DiT-4 by level | crossing vs "
-                  "DiT-4 | FPDM / best DiT by level | crossing vs the best DiT |", "|---|---|---|---|---|---|---|"]
+                  "DiT-4 | FPDM / best DiT by level | crossing vs the best DiT |" + (
+                      " FPDM (phantom) / best DiT by level | its crossing |" if phantom else ""),
+                  "|---" * (7 + 2 * phantom) + "|"]
         for c in data["cells"]:
             columns = [", ".join(f"{b['level']}: {fid_ratio(b):.2f} vs {model_label(b['dit'])} at "
                                  f"{b['dit_level']}{p_text(b['welch_p'])}"
                                  for b in c["bound_vs_lower_dit"]) or "-"]
-            for dit in ("dit4", "best_dit"):
+            for dit in ("dit4", "best_dit") + ("phantom_vs_best_dit",) * phantom:
                 cross = c["crossover"].get(dit)
                 if cross is None:
                     columns += ["-", "-"]

@@ -33,7 +33,7 @@ worker() {
     sweep --experiments depth_compute --datasets digits --configurations dit8-268k
     sweep --experiments depth_compute --datasets digits --configurations fpdm-537k,dit4-537k
     sweep --experiments depth_compute --datasets mnist5k
-    sweep --experiments depth_compute --datasets digits  # the rest: DiT-28 at 268k, DiT-8 at 537k
+    sweep --experiments depth_compute --datasets digits  # the rest: DiT-28 and the phantom FPDM at 268k, DiT-8 at 537k
     sweep --experiments table5,prepost --datasets mnist5k
     sweep --experiments depth,depth_smoothing --datasets digits
     sweep --experiments depth,depth_smoothing --datasets mnist5k

@@ -372,10 +372,21 @@ def test_depth_claims_compare_every_depth_at_equal_compute(tmp_path):
         assert list(cell["fid"]["fpdm"]) == list(frontier["levels"])  # 67k's DPM-Solver++ from depth_solvers
         assert list(cell["fid"]["dit8"]) == ["67k", "268k", "537k"] and "537k" not in cell["fid"]["dit28"]
         assert cell["best_dit"]["537k"] in ("dit4", "dit8")
-        assert set(cell["crossover"]) == {"dit4", "best_dit"} and cell["bound_vs_lower_dit"] == []
+        assert set(cell["best_dit"].values()) <= set(claims.COMPUTE_DITS)  # the phantom FPDM is not a DiT
+        assert set(cell["crossover"]) == {"dit4", "best_dit", "phantom_vs_best_dit"}
+        assert cell["bound_vs_lower_dit"] == []
+        # The phantom-gradient FPDM: gradient's run at 67k (DDPM and DDIM only), depth_compute's at 268k.
+        phantom_levels = ["67k", "268k"] if cell["sampler"] in sweep.PAPER_SAMPLERS else ["268k"]
+        assert list(cell["fid"]["phantom"]) == phantom_levels
+        assert list(cell["phantom_vs"]["best_dit"]) == list(cell["phantom_vs"]["fpdm"]) == phantom_levels
+        against = cell["phantom_vs"]["best_dit"]["268k"]
+        assert against["other"] == cell["best_dit"]["268k"] and against["b"] == cell["fid"][against["other"]]["268k"]
+        assert cell["phantom_vs"]["fpdm"]["268k"]["b"] == cell["fid"]["fpdm"]["268k"]
+        assert len(cell["crossover"]["phantom_vs_best_dit"]["ratios"]) == len(phantom_levels)
     assert "fpdm-134k" in by_id["depth_compute"]["settings"]["digits"]
     text = results_md.read_text()
     assert "**Training compute on digits**" in text and "**Where the FPDM overtakes the DiTs on digits**" in text
+    assert "| FPDM (phantom) / best DiT by level | its crossing |" in text
     assert "[sweep_depth_compute_digits.png](sweep_depth_compute_digits.png)" in text
     assert (tmp_path / "sweep_depth_compute_digits.png").is_file()
     # The FPDM alone at 537k: compared with the best DiT at 268k (a lower bound on the ratio), outside the crossing fit.
