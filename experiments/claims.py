@@ -978,7 +978,8 @@ def plot_compute(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
     units per image, one line per model (colour) and budget (line style), error bars the std over training seeds.
     Bottom: the FPDM / best-DiT FID ratio per budget; where the FPDM is not ahead, the least-squares line of log
     ratio against log units continues (dotted: an extrapolation) to its crossing of 1, marked x (measured: *);
-    hollow markers: a level with the FPDM alone, against the best DiT of a lower level (a lower bound)."""
+    hollow markers: a level with the FPDM alone, against the best DiT of a lower level (a lower bound); filled plus
+    signs on a dotted line: the phantom-gradient FPDM / best-DiT ratio, not extrapolated."""
     from experiments.common import pyplot, save_figure
     plt, written = pyplot(), []
     per_dataset = next(c for c in claims if c["id"] == "depth_compute")["ours"]
@@ -1007,6 +1008,10 @@ def plot_compute(claims: list[dict[str, Any]], results_dir: Path) -> list[Path]:
                 if cross:
                     plot_crossing(bottom, cross, f"C{j}", line, marker, f"{c['budget_blocks']} blocks")
                     notes.append(f"{c['budget_blocks']} blocks: {crossing_text(cross)}")
+                phantom = c["crossover"].get("phantom_vs_best_dit")
+                if phantom:
+                    bottom.plot([r["units"] for r in phantom["ratios"]], [r["ratio"] for r in phantom["ratios"]], "P:",
+                                color=f"C{j}", label=f"{c['budget_blocks']} blocks, FPDM (phantom)")
                 for b in c["bound_vs_lower_dit"]:  # hollow: the FPDM alone, against a DiT with less compute
                     bottom.plot([b["units"]], [fid_ratio(b)], marker, color=f"C{j}",
                                 markerfacecolor="none", markersize=9)
